@@ -1,0 +1,35 @@
+"""Triton kernels, one op per file, each with a plain-PyTorch `<op>_ref` beside it.
+
+`use_triton` is the one place that decides whether a kernel or its reference runs.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1: kernels then run (slowly, exactly) on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(x: torch.Tensor, min_capability: tuple[int, int] = (8, 0)) -> bool:
+    """Run the Triton kernel for tensor `x`, or fall back to the PyTorch reference?
+
+    Kernels run on CUDA GPUs of at least `min_capability`, and on CPU tensors under the Triton
+    interpreter (tests). TURBOVID_KERNELS=ref forces the references everywhere.
+    """
+    if os.environ.get("TURBOVID_KERNELS", "auto") == "ref" or not triton_available():
+        return False
+    if x.is_cuda:
+        return torch.cuda.get_device_capability(x.device) >= min_capability
+    return interpreting()
