@@ -1,0 +1,93 @@
+"""Shared benchmark plumbing: CUDA-event timing, environment record, table + JSON output.
+
+Every benchmark times with CUDA events after warm-up and reports the median; results go to
+benchmarks/results/<name>_<gpu>_<date>.json with the GPU, driver, versions and commit.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def time_cuda(fn, warmup: int = 3, iters: int = 10) -> float:
+    """Median milliseconds of `fn()` over `iters` runs, each timed with its own pair of CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def env_info() -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version(), "commit": _git_commit(),
+            "date": datetime.date.today().isoformat()}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+        try:
+            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True).stdout.strip()
+        except OSError:
+            info["driver"] = None
+    return info
+
+
+def gpu_tag() -> str:
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    for tag in ("H100", "H200", "A100", "L40", "4090", "5090"):
+        if tag in name:
+            return tag.lower()
+    return name.split()[-1].lower()
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def write_results(name: str, payload: dict, out_dir: Path | None = None) -> Path:
+    """Write {"env": ..., **payload} to <out_dir or results>/<name>_<gpu>_<date>.json; return the path."""
+    out_dir = Path(out_dir) if out_dir else RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = env_info()
+    path = out_dir / f"{name}_{gpu_tag()}_{env['date']}.json"
+    path.write_text(json.dumps({"env": env, **payload}, indent=1))
+    # One machine-readable line beside the human table.
+    print(json.dumps({"bench": name, "json": str(path)}))
+    return path
