@@ -134,7 +134,8 @@ FPS = 16
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """What one generate() call does; every acceleration is a separate, optional field."""
+    """What one generate() call does. Model-side accelerations (attention kind, top-k, W8A8) are
+    chosen when the pipeline is loaded, because they change the modules."""
     steps: int = 4                   # 1-4: rCM few-step sampler; >4: teacher flow matching
     sigma_max: float | None = None   # None -> the model's default
     ode: bool = False
@@ -144,9 +145,6 @@ class SampleConfig:
     resolution: str | None = None
     aspect_ratio: str | None = None
     adaptive_resolution: bool = False
-    attention: str = "dense"         # dense | sage | sla | sagesla
-    topk: float = 0.1
-    quant: bool = False
     # teacher sampler
     solver: str = "unipc"            # unipc | euler
     shift: float = 5.0

@@ -1,0 +1,290 @@
+"""Prompt (+ image) -> video: encode_prompt -> make_noise -> denoise -> decode, one screen each.
+
+`Pipeline` keeps the models resident on one device so the CLI runs it once and the server many
+times. Steps 1-4 use the rCM few-step sampler (TurboDiffusion); more steps use the teacher flow
+matching sampler with classifier-free guidance against the Wan negative prompt.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from turbovid.attention import ATTENTION_KINDS
+from turbovid.config import MODELS, RESOLUTIONS, WAN_NEGATIVE_PROMPT, ModelSpec, SampleConfig
+from turbovid.loading import load_dit, load_text_encoder, load_vae
+from turbovid.models.dit import WanDiT
+from turbovid.models.text_encoder import TextEncoder, ByteTokenizer
+from turbovid.models.vae import WanVAE
+from turbovid.sampling import (cfg_velocity, euler_sample, expert_for_step, flow_times, network_time,
+                               rcm_sample, rcm_times, unipc_sample)
+from turbovid.video import image_to_tensor, tile_samples, to_uint8_frames
+
+MAX_RCM_STEPS = 4
+MAX_PROMPT_CHARS = 4000
+
+
+@dataclass
+class Video:
+    frames: np.ndarray                 # uint8 [F, H, W, 3]; several samples side by side
+    timings: dict[str, float]          # seconds per stage: text_encode, dit_step_<i>, vae_decode
+    width: int
+    height: int
+    seed: int
+    prompt: str
+    untrained: bool = False
+    peak_memory_gb: dict[str, float] = field(default_factory=dict)
+
+
+ProgressFn = Callable[[str, int, int], None]   # (stage, done, total)
+
+
+# ---- request checks: one-line ValueErrors before any work is done --------------------------------
+
+def resolve_size(spec: ModelSpec, sample: SampleConfig, image_size: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(width, height) from the resolution/aspect table; adaptive mode keeps the table's pixel area
+    with the input image's aspect ratio, rounded to multiples of 16 (SPEC §2.2.1)."""
+    resolution = sample.resolution or spec.resolution
+    aspect = sample.aspect_ratio or spec.aspect_ratio
+    if resolution not in RESOLUTIONS:
+        raise ValueError(f"unknown resolution {resolution!r}; choose one of {', '.join(RESOLUTIONS)}")
+    if aspect not in RESOLUTIONS[resolution]:
+        raise ValueError(f"unknown aspect ratio {aspect!r}; choose one of {', '.join(RESOLUTIONS[resolution])}")
+    width, height = RESOLUTIONS[resolution][aspect]
+    if sample.adaptive_resolution and image_size is not None:
+        area = width * height
+        ratio = image_size[1] / image_size[0]           # H_img / W_img
+        # Python round() ties to even, as the official script.
+        width = 16 * round(math.sqrt(area / ratio) / 16)
+        height = 16 * round(math.sqrt(area * ratio) / 16)
+    return width, height
+
+
+def check_sample(spec: ModelSpec, sample: SampleConfig, has_image: bool) -> None:
+    frames = sample.num_frames or spec.num_frames
+    if frames < 1 or (frames - 1) % 4:
+        raise ValueError(f"--frames must be 4k+1 (1, 5, 9, ..., 81), got {frames}")
+    if sample.steps < 1:
+        raise ValueError(f"--steps must be 1-4 (rCM) or more (teacher sampler), got {sample.steps}")
+    if sample.num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {sample.num_samples}")
+    if sample.sigma_max is not None and not sample.sigma_max >= 0.1:
+        raise ValueError(f"--sigma-max must be >= 0.1, got {sample.sigma_max}")
+    if sample.solver not in ("unipc", "euler"):
+        raise ValueError(f"unknown solver {sample.solver!r}; choose unipc or euler")
+    if spec.task == "i2v" and not has_image:
+        raise ValueError(f"{spec.name} is an image-to-video model: give an --image")
+    if spec.task == "t2v" and has_image:
+        raise ValueError(f"{spec.name} is a text-to-video model: it takes no --image")
+    resolve_size(spec, sample)
+
+
+def check_prompt(prompt: str) -> str:
+    if not prompt or not prompt.strip():
+        raise ValueError("the prompt is empty")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"the prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}")
+    return prompt
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Pipeline:
+    def __init__(self, spec: ModelSpec, text_encoder: TextEncoder, vae: WanVAE, dit: WanDiT,
+                 dit_low: WanDiT | None = None, device: str | torch.device = "cpu"):
+        if spec.two_experts and dit_low is None:
+            raise ValueError(f"{spec.name} needs two experts: give --dit (high noise) and --dit-low")
+        self.spec, self.text_encoder, self.vae, self.dit, self.dit_low = spec, text_encoder, vae, dit, dit_low
+        self.device = torch.device(device)
+
+    # -- construction ------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, model: str = "tiny", *, dit: str | None = None, dit_low: str | None = None,
+             vae: str | None = None, text_encoder: str | None = None, tokenizer: str | None = None,
+             attention: str = "dense", topk: float = 0.1, quant: bool = False,
+             device: str | None = None, dtype: torch.dtype | None = None) -> "Pipeline":
+        """Build a pipeline from checkpoint paths; a model marked `untrained` (the tiny configs) may
+        omit them and then gets seeded random weights."""
+        if model not in MODELS:
+            raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
+        if attention not in ATTENTION_KINDS:
+            raise ValueError(f"unknown attention {attention!r}; choose one of {', '.join(ATTENTION_KINDS)}")
+        if not 0.0 < topk <= 1.0:
+            raise ValueError(f"--topk must be in (0, 1], got {topk}")
+        spec = MODELS[model]
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # bf16 is the official inference dtype; on CPU fp32 is faster and as exact.
+        dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        missing = [flag for flag, path in (("--dit", dit), ("--vae", vae), ("--text-encoder", text_encoder),
+                                           ("--tokenizer", tokenizer)) if path is None]
+        if spec.two_experts and dit_low is None:
+            missing.append("--dit-low")
+        if missing and not spec.untrained:
+            raise ValueError(f"{spec.name} needs checkpoint paths: {' '.join(missing)}")
+
+        def make_dit(path: str | None, seed: int) -> WanDiT:
+            if path is not None:
+                net = load_dit(path, spec.dit, attention=attention, topk=topk, device=dev, dtype=dtype)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    net = WanDiT(spec.dit, attention=attention, topk=topk)
+                net = net.to(device=dev, dtype=dtype)
+            if quant:
+                from turbovid.quant.int8 import quantize_linears_
+                if not any(n.endswith("int8_weight") for n, _ in net.named_buffers()):
+                    quantize_linears_(net, fmt="td")
+            return net.eval().requires_grad_(False)
+
+        if vae is not None:
+            vae_net = load_vae(vae, spec.vae, device=dev, dtype=dtype)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(1)
+                vae_net = WanVAE(spec.vae).to(device=dev, dtype=dtype)
+        if text_encoder is not None:
+            encoder = load_text_encoder(text_encoder, tokenizer, spec.text, device=dev, dtype=dtype)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(2)
+                encoder = TextEncoder.random(spec.text, ByteTokenizer(spec.text.vocab_size), device=dev, dtype=dtype)
+        high = make_dit(dit, seed=3)
+        low = make_dit(dit_low, seed=4) if spec.two_experts else None
+        return cls(spec, encoder, vae_net.eval().requires_grad_(False), high, low, device=dev)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.dit.parameters()).dtype
+
+    # -- the steps ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """[B, text_len, text_dim] umT5 embedding, padded rows zeroed."""
+        return self.text_encoder.encode(prompts).to(self.device, self.dtype)
+
+    def latent_shape(self, num_samples: int, frames: int, width: int, height: int) -> tuple[int, ...]:
+        s, t = self.spec.vae.spatial_factor, self.spec.vae.temporal_factor
+        return (num_samples, self.spec.vae.z_dim, (frames - 1) // t + 1, height // s, width // s)
+
+    @torch.no_grad()
+    def image_condition(self, image, frames: int, width: int, height: int, num_samples: int) -> torch.Tensor:
+        """y = [mask(4) ; image latent(16)] on the latent grid (SPEC §2.2): the picture as frame 0
+        followed by black frames, VAE-encoded; the mask is 1 on latent frame 0 only."""
+        pixels = image_to_tensor(image, width, height)                      # [3, h, w]
+        clip = torch.zeros(1, 3, frames, height, width)
+        clip[0, :, 0] = pixels
+        latent = self.vae.encode(clip.to(self.device, self.dtype))        # [1, 16, T, h/8, w/8]
+        mask = torch.zeros(1, 4, *latent.shape[2:], device=self.device, dtype=latent.dtype)
+        mask[:, :, 0] = 1
+        y = torch.cat([mask, latent], dim=1).to(self.dtype)
+        return y.expand(num_samples, -1, -1, -1, -1)
+
+    def _net_for(self, s_cur: float) -> WanDiT:
+        if self.dit_low is None or expert_for_step(s_cur, self.spec.boundary) == "high":
+            return self.dit
+        return self.dit_low
+
+    @torch.no_grad()
+    def denoise(self, noise: torch.Tensor, context: torch.Tensor, sample: SampleConfig,
+                generator: torch.Generator, y: torch.Tensor | None = None, negative: torch.Tensor | None = None,
+                step_times: list[float] | None = None, progress: ProgressFn | None = None) -> torch.Tensor:
+        """Noise [B, 16, T, h, w] -> clean latent (fp32). rCM for 1-4 steps, teacher sampler otherwise."""
+        step_times = [] if step_times is None else step_times
+        n = sample.steps
+
+        def timed(fn):
+            def wrapped(*args):
+                _sync(self.device)
+                t0 = time.perf_counter()
+                out = fn(*args)
+                _sync(self.device)
+                step_times.append(time.perf_counter() - t0)
+                if progress:
+                    progress("denoise", len(step_times), n)
+                return out
+            return wrapped
+
+        if n <= MAX_RCM_STEPS:
+            @timed
+            def velocity(x, t_net, step, s_cur):
+                return self._net_for(s_cur)(x.to(self.dtype), t_net, context, y=y)
+            sigma_max = sample.sigma_max or self.spec.sigma_max
+            return rcm_sample(velocity, noise, rcm_times(n, sigma_max), generator, ode=sample.ode)
+
+        # Teacher: CFG as one batch of [cond ; uncond].
+        ctx2 = torch.cat([context, negative.expand_as(context)])
+        y2 = None if y is None else torch.cat([y, y])
+
+        @timed
+        def guided(x, t_net, step, s_cur):
+            x2 = torch.cat([x, x]).to(self.dtype)
+            v = self._net_for(s_cur)(x2, torch.cat([t_net, t_net]), ctx2, y=y2)
+            v_cond, v_uncond = v.chunk(2)
+            return cfg_velocity(v_cond, v_uncond, sample.guidance)
+        times = flow_times(n, sample.shift)
+        solve = unipc_sample if sample.solver == "unipc" else euler_sample
+        return solve(guided, noise, times)
+
+    @torch.no_grad()
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Latent [B, 16, T, h, w] -> video [B, 3, F, H, W] in [-1, 1]."""
+        return self.vae.decode(latent.to(self.dtype), clamp=True).float()
+
+    # -- the whole job -----------------------------------------------------------------------------
+
+    def generate(self, prompt: str, sample: SampleConfig = SampleConfig(), image=None,
+                 progress: ProgressFn | None = None) -> Video:
+        check_prompt(prompt)
+        check_sample(self.spec, sample, image is not None)
+        frames = sample.num_frames or self.spec.num_frames
+        width, height = resolve_size(self.spec, sample, image.size if image is not None else None)
+        timings: dict[str, float] = {}
+
+        def stage(name):
+            _sync(self.device)
+            timings[name] = time.perf_counter()
+
+        def done(name):
+            _sync(self.device)
+            timings[name] = time.perf_counter() - timings[name]
+
+        stage("text_encode")
+        if progress:
+            progress("text_encode", 0, 1)
+        context = self.encode_prompt([prompt])
+        negative = self.encode_prompt([WAN_NEGATIVE_PROMPT]) if sample.steps > MAX_RCM_STEPS else None
+        done("text_encode")
+
+        y = None
+        if image is not None:
+            stage("image_encode")
+            y = self.image_condition(image, frames, width, height, sample.num_samples)
+            done("image_encode")
+
+        # RNG order (SPEC §5.1.3): one generator, initial noise first, then one draw per step.
+        generator = torch.Generator(self.device).manual_seed(sample.seed)
+        shape = self.latent_shape(sample.num_samples, frames, width, height)
+        noise = torch.randn(shape, generator=generator, device=self.device, dtype=torch.float32)
+        context = context.expand(sample.num_samples, -1, -1)
+        step_times: list[float] = []
+        latent = self.denoise(noise, context, sample, generator, y=y, negative=negative,
+                              step_times=step_times, progress=progress)
+        for i, t in enumerate(step_times):
+            timings[f"dit_step_{i + 1}"] = t
+
+        stage("vae_decode")
+        if progress:
+            progress("vae_decode", 0, 1)
+        video = self.decode(latent)
+        done("vae_decode")
+        frames_u8 = to_uint8_frames(tile_samples(video))
+        return Video(frames_u8, timings, width, height, sample.seed, prompt, untrained=self.spec.untrained)
