@@ -18,7 +18,7 @@ from turbovid.attention import ATTENTION_KINDS
 from turbovid.config import MODELS, RESOLUTIONS, WAN_NEGATIVE_PROMPT, ModelSpec, SampleConfig
 from turbovid.loading import load_dit, load_text_encoder, load_vae
 from turbovid.models.dit import WanDiT
-from turbovid.models.text_encoder import TextEncoder, ByteTokenizer
+from turbovid.models.text_encoder import TextEncoder, Tokenizer, make_umt5
 from turbovid.models.vae import WanVAE
 from turbovid.sampling import (cfg_velocity, euler_sample, expert_for_step, flow_times, network_time,
                                rcm_sample, rcm_times, unipc_sample)
@@ -91,6 +91,12 @@ def check_prompt(prompt: str) -> str:
     return prompt
 
 
+def byte_tokenizer() -> Tokenizer:
+    """UTF-8 bytes as token ids 3..258 (0 pad, 1 EOS, 2 unknown): the tokenizer of untrained models,
+    which ship no SentencePiece file."""
+    return Tokenizer(lambda text: [3 + b for b in text.encode("utf-8")], pad_id=0, eos_id=1, vocab_size=259)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -155,7 +161,7 @@ class Pipeline:
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(2)
-                encoder = TextEncoder.random(spec.text, ByteTokenizer(spec.text.vocab_size), device=dev, dtype=dtype)
+                encoder = TextEncoder(make_umt5(spec.text).to(dev, dtype), byte_tokenizer(), spec.text.text_len)
         high = make_dit(dit, seed=3)
         low = make_dit(dit_low, seed=4) if spec.two_experts else None
         return cls(spec, encoder, vae_net.eval().requires_grad_(False), high, low, device=dev)
