@@ -253,7 +253,10 @@ def load_dit(source: str | Path | dict[str, torch.Tensor], cfg: DiTConfig, *, at
     state = dict(source) if isinstance(source, dict) else read_state_dict(source)
     if state and all(k.startswith("net.") for k in state):
         state = {k[len("net."):]: v for k, v in state.items()}
-    fmt = detect_dit_format(state)
+    try:
+        fmt = detect_dit_format(state)
+    except CheckpointError as e:
+        raise CheckpointError(f"{name}: {e}") from None
     if fmt == "diffusers":
         state = diffusers_dit_to_wan(state)
     patch = state.get("patch_embedding.weight")
@@ -330,13 +333,14 @@ _DIFFUSERS_VAE_RESNET = {"norm1": "residual.0", "conv1": "residual.2", "norm2": 
 def _diffusers_vae_table(keys) -> dict[str, str]:
     table = dict(_DIFFUSERS_VAE_MODULES)
     # encoder.down_blocks.{k} is already one flat list of res blocks and resamples, as in Wan.
-    down = {int(k.split(".")[2]) for k in keys if k.startswith("encoder.down_blocks.")}
-    table.update({f"encoder.down_blocks.{k}": f"encoder.downsamples.{k}" for k in down})
+    # (Keys that do not fit these patterns find no table entry and are reported by the caller.)
+    down = [k.split(".") for k in keys if k.startswith("encoder.down_blocks.")]
+    table.update({f"encoder.down_blocks.{p[2]}": f"encoder.downsamples.{p[2]}" for p in down if p[2].isdigit()})
     # decoder.up_blocks.{i}.resnets.{j} / .upsamplers.0 is nested; Wan flattens each stage into
     # (num_res_blocks + 1) res blocks followed by one Upsample (the last stage has none).
-    up = [k.split(".") for k in keys if k.startswith("decoder.up_blocks.")]
-    stages = 1 + max((int(p[2]) for p in up), default=-1)
-    resnets = 1 + max((int(p[4]) for p in up if p[3] == "resnets"), default=-1)
+    up = [p for p in (k.split(".") for k in keys if k.startswith("decoder.up_blocks.")) if len(p) > 4]
+    stages = 1 + max((int(p[2]) for p in up if p[2].isdigit()), default=-1)
+    resnets = 1 + max((int(p[4]) for p in up if p[3] == "resnets" and p[4].isdigit()), default=-1)
     for i in range(stages):
         for j in range(resnets):
             table[f"decoder.up_blocks.{i}.resnets.{j}"] = f"decoder.upsamples.{i * (resnets + 1) + j}"
@@ -353,7 +357,7 @@ def diffusers_vae_to_wan(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
         # longest module prefix of `key` that the table knows
         n = next((n for n in range(len(parts) - 1, 0, -1) if ".".join(parts[:n]) in table), None)
         if n is None:
-            raise CheckpointError(f"diffusers VAE tensor {key!r} has no Wan2.1 VAE counterpart")
+            raise CheckpointError(f"diffusers VAE tensor {key!r} has no Wan2.1 VAE counterpart (another VAE, e.g. Wan2.2?)")
         # norm1/conv1/norm2/conv2/conv_shortcut directly below a module only occur in residual blocks
         inner, *leaf = parts[n:]
         out[".".join([table[".".join(parts[:n])], _DIFFUSERS_VAE_RESNET.get(inner, inner), *leaf])] = tensor
