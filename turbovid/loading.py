@@ -357,7 +357,8 @@ def diffusers_vae_to_wan(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
         # longest module prefix of `key` that the table knows
         n = next((n for n in range(len(parts) - 1, 0, -1) if ".".join(parts[:n]) in table), None)
         if n is None:
-            raise CheckpointError(f"diffusers VAE tensor {key!r} has no Wan2.1 VAE counterpart (another VAE, e.g. Wan2.2?)")
+            raise CheckpointError(f"diffusers VAE tensor {key!r} has no Wan2.1 VAE counterpart "
+                                  f"(another VAE, e.g. Wan2.2?)")
         # norm1/conv1/norm2/conv2/conv_shortcut directly below a module only occur in residual blocks
         inner, *leaf = parts[n:]
         out[".".join([table[".".join(parts[:n])], _DIFFUSERS_VAE_RESNET.get(inner, inner), *leaf])] = tensor
