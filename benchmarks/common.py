@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -34,6 +35,9 @@ def time_cuda(fn, warmup: int = 3, iters: int = 10) -> float:
 
 
 def _git_commit() -> str:
+    # The device gets a copy of the tree without .git: the caller passes the commit in TURBOVID_COMMIT.
+    if os.environ.get("TURBOVID_COMMIT"):
+        return os.environ["TURBOVID_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent, check=True).stdout.strip()
