@@ -115,7 +115,8 @@ def ref_encoder(state, ids, mask, cfg: TextEncoderConfig, dtype) -> torch.Tensor
     ("Tom &amp;amp; Jerry", "Tom & Jerry"),        # unescaped twice
     ("&lt;b&gt;bold&lt;/b&gt;", "<b>bold</b>"),
     ("a\u00a0b\u3000c", "a b c"),                   # non-breaking and ideographic spaces are whitespace
-    ("色调艳丽，过曝", "色调艳丽，过曝"),
+    ("色调艳丽，过曝", "色调艳丽,过曝"),             # ftfy folds full-width punctuation, as the official cleaning
+    ("Ã©tÃ©", "été"),                                # ftfy repairs mojibake
     ("", ""),
 ])
 def test_clean_prompt(raw, clean):

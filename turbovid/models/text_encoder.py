@@ -19,21 +19,16 @@ import html
 import re
 from collections.abc import Callable
 
+import ftfy
 import torch
 from transformers import UMT5Config, UMT5EncoderModel
 
 from turbovid.config import TextEncoderConfig
 
-try:  # the official cleaning runs ftfy first; without it, mojibake in prompts is left as it is
-    import ftfy
-except ImportError:
-    ftfy = None
-
 
 def clean_prompt(text: str) -> str:
     """SPEC §4.1 "whitespace" cleaning: ftfy, HTML-unescape twice, strip, collapse whitespace runs."""
-    if ftfy is not None:
-        text = ftfy.fix_text(text)
+    text = ftfy.fix_text(text)   # as the official cleaning: also maps full-width punctuation to ASCII
     text = html.unescape(html.unescape(text)).strip()
     return re.sub(r"\s+", " ", text).strip()
 
