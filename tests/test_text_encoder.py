@@ -120,6 +120,8 @@ def ref_encoder(state, ids, mask, cfg: TextEncoderConfig, dtype) -> torch.Tensor
     ("", ""),
 ])
 def test_clean_prompt(raw, clean):
+    import ftfy  # noqa: F401  (a package dependency: the official cleaning needs it)
+
     assert clean_prompt(raw) == clean
 
 

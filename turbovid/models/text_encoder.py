@@ -19,16 +19,21 @@ import html
 import re
 from collections.abc import Callable
 
-import ftfy
 import torch
 from transformers import UMT5Config, UMT5EncoderModel
 
 from turbovid.config import TextEncoderConfig
 
+try:  # a dependency of the package; the fallback only keeps bare environments (GPU boxes) importing
+    import ftfy
+except ImportError:
+    ftfy = None
+
 
 def clean_prompt(text: str) -> str:
     """SPEC §4.1 "whitespace" cleaning: ftfy, HTML-unescape twice, strip, collapse whitespace runs."""
-    text = ftfy.fix_text(text)   # as the official cleaning: also maps full-width punctuation to ASCII
+    if ftfy is not None:   # as the official cleaning: also maps full-width punctuation to ASCII
+        text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text)).strip()
     return re.sub(r"\s+", " ", text).strip()
 
