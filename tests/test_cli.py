@@ -140,3 +140,12 @@ def test_adaptive_resolution_keeps_area_and_aspect():
     assert (w, h) == (16 * round((1280 * 720 / 0.75) ** 0.5 / 16), 16 * round((1280 * 720 * 0.75) ** 0.5 / 16))
     assert (w, h) == (1104, 832)
     assert resolve_size(spec, SampleConfig(resolution="480p", aspect_ratio="9:16")) == (480, 832)
+
+
+def test_teacher_sampler_with_cfg_runs_more_steps(tmp_path, capsys):
+    out = tmp_path / "teacher.mp4"
+    code, stdout, err = run_cli(capsys, "generate", "--prompt", "a green triangle", "--output", str(out),
+                                "--steps", "6", "--frames", "1", "--solver", "euler", "--quiet")
+    assert code == 0, err
+    assert "dit_step_6" in stdout and "dit_step_7" not in stdout
+    assert read_video(out).shape[0] == 1
