@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_parser(sub)
     from turbovid.serve.cli import add_serve_parser
     add_serve_parser(sub, _add_model_args)
+    from turbovid.quantize import add_quantize_parser
+    add_quantize_parser(sub)
     return parser
 
 
@@ -144,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "quantize":
+            from turbovid.quantize import cmd_quantize
+            return cmd_quantize(args)
         if args.command == "serve":
             from turbovid.serve.cli import cmd_serve
             return cmd_serve(args)

@@ -93,16 +93,19 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 #   "wan"         official Wan2.1/2.2: our names, Conv3d patch embedding [d, C, 1, 2, 2];
 #   "turbo"       TurboDiffusion .pth: our names, Linear patch embedding [d, C*4], maybe SLA proj_l;
 #   "turbo-quant" TurboDiffusion -quant .pth: block Linears as int8_weight/scale/bias buffers;
+#   "fast-quant"  turbovid's W8A8 .safetensors (turbovid.quantize): int8_weight/weight_scale/bias buffers;
 #   "diffusers"   WanTransformer3DModel: other names, mapped by `diffusers_dit_to_wan`.
 import math  # noqa: E402  (imports kept inside this section: others edit the file's head)
 
 from turbovid.config import MODELS, DiTConfig  # noqa: E402
 from turbovid.models.dit import WanDiT  # noqa: E402
 
-DIT_FORMATS = ("wan", "turbo", "turbo-quant", "diffusers")
+DIT_FORMATS = ("wan", "turbo", "turbo-quant", "fast-quant", "diffusers")
 
 
 def detect_dit_format(state: dict[str, torch.Tensor]) -> str:
+    if any(k.endswith(".weight_scale") for k in state):   # per-channel scales: our fast format
+        return "fast-quant"
     if any(k.endswith(".int8_weight") for k in state):
         return "turbo-quant"
     if "proj_out.weight" in state or any(k.startswith("condition_embedder.") for k in state):
@@ -268,9 +271,9 @@ def load_dit(source: str | Path | dict[str, torch.Tensor], cfg: DiTConfig, *, at
 
     with torch.device("meta"):
         model = WanDiT(cfg, attention=attention, topk=topk)
-        if fmt == "turbo-quant":   # imported here: only -quant files need the int8 kernels (and Triton)
+        if fmt in ("turbo-quant", "fast-quant"):   # imported here: only -quant files need the int8 kernels
             from turbovid.quant.int8 import swap_block_linears
-            swap_block_linears(model)
+            swap_block_linears(model, "td" if fmt == "turbo-quant" else "fast")
     expected = model.state_dict()     # meta tensors: names, shapes and default dtypes
     if attention in ("sla", "sagesla"):
         for key, meta in expected.items():
@@ -289,7 +292,7 @@ def load_dit(source: str | Path | dict[str, torch.Tensor], cfg: DiTConfig, *, at
             raise CheckpointError(f"{name}: {key} has shape {tuple(state[key].shape)}, "
                                   f"the model expects {tuple(meta.shape)}")
     if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() and not k.endswith(".scale") else v
+        state = {k: v.to(dtype) if v.is_floating_point() and not k.endswith((".scale", ".weight_scale")) else v
                  for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     # Non-persistent state (none today) would still be on the meta device: fail here, not in forward.

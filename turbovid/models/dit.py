@@ -147,7 +147,10 @@ class SelfAttention(nn.Module):
 class CrossAttention(nn.Module):
     """Dense attention from video tokens to the text tokens (no RoPE, no mask: zero-padded text
     positions are attended to, as in TurboDiffusion). Wan2.1 i2v adds a second attention over the
-    CLIP image tokens (k_img, v_img), summed before the output projection."""
+    CLIP image tokens (k_img, v_img), summed before the output projection.
+
+    The keys and values depend only on the prompt (and image), so they are computed apart
+    (`text_kv`, `image_kv`) and handed to `forward`: a sampler's steps can then share them."""
 
     def __init__(self, dim: int, num_heads: int, eps: float, image: bool):
         super().__init__()
@@ -159,12 +162,23 @@ class CrossAttention(nn.Module):
             self.norm_k_img = RMSNorm(dim, eps)
         self.attn_op = AttnOp(DenseAttention())
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor | None) -> torch.Tensor:
-        heads = lambda u: u.unflatten(-1, (self.num_heads, -1))   # noqa: E731  [B, N, d] -> [B, N, H, D]
-        q = heads(self.norm_q(self.q(x)))
-        out = self.attn_op(q, heads(self.norm_k(self.k(context))), heads(self.v(context)))
-        if context_img is not None:
-            out = out + self.attn_op(q, heads(self.norm_k_img(self.k_img(context_img))), heads(self.v_img(context_img)))
+    def heads(self, u: torch.Tensor) -> torch.Tensor:
+        return u.unflatten(-1, (self.num_heads, -1))      # [B, N, d] -> [B, N, H, D]
+
+    def text_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embedded text [B, N, d] -> (K, V) [B, N, H, D]."""
+        return self.heads(self.norm_k(self.k(context))), self.heads(self.v(context))
+
+    def image_kv(self, context_img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embedded CLIP tokens [B, 257, d] -> (K_img, V_img) [B, 257, H, D] (Wan2.1 i2v)."""
+        return self.heads(self.norm_k_img(self.k_img(context_img))), self.heads(self.v_img(context_img))
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                kv_img: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        q = self.heads(self.norm_q(self.q(x)))
+        out = self.attn_op(q, *kv)
+        if kv_img is not None:
+            out = out + self.attn_op(q, *kv_img)
         return self.o(out.flatten(2))
 
 
@@ -181,12 +195,14 @@ class WanBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                context: torch.Tensor, context_img: torch.Tensor | None) -> torch.Tensor:
+                kv: tuple[torch.Tensor, torch.Tensor], kv_img: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """x [B, L, d]; e0 [B, 6, d] fp32; rope (cos, sin) [L, D/2]; kv / kv_img: this block's cross-attention
+        keys and values of the text / CLIP tokens (`WanDiT.text_kv`)."""
         # [B, 6, d] fp32 -> six [B, 1, d] vectors.
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (self.modulation.float() + e0).chunk(6, dim=1)
         y = self.self_attn((self.norm1(x).float() * (1 + scale_msa) + shift_msa).to(x.dtype), rope)
         x = x + y * gate_msa.to(x.dtype)
-        x = x + self.cross_attn(self.norm3(x), context, context_img)
+        x = x + self.cross_attn(self.norm3(x), kv, kv_img)
         y = self.ffn((self.norm2(x).float() * (1 + scale_mlp) + shift_mlp).to(x.dtype))
         return x + y * gate_mlp.to(x.dtype)
 
@@ -235,6 +251,14 @@ class WanDiT(nn.Module):
         if cfg.image_dim is not None:
             self.img_emb = ImageEmbedding(cfg.image_dim, d)
 
+    def text_kv(self, context: torch.Tensor, clip: torch.Tensor | None = None) -> list[tuple]:
+        """Per block, the cross-attention (K, V) of the text tokens and (K_img, V_img) of the CLIP tokens
+        (None for t2v), each [B, N, H, D]. context [B, text_len, text_dim]; clip [B, 257, image_dim]."""
+        text = self.text_embedding(context.to(self.text_embedding[0].weight.dtype))   # [B, text_len, d]
+        image = self.img_emb(clip) if clip is not None else None                       # [B, 257, d]
+        return [(b.cross_attn.text_kv(text), None if image is None else b.cross_attn.image_kv(image))
+                for b in self.blocks]
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 y: torch.Tensor | None = None, clip: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, C, T, H, W] noisy latent; t [B] or [B, 1] network time (0..1000); context [B, text_len,
@@ -268,17 +292,17 @@ class WanDiT(nn.Module):
         e = run_in_fp32(self.time_embedding, sinusoidal_embedding(t, cfg.freq_dim))
         e0 = run_in_fp32(self.time_projection, e).unflatten(1, (6, cfg.dim))
 
-        # 4. Cross-attention context: text [B, text_len, d] (and CLIP image tokens [B, 257, d]).
-        context = self.text_embedding(context.to(self.text_embedding[0].weight.dtype))
-        context_img = self.img_emb(clip) if clip is not None else None
+        # 4. Cross-attention keys/values of every block from the text (and CLIP image tokens). They depend
+        #    on the prompt only, so `speedups.enable_text_kv_cache` may serve them from a per-prompt cache.
+        text_kv = self.text_kv(context, clip)
 
         # 5. RoPE angles for this grid, shared by every block: cos/sin [L, head_dim/2] fp32.
         angles = rope_angles(cfg.head_dim, grid, x.device)
         rope = (angles.cos(), angles.sin())
 
         # 6. Transformer blocks.
-        for block in self.blocks:
-            x = block(x, e0, rope, context, context_img)
+        for block, (kv, kv_img) in zip(self.blocks, text_kv):
+            x = block(x, e0, rope, kv, kv_img)
 
         # 7. Head (fp32) and unpatchify: [B, L, pt*ph*pw*C_out], channels fastest ->
         #    [B, T', H', W', pt, ph, pw, C_out] -> [B, C_out, T', pt, H', ph, W', pw] -> [B, C_out, T, H, W].
