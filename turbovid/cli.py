@@ -31,6 +31,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--topk", type=float, default=0.1, help="SLA key-block ratio kept per query block (default 0.1)")
     g.add_argument("--quant", action="store_true", help="W8A8 INT8 block linears (loads -quant files, "
                                                         "quantizes bf16 ones on the fly)")
+    g.add_argument("--quant-format", default="fast", help="fast: per-channel/per-token INT8 (default; -quant "
+                                                          "files are converted); td: TurboDiffusion's exact format")
+    g.add_argument("--no-fuse", action="store_true", help="keep plain PyTorch norms (fused kernels are the "
+                                                          "default on CUDA)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (first video compiles)")
     g.add_argument("--device", help="cuda | cpu (default: cuda if available)")
 
 
@@ -107,7 +112,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     pipe = Pipeline.load(args.model, dit=args.dit, dit_low=args.dit_low, vae=args.vae,
                          text_encoder=args.text_encoder, tokenizer=args.tokenizer, attention=args.attention,
-                         topk=args.topk, quant=args.quant, device=args.device)
+                         topk=args.topk, quant=args.quant, quant_format=args.quant_format,
+                         fuse=False if args.no_fuse else None, compile=args.compile, device=args.device)
     if spec.untrained and not args.dit:
         print(f"note: model {spec.name!r} has random, UNTRAINED weights — the video shows noise-like "
               "patterns, not the prompt", file=sys.stderr)

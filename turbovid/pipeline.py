@@ -20,8 +20,9 @@ from turbovid.loading import load_dit, load_text_encoder, load_vae
 from turbovid.models.dit import WanDiT
 from turbovid.models.text_encoder import TextEncoder, Tokenizer, make_umt5
 from turbovid.models.vae import WanVAE
-from turbovid.sampling import (cfg_velocity, euler_sample, expert_for_step, flow_times, network_time,
-                               rcm_sample, rcm_times, unipc_sample)
+from turbovid.sampling import (cfg_velocity, euler_sample, expert_for_step, flow_times, rcm_sample, rcm_times,
+                               unipc_sample)
+from turbovid.speedups import QUANT_FORMATS, apply_speedups
 from turbovid.video import image_to_tensor, tile_samples, to_uint8_frames
 
 MAX_RCM_STEPS = 4
@@ -115,20 +116,30 @@ class Pipeline:
     @classmethod
     def load(cls, model: str = "tiny", *, dit: str | None = None, dit_low: str | None = None,
              vae: str | None = None, text_encoder: str | None = None, tokenizer: str | None = None,
-             attention: str = "dense", topk: float = 0.1, quant: bool = False,
+             attention: str = "dense", topk: float = 0.1, quant: bool = False, quant_format: str = "fast",
+             fuse: bool | None = None, compile: bool = False,
              device: str | None = None, dtype: torch.dtype | None = None) -> "Pipeline":
         """Build a pipeline from checkpoint paths; a model marked `untrained` (the tiny configs) may
-        omit them and then gets seeded random weights."""
+        omit them and then gets seeded random weights.
+
+        Accelerations (turbovid.speedups): `quant` makes the block linears W8A8 INT8 — `quant_format`
+        "fast" (per-channel weights, per-token activations; TurboDiffusion -quant files are converted)
+        or "td" (TurboDiffusion's exact 128x128-tile format); `fuse` (default: on CUDA) fuses norm +
+        modulation (+ INT8 emit) and GEMM epilogues; `compile` compiles the blocks. Text K/V caching
+        across steps is always on: it is exact."""
         if model not in MODELS:
             raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
         if attention not in ATTENTION_KINDS:
             raise ValueError(f"unknown attention {attention!r}; choose one of {', '.join(ATTENTION_KINDS)}")
         if not 0.0 < topk <= 1.0:
             raise ValueError(f"--topk must be in (0, 1], got {topk}")
+        if quant_format not in QUANT_FORMATS:
+            raise ValueError(f"unknown --quant-format {quant_format!r}; choose one of {', '.join(QUANT_FORMATS)}")
         spec = MODELS[model]
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # bf16 is the official inference dtype; on CPU fp32 is faster and as exact.
         dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        fuse = dev.type == "cuda" if fuse is None else fuse
         missing = [flag for flag, path in (("--dit", dit), ("--vae", vae), ("--text-encoder", text_encoder),
                                            ("--tokenizer", tokenizer)) if path is None]
         if spec.two_experts and dit_low is None:
@@ -144,10 +155,9 @@ class Pipeline:
                     torch.manual_seed(seed)
                     net = WanDiT(spec.dit, attention=attention, topk=topk)
                 net = net.to(device=dev, dtype=dtype)
-            if quant:
-                from turbovid.quant.int8 import quantize_linears_
-                if not any(n.endswith("int8_weight") for n, _ in net.named_buffers()):
-                    quantize_linears_(net, fmt="td")
+            quantized_file = any(n.endswith("int8_weight") for n, _ in net.named_buffers())
+            apply_speedups(net, quant=quant_format if (quant or quantized_file) else None, fuse_norms=fuse,
+                           cache_text_kv=True, compile=compile)
             return net.eval().requires_grad_(False)
 
         if vae is not None:
