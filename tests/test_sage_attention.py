@@ -12,9 +12,12 @@ import torch.nn.functional as F
 
 from turbovid.attention.sage import SageAttention
 from turbovid.kernels import use_triton
+from turbovid.kernels import sage_attention as SA
+from turbovid.kernels import sla as S
 from turbovid.kernels.sage_attention import (
     attention_ref, kv_stats, outlier_qkv, quantize_int8, quantize_int8_ref, quantize_qkv,
-    quantize_qkv_ref, quantize_v, quantize_v_ref, sage_attention, sage_attention_ref)
+    quantize_qkv_ref, quantize_v, quantize_v_ref, sage_attention, sage_attention_ref, sagesla_forward,
+    sagesla_forward_ref, sagesla_prep, sagesla_stats)
 
 needs_kernels = pytest.mark.skipif(not use_triton(torch.empty(0)), reason="run with TRITON_INTERPRET=1")
 
@@ -188,6 +191,99 @@ def test_launcher_errors(kwargs, match):
         sage_attention(args["q"], args["k"], args["v"], **kwargs)
 
 
+# ---------------------------------------------------------------------------------------------- SageSLA fused path
+
+def relerr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def unpack_stats(stats, b, h, d):
+    # sagesla_stats -> (k_mean, v_mean, v_scale) as [B, H, D] fp32 (kv_stats' format), S [B, H, D, D], z [B, H, D].
+    vec, vec_lp, s = stats
+    return tuple(x.view(b, h, d) for x in vec), s.view(b, h, d, d), vec_lp[1].view(b, h, d)
+
+
+@needs_kernels
+@pytest.mark.parametrize("d", [64, 128])
+def test_sagesla_stats_match_refs(d, monkeypatch):
+    # Pass A (three token splits, a partial last tile) + finalize vs kv_stats and the linear-branch reference.
+    monkeypatch.setitem(SA.SAGESLA_STATS, "tokens", 128)
+    monkeypatch.setitem(SA.SAGESLA_STATS, "block", 32)
+    _, k, v = outlier_qkv(2, 2, 333, d, dit_layout=True, seed=20 + d)
+    (k_mean, v_mean, v_scale), s, z = unpack_stats(sagesla_stats(k, v), 2, 2, d)
+    want = kv_stats(k, v, "fp8")
+    for got, ref in zip((k_mean, v_mean, v_scale), want):  # fp32 sums in another order: a few ulp
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    s_ref, z_ref = S.sla_linear_stats_ref(k, v)
+    phi = torch.softmax(k, dim=-1).double()  # rounded to bf16 first, as TurboDiffusion
+    for got, lowp, exact in ((s, s_ref, phi.transpose(-1, -2) @ v.double()), (z, z_ref, phi.sum(-2))):
+        assert got.dtype == torch.bfloat16
+        assert relerr(got, exact) <= 2 * relerr(lowp, exact) + 1e-6, (relerr(got, exact), relerr(lowp, exact))
+
+
+@needs_kernels
+@pytest.mark.parametrize("length,d,block_q,block_k", [(200, 64, 64, 128), (333, 128, 128, 64)])
+def test_sagesla_prep_matches_refs(length, d, block_q, block_k):
+    # Pass B: quantization bit-identical to quantize_qkv_ref fed the same statistics, pooling identical to the
+    # block-map reference's, and the linear branch + proj_l (written into the output) as sla_linear_apply_ref.
+    q, k, v = outlier_qkv(2, 2, length, d, dit_layout=True, seed=length)
+    w, b = 0.1 * torch.randn(d, d), 0.1 * torch.randn(d)
+    stats = sagesla_stats(k, v)
+    kv, s, z = unpack_stats(stats, 2, 2, d)
+    quantized, qp, kp, out = sagesla_prep(q, k, v, stats, w, b, block_q, block_k)
+    for got, want in zip(quantized, quantize_qkv_ref(q, k, v, block_q, block_k, "fp8", kv)):
+        assert got.dtype == want.dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert torch.equal(qp, S._mean_pool_ref(q, block_q))
+    k_mean_lp = stats[1][0].view(2, 2, 1, d)  # the k mean rounded to bf16, as `k.mean()` of the reference
+    torch.testing.assert_close(k_mean_lp, k.mean(dim=2, keepdim=True), rtol=2 ** -8, atol=0)  # within 1 ulp
+    assert torch.equal(kp, S._mean_pool_ref(k - k_mean_lp, block_k))
+    assert out.shape == (2, length, 2, d) and out.is_contiguous()
+    p_l = S.sla_linear_apply_ref(q, torch.zeros_like(q), s, z, w, b)
+    assert relerr(out, p_l) < 4e-3  # several bf16 roundings; a few elements land on the neighbouring ulp
+
+
+@needs_kernels
+@pytest.mark.parametrize("length,d,block_q,block_k,topk", [(200, 64, 64, 128, 0.5), (333, 128, 128, 64, 0.4)])
+def test_sagesla_forward_matches_reference(length, d, block_q, block_k, topk):
+    # All six launches against the composition of references (block map, same-quantization attention, linear
+    # branch, proj_l); and against exact fp32 sparse attention + linear branch (the method's error budget).
+    q, k, v = outlier_qkv(1, 2, length, d, dit_layout=True, seed=30 + length)
+    w, b = 0.1 * torch.randn(d, d), 0.1 * torch.randn(d)
+    out = sagesla_forward(q, k, v, w, b, topk, block_q, block_k)
+    assert out.shape == (1, length, 2, d) and out.dtype == q.dtype and out.is_contiguous()
+    cos, rel = metrics(out, sagesla_forward_ref(q, k, v, w, b, topk, block_q, block_k))
+    assert cos >= KERNEL_VS_SAGE_REF["fp8"][0] and rel <= KERNEL_VS_SAGE_REF["fp8"][1], (cos, rel)
+    lut = S.sla_block_map_ref(q, k, topk, block_q, block_k)
+    exact = attention_ref(q, k, v, lut, block_q, block_k) + F.linear(S.sla_linear_ref(*(x.double() for x in (q, k, v))),
+                                                                     w.double(), b.double()).float()
+    cos, rel = metrics(out.transpose(1, 2), exact)
+    assert cos >= KERNEL_VS_EXACT["fp8"][0] and rel <= KERNEL_VS_EXACT["fp8"][1], (cos, rel)
+
+
+def test_sagesla_reference_fallback_and_fake(monkeypatch):
+    monkeypatch.setenv("TURBOVID_KERNELS", "ref")
+    q, k, v = outlier_qkv(1, 2, 70, 64, dit_layout=True, seed=9)
+    w, b = 0.1 * torch.randn(64, 64), 0.1 * torch.randn(64)
+    out = sagesla_forward(q, k, v, w.bfloat16(), b.bfloat16(), 0.5, 64, 64)
+    assert torch.equal(out, sagesla_forward_ref(q, k, v, w.bfloat16(), b.bfloat16(), 0.5, 64, 64))
+    args = (q, k, v, w.bfloat16(), b.bfloat16(), 0.5, 64, 64)
+    torch.library.opcheck(torch.ops.turbovid.sagesla_forward.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(weight=torch.zeros(64, 32)), "proj_l weight"),
+    (dict(topk=0.0), "topk"),
+    (dict(block_q=32), "block_q and block_k"),
+])
+def test_sagesla_errors(kwargs, match):
+    args = dict(weight=torch.zeros(64, 64), bias=torch.zeros(64), topk=0.5, block_q=64, block_k=64)
+    args.update(kwargs)
+    q = torch.zeros(1, 2, 8, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=match):
+        sagesla_forward(q, q, q, args["weight"], args["bias"], args["topk"], args["block_q"], args["block_k"])
+
+
 # ---------------------------------------------------------------------------------------------- GPU, Wan shapes
 
 WAN_1_3B = (1, 12, 32760, 128)
@@ -240,3 +336,30 @@ def test_gpu_kernel_matches_sage_ref():
     for pv in ("fp8", "fp16"):
         cos, rel = metrics(sage_attention(q, k, v, pv=pv), sage_attention_ref(q, k, v, pv=pv))
         assert cos >= KERNEL_VS_SAGE_REF[pv][0] and rel <= KERNEL_VS_SAGE_REF[pv][1], (pv, cos, rel)
+
+
+@pytest.mark.gpu
+def test_gpu_sagesla_fused_wan_shape():
+    # Wan2.1-1.3B shape, H100 block sizes: statistics vs kv_stats, pass B's quantization vs the reference fed the
+    # same statistics, and the whole fused module vs bf16 SLA references (sparse branch over the same LUT).
+    b, h, length, d = WAN_1_3B
+    q, k, v = outlier_qkv(b, h, length, d, device="cuda", dit_layout=True, seed=15)
+    w, bias = 0.05 * torch.randn(d, d, device="cuda"), 0.05 * torch.randn(d, device="cuda")
+    stats = sagesla_stats(k, v)
+    kv, s, z = unpack_stats(stats, b, h, d)
+    # The means are token sums from the tensor cores (fp32 accumulation in another order): only centres, so a
+    # relative 1e-4 of the channel's magnitude is plenty; the V scale comes from exact min/max.
+    for got, ref in zip(kv, kv_stats(k, v, "fp8")):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3)
+    quantized, qp, kp, out = sagesla_prep(q, k, v, stats, w, bias, 64, 128)
+    for name, g, want in zip(("q8", "q_scale", "k8", "k_scale", "vt", "v_scale", "v_mean"), quantized,
+                             quantize_qkv_ref(q, k, v, 64, 128, "fp8", kv)):
+        diff = (g.float() - want.float()).abs()
+        step = 1.0 if name != "vt" else want.float().abs() / 8 + 2.0 ** -9
+        assert (diff <= step).all() and (diff > 0).float().mean() <= 1e-5, (name, diff.max().item())
+    out = sagesla_forward(q, k, v, w, bias, 0.1, 64, 128)
+    lut = S.sla_block_map_ref(q, k, 0.1, 64, 128)
+    s_ref, z_ref = S.sla_linear_stats_ref(k, v)
+    ref = S.sla_linear_apply_ref(q, S.sla_sparse_ref(q, k, v, lut, 64, 128), s_ref, z_ref, w, bias)
+    cos, rel = metrics(out, ref)
+    assert cos >= 0.999 and rel <= 0.04, (cos, rel)

@@ -5,7 +5,9 @@ precision (everything in bf16, fp32 accumulation); fp32 inputs run in fp32 throu
 and tests), except SageSLA, which is bf16 only. Gradients flow through the sparse branch into q, k, v
 and through the linear branch and proj_l; the block selection is not differentiable.
 
-Without gradients the fused inference path runs (kernels/sla.py `sla_forward`); with gradients the
+Without gradients the fused inference paths run: kernels/sla.py `sla_forward` (bf16 SLA) and
+kernels/sage_attention.py `sagesla_forward` (SageSLA: statistics, Q/K/V quantization, pooling, linear
+branch and proj_l in two memory passes, then block map and the INT8/FP8 sparse kernel). With gradients the
 sparse branch uses the Triton forward/backward and the linear branch plain autograd, as TurboDiffusion.
 """
 from __future__ import annotations
@@ -57,11 +59,14 @@ class SparseLinearAttention(nn.Module):
         qh, kh, vh = (x.to(dtype).transpose(1, 2) for x in (q, k, v))
 
         weight, bias = self.proj_l.weight.to(dtype), self.proj_l.bias.to(dtype)
-        sparse_fn = self._sage_sparse(bq, bk) if self.quantized else None
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *self.proj_l.parameters()))
         if not needs_grad:
             # Inference: fused kernels (or the references) write O = O_s + proj_l(O_l) as [B, L, H, D].
-            return K.sla_forward(qh, kh, vh, self.topk, bq, bk, weight, bias, sparse_fn).to(out_dtype)
+            if self.quantized:
+                from turbovid.kernels.sage_attention import sagesla_forward
+                return sagesla_forward(qh, kh, vh, weight, bias, self.topk, bq, bk).to(out_dtype)
+            return K.sla_forward(qh, kh, vh, self.topk, bq, bk, weight, bias).to(out_dtype)
+        sparse_fn = self._sage_sparse(bq, bk) if self.quantized else None
 
         # 1. Block map (no gradient through the selection).
         with torch.no_grad():

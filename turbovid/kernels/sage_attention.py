@@ -43,6 +43,9 @@ agrees to accumulation order and bf16 output rounding, the FP8-PV kernel also to
 Layouts: the output has q's memory layout — if q is a [B, L, H, D] tensor viewed as [B, H, L, D] (the DiT's
 case), the output is written straight into [B, L, H, D] storage and returned as the same kind of view, so no
 transpose copy is needed on either side.
+
+3. SageSLA (`sagesla_forward`): the whole SLA module (block map, linear branch, proj_l) around this kernel, fused
+   into six launches; see the section 3 comment below for the data flow.
 """
 from __future__ import annotations
 
@@ -202,6 +205,17 @@ def _to_e4m3(x, SOFT_ROUND: tl.constexpr):
 
 
 @triton.jit
+def _round(x, dt: tl.constexpr, SOFT_ROUND: tl.constexpr):
+    """fp32 -> dt, round to nearest even. SOFT_ROUND (interpreter only): the interpreter truncates fp32 -> bf16
+    casts, so round the bits by hand first (the GPU cast is RNE)."""
+    if SOFT_ROUND:
+        if dt == tl.bfloat16:
+            bits = x.to(tl.int32, bitcast=True)
+            x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    return x.to(dt)
+
+
+@triton.jit
 def _quant_v_kernel(V, Mean, Scale, Out, H, L, L_pad,
                     stride_b, stride_h, stride_l, stride_d,
                     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, FP8: tl.constexpr, SOFT_ROUND: tl.constexpr):
@@ -357,7 +371,7 @@ def _sage_attn_kernel(Q8, QS, K8, KS, VT, VS, VM, LUT, Out,
                       H, L, n_qblk, n_kblk, n_iter,
                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       SPARSE: tl.constexpr, TAIL: tl.constexpr, FP8_PV: tl.constexpr, MAGIC: tl.constexpr,
-                      SOFT_ROUND: tl.constexpr):
+                      SOFT_ROUND: tl.constexpr, ADD_OUT: tl.constexpr = False):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     bh64 = bh.to(tl.int64)
@@ -399,6 +413,12 @@ def _sage_attn_kernel(Q8, QS, K8, KS, VT, VS, VM, LUT, Out,
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_ol + offs_d[None, :]
+    if ADD_OUT:
+        # SageSLA: Out already holds proj_l(O_l) (written by the prep pass); O = round(round(O_s) + proj_l(O_l)),
+        # the two roundings TurboDiffusion's bf16 `o_s + proj_l(o_l)` makes.
+        prev = tl.load(o_ptrs, mask=(offs_m < L)[:, None], other=0.0).to(tl.float32)
+        out = _round(_round(out, Out.dtype.element_ty, SOFT_ROUND).to(tl.float32) + prev, Out.dtype.element_ty,
+                     SOFT_ROUND)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m < L)[:, None])
 
 
@@ -427,10 +447,11 @@ def _empty_output(q: torch.Tensor) -> torch.Tensor:
 
 def sage_attention_quantized(q8, qs, k8, ks, vt, vs, vm, out, lut, block_q: int, block_k: int, pv: str, *,
                              num_warps: Optional[int] = None, num_stages: Optional[int] = None,
-                             magic: Optional[bool] = None):
+                             magic: Optional[bool] = None, add_out: bool = False):
     """Launch the attention kernel on already-quantized inputs (from `quantize_qkv`), writing `out` [B, H, L, D]
     (D contiguous); returns Triton's compiled-kernel handle (register/spill counts for the benchmark sweep).
-    Separate from `sage_attention` so benchmarks can time the kernel alone and sweep launch settings."""
+    Separate from `sage_attention` so benchmarks can time the kernel alone and sweep launch settings.
+    `add_out`: add the attention output to what `out` holds (rounding each to out's dtype first; SageSLA)."""
     b, h, length, d = out.shape
     n_qblk, n_kblk = _cdiv(length, block_q), _cdiv(length, block_k)
     cfg = _CONFIGS.get((block_q, block_k, d, pv), dict(num_warps=4, num_stages=3, magic=True))
@@ -441,7 +462,7 @@ def sage_attention_quantized(q8, qs, k8, ks, vt, vs, vm, out, lut, block_q: int,
         h, length, n_qblk, n_kblk, n_iter,
         HEAD_DIM=d, BLOCK_M=block_q, BLOCK_N=block_k, SPARSE=lut is not None, TAIL=length % block_k != 0,
         FP8_PV=pv == "fp8", MAGIC=cfg["magic"] if magic is None else magic, SOFT_ROUND=interpreting(),
-        num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"])
+        ADD_OUT=add_out, num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"])
 
 
 @torch.library.custom_op("turbovid::sage_attention", mutates_args=())
@@ -494,3 +515,299 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, lut: Op
     Runs the Triton kernels on supported GPUs (and under TRITON_INTERPRET=1), else `sage_attention_ref`."""
     _check(q, k, v, lut, block_q, block_k, pv)
     return torch.ops.turbovid.sage_attention(q, k, v, lut, block_q, block_k, pv)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 3. SageSLA: the whole SLA module around this kernel, fused into six launches
+# ------------------------------------------------------------------------------------------------------------
+#
+# O = O_s + proj_l(O_l) (SPEC §6; kernels/sla.py holds the bf16 SLA kernels and the references). At 10% of the
+# key blocks the sparse kernel is short, so every extra pass over q, k, v or the output is a visible share of
+# the module's time. Data flow (KERNELS §7.2 K3-K5):
+#   A. statistics pass over k, v; grid (b·h, token splits), fp32 partials: Σk, Σv, min v, max v per channel,
+#      and the linear-branch statistics φ(k)ᵀv [D, D] and Σφ(k) (φ = softmax over the head dim);
+#   F. finalize; grid (b·h, row slices of S): adds the partials -> smooth-K mean, smooth-V mean, FP8 V scale,
+#      and S = φ(k)ᵀv, z = Σφ(k) rounded to the input dtype (where TurboDiffusion's bf16 ops round);
+#   B. prep pass over q, k, v; one program per query block, key block or value block:
+#      query block -> INT8 Q + scale, pooled q, and the whole linear branch proj_l(φ(q)S / (1e-5 + φ(q)·z))
+#                     written into the output buffer (two D×D products per block: free in a memory-bound pass);
+#      key block   -> INT8 (k - mean) + scale, pooled smoothed k;  value block -> FP8 (v - mean)/scale, V^T;
+#   C. block map: pooled scores q̄·k̄ᵀ (the torch matmul the reference makes, so both rank the same numbers) and
+#      the radix top-k kernel of kernels/sla.py (LUT sorted ascending, as the tail handling needs);
+#   D. the sparse kernel of section 2, whose epilogue adds O_s to the linear branch already in the output.
+# HBM traffic: k, v read twice, q once, the 8-bit copies written and read once, the output written, re-read and
+# written (the linear branch goes through it). The means are only centres (any constant vector keeps attention
+# exact, see 1.), but the FP8 V scale needs the true per-channel range — that reduction is why pass A exists,
+# and A carries the linear statistics so that B can finish the linear branch.
+# Measured on H100 at the Wan2.1-1.3B shape, top-k 0.1 (CUDA graphs): A+F 0.19 ms, B 0.48, C 0.02, D 1.04; the
+# whole module 1.74 ms (eager 1.92). B is far from its memory floor (~0.2 ms for its bytes): its query programs
+# run the linear branch (two D×D products on 64-row tiles, S and W sliced from L2) with 2 programs per SM.
+
+from turbovid.kernels import sla as _sla  # noqa: E402  (kernels/sla.py imports nothing from this file)
+from turbovid.kernels.sla import _dot as _sla_dot  # noqa: E402  (jit helpers shared with the bf16 SLA kernels)
+from turbovid.kernels.sla import _linear_branch as _sla_linear_branch  # noqa: E402
+from turbovid.kernels.sla import _rnd as _sla_rnd  # noqa: E402
+
+
+@triton.jit
+def _sagesla_stats_kernel(K, V, PART, PART_S, skb, skh, skl, svb, svh, svl, H, L, PER_SPLIT, SPLIT,
+                          D: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr):
+    # Program (b·h, split) sums tokens [split·PER_SPLIT, +PER_SPLIT): PART[bh, split] = (Σk, Σv, min v, max v,
+    # Σφ(k)) [5, D] and PART_S[bh, split] = φ(k)ᵀv [D, D], all fp32.
+    # The loop body has no reduction over tokens: those would cost a cross-warp exchange and barrier per tile in
+    # a kernel whose [D, D] accumulator leaves room for one program per SM. Token sums come from the tensor cores
+    # (xᵀ·1 with a [BLOCK, 16] block of ones: 16 equal columns), min/max are kept per element and reduced once.
+    bh, split = tl.program_id(0), tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    offs_d, offs_t = tl.arange(0, D), tl.arange(0, BLOCK)
+    k_base, v_base = K + b * skb + h * skh, V + b * svb + h * svh
+    ones = tl.full([BLOCK, 16], 1.0, K.dtype.element_ty)
+    acc = tl.zeros([D, D], tl.float32)
+    kacc = tl.zeros([D, 16], tl.float32)
+    vacc = tl.zeros([D, 16], tl.float32)
+    zacc = tl.zeros([D, 16], tl.float32)
+    vmin = tl.full([BLOCK, D], float("inf"), tl.float32)
+    vmax = tl.full([BLOCK, D], float("-inf"), tl.float32)
+    start = split * PER_SPLIT
+    end = tl.minimum(start + PER_SPLIT, L)
+    for t0 in range(start, end, BLOCK):
+        rows = t0 + offs_t
+        valid = (rows < end)[:, None]
+        k = tl.load(k_base + rows[:, None].to(tl.int64) * skl + offs_d[None, :], mask=valid, other=0.0)
+        v = tl.load(v_base + rows[:, None].to(tl.int64) * svl + offs_d[None, :], mask=valid, other=0.0)
+        # φ(k) in fp32, rounded to the input dtype as torch's bf16 softmax does; padded rows -> 0.
+        x = k.to(tl.float32)
+        e = tl.exp(x - tl.max(x, 1)[:, None])
+        phi_t = tl.trans(_sla_rnd(tl.where(valid, e / tl.sum(e, 1)[:, None], 0.0), k.dtype, PREC))
+        acc = _sla_dot(phi_t, v, acc, PREC)
+        zacc = _sla_dot(phi_t, ones, zacc, PREC)
+        kacc = _sla_dot(tl.trans(k), ones, kacc, PREC)
+        vacc = _sla_dot(tl.trans(v), ones, vacc, PREC)
+        vf = v.to(tl.float32)
+        vmin = tl.minimum(vmin, tl.where(valid, vf, float("inf")))
+        vmax = tl.maximum(vmax, tl.where(valid, vf, float("-inf")))
+    part = (bh * SPLIT + split).to(tl.int64)
+    tl.store(PART + (part * 5 + 0) * D + offs_d, tl.max(kacc, 1))
+    tl.store(PART + (part * 5 + 1) * D + offs_d, tl.max(vacc, 1))
+    tl.store(PART + (part * 5 + 2) * D + offs_d, tl.min(vmin, 0))
+    tl.store(PART + (part * 5 + 3) * D + offs_d, tl.max(vmax, 0))
+    tl.store(PART + (part * 5 + 4) * D + offs_d, tl.max(zacc, 1))
+    tl.store(PART_S + part * D * D + offs_d[:, None] * D + offs_d[None, :], acc)
+
+
+@triton.jit
+def _sagesla_finalize_kernel(PART, PART_S, VEC, VEC_LP, S_LP, L, SPLIT, BH,
+                             D: tl.constexpr, R: tl.constexpr, CH: tl.constexpr, PREC: tl.constexpr):
+    # Program (b·h, slice of R rows of S) adds the SPLIT partials. Outputs: VEC [3, BH, D] fp32 = (k mean, v mean,
+    # FP8 v scale), VEC_LP [2, BH, D] = (k mean, z) and S_LP [BH, D, D] in the input dtype.
+    bh, r = tl.program_id(0), tl.program_id(1)
+    bh64 = bh.to(tl.int64)
+    offs_d, offs_r = tl.arange(0, D), r * R + tl.arange(0, R)
+    # CH partials per step: independent loads in flight instead of one latency per partial.
+    dt = S_LP.dtype.element_ty
+    offs_c = tl.arange(0, CH)
+    s = tl.zeros([R, D], tl.float32)
+    for sp in range(0, SPLIT, CH):
+        parts = sp + offs_c
+        ptrs = PART_S + ((bh64 * SPLIT + parts[:, None, None]) * D + offs_r[None, :, None]) * D + offs_d[None, None, :]
+        s += tl.sum(tl.load(ptrs, mask=(parts < SPLIT)[:, None, None], other=0.0), 0)
+    tl.store(S_LP + (bh64 * D + offs_r[:, None]) * D + offs_d[None, :], _sla_rnd(s, dt, PREC))
+    if r == 0:
+        ksum = tl.zeros([D], tl.float32)
+        vsum = tl.zeros([D], tl.float32)
+        zsum = tl.zeros([D], tl.float32)
+        vmin = tl.full([D], float("inf"), tl.float32)
+        vmax = tl.full([D], float("-inf"), tl.float32)
+        for sp in range(0, SPLIT, CH):
+            parts = sp + offs_c
+            ok = (parts < SPLIT)[:, None]
+            base = PART + (bh64 * SPLIT + parts[:, None]) * 5 * D + offs_d[None, :]
+            ksum += tl.sum(tl.load(base, mask=ok, other=0.0), 0)
+            vsum += tl.sum(tl.load(base + D, mask=ok, other=0.0), 0)
+            vmin = tl.minimum(vmin, tl.min(tl.load(base + 2 * D, mask=ok, other=float("inf")), 0))
+            vmax = tl.maximum(vmax, tl.max(tl.load(base + 3 * D, mask=ok, other=float("-inf")), 0))
+            zsum += tl.sum(tl.load(base + 4 * D, mask=ok, other=0.0), 0)
+        n = tl.zeros([D], tl.float32) + L  # (not L.to(): Triton passes L == 1 as a constexpr)
+        kmean = tl.math.div_rn(ksum, n)
+        vmean = tl.math.div_rn(vsum, n)
+        # As `kv_stats`: amax |v - mean| / 448, floored so a constant channel stays finite.
+        vscale = tl.math.div_rn(tl.maximum(tl.maximum(vmax - vmean, vmean - vmin), 1e-6), 448.0)
+        tl.store(VEC + bh64 * D + offs_d, kmean)
+        tl.store(VEC + (BH + bh64) * D + offs_d, vmean)
+        tl.store(VEC + (2 * BH + bh64) * D + offs_d, vscale)
+        tl.store(VEC_LP + bh64 * D + offs_d, _sla_rnd(kmean, dt, PREC))
+        tl.store(VEC_LP + (BH + bh64) * D + offs_d, _sla_rnd(zsum, dt, PREC))
+
+
+@triton.jit
+def _sagesla_prep_kernel(Q, K, V, VEC, VEC_LP, S_LP, W, Bias, Q8, QS, K8, KS, VT, QP, KP, O,
+                         sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
+                         H, L, M, N, BH, multiplier,
+                         D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+                         SOFT_ROUND: tl.constexpr, PREC: tl.constexpr):
+    # Program (j, b·h): j < M query block j; M <= j < M + N key block j - M; else value block j - M - N.
+    # Quantization is bit-identical to `_quant_int8_kernel` / `_quant_v_kernel`, pooling to `_sla_pool_kernel`.
+    # (Each branch has its own names: Triton merges variables assigned in both arms of an `if`.)
+    j, bh = tl.program_id(0), tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    bh64 = bh.to(tl.int64)
+    offs_d = tl.arange(0, D)
+    if j < M:
+        q_rows = j * BQ + tl.arange(0, BQ)
+        q_valid = (q_rows < L)[:, None]
+        q = tl.load(Q + b * sqb + h * sqh + q_rows[:, None].to(tl.int64) * sql + offs_d[None, :], mask=q_valid,
+                    other=0.0)
+        qf = q.to(tl.float32)
+        q_count = tl.minimum(L - j * BQ, BQ).to(tl.float32)  # true token count of the (last) block
+        tl.store(QP + (bh64 * M + j) * D + offs_d,
+                 _sla_rnd(tl.math.div_rn(tl.sum(qf, 0), q_count), QP.dtype.element_ty, PREC))
+        qf = qf * multiplier  # sm_scale·log2(e): base-2 logits
+        q_scale = tl.math.div_rn(tl.max(tl.max(tl.abs(qf), axis=1), axis=0), 127.0) + 1e-7
+        qy = tl.math.div_rn(qf, q_scale)
+        tl.store(Q8 + (bh64 * M * BQ + q_rows[:, None]) * D + offs_d[None, :],
+                 tl.where(qy >= 0, qy + 0.5, qy - 0.5).to(tl.int8))  # padded rows are 0
+        tl.store(QS + bh64 * M + j, q_scale)
+        o_l = _sla_linear_branch(q, S_LP + bh64 * D * D, VEC_LP + (BH + bh64) * D, W, Bias, D, PREC)
+        tl.store(O + b * sob + h * soh + q_rows[:, None].to(tl.int64) * sol + offs_d[None, :], o_l, mask=q_valid)
+    elif j < M + N:
+        jk = j - M
+        k_rows = jk * BK + tl.arange(0, BK)
+        k_valid = (k_rows < L)[:, None]
+        k = tl.load(K + b * skb + h * skh + k_rows[:, None].to(tl.int64) * skl + offs_d[None, :], mask=k_valid,
+                    other=0.0)
+        kf = k.to(tl.float32)
+        k_mu = tl.load(VEC + bh64 * D + offs_d)
+        kc = tl.where(k_valid, kf - k_mu[None, :], 0.0)
+        k_scale = tl.math.div_rn(tl.max(tl.max(tl.abs(kc), axis=1), axis=0), 127.0) + 1e-7
+        ky = tl.math.div_rn(kc, k_scale)
+        tl.store(K8 + (bh64 * N * BK + k_rows[:, None]) * D + offs_d[None, :],
+                 tl.where(ky >= 0, ky + 0.5, ky - 0.5).to(tl.int8))
+        tl.store(KS + bh64 * N + jk, k_scale)
+        # Block map input: k smoothed in the input dtype (k - mean, rounded), pooled in fp32.
+        k_mu_lp = tl.load(VEC_LP + bh64 * D + offs_d).to(tl.float32)
+        ks = tl.where(k_valid, _sla_rnd(kf - k_mu_lp[None, :], k.dtype, PREC).to(tl.float32), 0.0)
+        k_count = tl.minimum(L - jk * BK, BK).to(tl.float32)
+        tl.store(KP + (bh64 * N + jk) * D + offs_d,
+                 _sla_rnd(tl.math.div_rn(tl.sum(ks, 0), k_count), KP.dtype.element_ty, PREC))
+    else:
+        jv = j - M - N
+        v_rows = jv * BK + tl.arange(0, BK)
+        v_valid = (v_rows < L)[:, None]
+        v = tl.load(V + b * svb + h * svh + v_rows[:, None].to(tl.int64) * svl + offs_d[None, :], mask=v_valid,
+                    other=0.0)
+        v_mu = tl.load(VEC + (BH + bh64) * D + offs_d)
+        v_sc = tl.load(VEC + (2 * BH + bh64) * D + offs_d)
+        vc = tl.where(v_valid, v.to(tl.float32) - v_mu[None, :], 0.0)
+        v8 = _to_e4m3(tl.math.div_rn(vc, v_sc[None, :]), SOFT_ROUND)
+        # Transposed store: V^T[bh, d, l], tokens contiguous.
+        tl.store(VT + bh64 * D * N * BK + offs_d[None, :] * (N * BK) + v_rows[:, None], v8)
+
+
+# Launch settings of passes A and B (benchmarks/bench_sla.py --sweep times the alternatives). Pass A: `tokens`
+# per program (a multiple of `block`). Each program holds a [D, D] fp32 accumulator (64 registers per thread at
+# 8 warps), so only a few fit per SM: many short programs keep the scheduler busy without a half-empty last
+# wave, at the price of more [D, D] partials to write and add up (64 KB per program).
+# H100 (benchmarks/results/sla_h100_2026-11-22.json, 1.3B shape, A+F): block 32 / 3 stages / 1024 tokens 0.189 ms;
+# 512 tokens 0.259, block 64 0.208, 4 stages 0.217. Pass B at 4 warps spills (ptxas, Triton 3.6).
+SAGESLA_STATS = dict(block=32, num_warps=8, num_stages=3, tokens=1024)
+SAGESLA_PREP = dict(num_warps=8)
+
+
+def sagesla_stats(k: torch.Tensor, v: torch.Tensor):
+    """Passes A + F: (vec [3, B·H, D] fp32 = (k mean, v mean, FP8 v scale), vec_lp [2, B·H, D] = (k mean, z),
+    S [B·H, D, D]), the last two in k's dtype. k, v: [B, H, L, D] views with unit stride along D."""
+    B, H, L, D = k.shape
+    bh = B * H
+    cfg = SAGESLA_STATS
+    prec = "interp" if interpreting() and not k.is_cuda else "tf32"
+    per_split = _cdiv(cfg["tokens"], cfg["block"]) * cfg["block"]
+    split = _cdiv(L, per_split)  # every split holds at least one token
+    part = torch.empty(bh, split, 5, D, device=k.device, dtype=torch.float32)
+    part_s = torch.empty(bh, split, D, D, device=k.device, dtype=torch.float32)
+    _sagesla_stats_kernel[(bh, split)](k, v, part, part_s, *k.stride()[:3], *v.stride()[:3], H, L, per_split, split,
+                                       D=D, BLOCK=cfg["block"], PREC=prec, num_warps=cfg["num_warps"],
+                                       num_stages=cfg["num_stages"])
+    vec = torch.empty(3, bh, D, device=k.device, dtype=torch.float32)
+    vec_lp = torch.empty(2, bh, D, device=k.device, dtype=k.dtype)
+    s = torch.empty(bh, D, D, device=k.device, dtype=k.dtype)
+    rows = 8  # rows of S per finalize program: B·H·D/8 programs
+    _sagesla_finalize_kernel[(bh, D // rows)](part, part_s, vec, vec_lp, s, L, split, bh, D=D, R=rows, CH=8,
+                                              PREC=prec, num_warps=4)
+    return vec, vec_lp, s
+
+
+def sagesla_prep(q, k, v, stats, weight, bias, block_q: int, block_k: int):
+    """Pass B. Returns ((q8, q_scale, k8, k_scale, V^T, v_scale, v_mean) as `quantize_qkv`, pooled q [B, H, M, D],
+    pooled smoothed k [B, H, N, D], out [B, L, H, D] holding proj_l(O_l))."""
+    B, H, L, D = q.shape
+    bh, M, N = B * H, _cdiv(L, block_q), _cdiv(L, block_k)
+    vec, vec_lp, s = stats
+    dev, dt = q.device, q.dtype
+    q8 = torch.empty(B, H, M * block_q, D, device=dev, dtype=torch.int8)
+    qs = torch.empty(B, H, M, device=dev, dtype=torch.float32)
+    k8 = torch.empty(B, H, N * block_k, D, device=dev, dtype=torch.int8)
+    ks = torch.empty(B, H, N, device=dev, dtype=torch.float32)
+    vt = torch.empty(B, H, D, N * block_k, device=dev, dtype=torch.float8_e4m3fn)
+    qp = torch.empty(B, H, M, D, device=dev, dtype=dt)
+    kp = torch.empty(B, H, N, D, device=dev, dtype=dt)
+    out = torch.empty(B, L, H, D, device=dev, dtype=dt)
+    o = out.transpose(1, 2)  # [B, H, L, D] view
+    _sagesla_prep_kernel[(M + 2 * N, bh)](
+        q, k, v, vec, vec_lp, s, weight.to(dt).contiguous(), bias.to(dt).contiguous(), q8, qs, k8, ks, vt, qp, kp,
+        o, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], H, L, M, N, bh, _q_multiplier(D),
+        D=D, BQ=block_q, BK=block_k, SOFT_ROUND=interpreting(),
+        PREC="interp" if interpreting() and not q.is_cuda else "tf32", num_warps=SAGESLA_PREP["num_warps"])
+    v_scale, v_mean = vec[2].view(B, H, D), vec[1].view(B, H, D)
+    return (q8, qs, k8, ks, vt, v_scale, v_mean), qp, kp, out
+
+
+def _sagesla_fused(q, k, v, weight, bias, topk: float, block_q: int, block_k: int) -> torch.Tensor:
+    stats = sagesla_stats(k, v)                                                       # A + F
+    quantized, qp, kp, out = sagesla_prep(q, k, v, stats, weight, bias, block_q, block_k)  # B
+    scores = torch.matmul(qp, kp.transpose(-1, -2))                                   # C: [B, H, M, N]
+    lut = _sla.topk_lut(scores, _sla.sla_topk_count(topk, kp.shape[2]))
+    sage_attention_quantized(*quantized, out.transpose(1, 2), lut, block_q, block_k, "fp8", add_out=True)  # D
+    return out
+
+
+def sagesla_forward_ref(q, k, v, weight, bias, topk: float, block_q: int, block_k: int, pv: str = "fp8"):
+    """What `sagesla_forward` computes, composed from the references: O [B, L, H, D] in q's dtype."""
+    lut = _sla.sla_block_map_ref(q, k, topk, block_q, block_k)
+    o_s = sage_attention_ref(q, k, v, lut=lut, block_q=block_q, block_k=block_k, pv=pv)
+    s, z = _sla.sla_linear_stats_ref(k, v)
+    return _sla.sla_linear_apply_ref(q, o_s, s, z, weight, bias)
+
+
+@torch.library.custom_op("turbovid::sagesla_forward", mutates_args=())
+def _sagesla_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                topk: float, block_q: int, block_k: int) -> torch.Tensor:
+    if use_triton(q, _MIN_CAPABILITY["fp8"]):
+        return _sagesla_fused(q, k, v, weight, bias, topk, block_q, block_k)
+    if use_triton(q):  # sm80/86: Triton SLA parts around the FP16-PV sparse kernel (TurboDiffusion's Ampere path)
+        def sparse(q_, k_, v_, lut):
+            return sage_attention(q_, k_, v_, lut=lut, block_q=block_q, block_k=block_k, pv="fp16")
+        return _sla.sla_forward(q, k, v, topk, block_q, block_k, weight, bias, sparse).contiguous()
+    return sagesla_forward_ref(q, k, v, weight, bias, topk, block_q, block_k)
+
+
+@_sagesla_op.register_fake
+def _(q, k, v, weight, bias, topk, block_q, block_k):
+    b, h, length, d = q.shape
+    return q.new_empty(b, length, h, d)
+
+
+def sagesla_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                    topk: float, block_q: int, block_k: int) -> torch.Tensor:
+    """SageSLA inference (no autograd): q, k, v [B, H, L, D] (any strides, unit stride along D), bf16/fp16,
+    D ∈ {64, 128}; proj_l `weight` [D, D], `bias` [D]. Returns O = O_s + proj_l(O_l) as [B, L, H, D] contiguous,
+    O_s the INT8/FP8 sparse attention over the SLA block map with top-k ratio `topk` (blocks block_q × block_k)."""
+    _check(q, k, v, None, block_q, block_k, "fp8")
+    d = q.shape[-1]
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("sagesla_forward: q, k, v need unit stride along the head dim")
+    if tuple(weight.shape) != (d, d) or tuple(bias.shape) != (d,):
+        raise ValueError(f"sagesla_forward: proj_l weight must be [{d}, {d}] and bias [{d}]; got "
+                         f"{tuple(weight.shape)}, {tuple(bias.shape)}")
+    if not 0.0 < topk <= 1.0:
+        raise ValueError(f"sagesla_forward: topk must be in (0, 1], got {topk}")
+    return torch.ops.turbovid.sagesla_forward(q, k, v, weight, bias, float(topk), block_q, block_k)
