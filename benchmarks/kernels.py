@@ -39,10 +39,12 @@ def main() -> int:
             continue
         results[op] = rows
         print(f"\n== {op} ({time.time() - t0:.0f} s)")
-        columns = [c for c in ("op", "shape", "provider", "topk", "ms", "tops", "tflops", "gbps", "cos",
-                               "rel_l1", "rel_err", "note") if any(c in r for r in rows)]
+        columns = [c for c in ("op", "shape", "provider", "topk", "ms", "ms_graph", "tops", "tflops", "speedup",
+                               "gbps", "of_copy", "cos", "rel_l1", "rel_err", "note") if any(c in r for r in rows)]
         print_table(rows, columns)
-    write_results("kernels", {"results": results, "failures": failures}, args.out)
+        # Written after every op, so a run stopped at its time limit keeps what it measured.
+        write_results("kernels", {"results": results, "failures": failures, "complete": False}, args.out)
+    write_results("kernels", {"results": results, "failures": failures, "complete": True}, args.out)
     return 1 if failures else 0
 
 
