@@ -116,7 +116,8 @@ def test_rms_norm_silu_kernel(dtype):
 def test_channels_last_decode_runs_the_kernel(vae, monkeypatch):
     def fail(*args):
         raise AssertionError("channels-last decode fell back to the PyTorch norm")
-    monkeypatch.setattr(V, "rms_norm_silu_ref", fail)
+    import turbovid.kernels.rms_norm_silu as K
+    monkeypatch.setattr(K, "rms_norm_silu_ref", fail)
     z = _latent(2, batch=2)
     got = vae.decode(z, fast=True, chunk=1, channels_last=True)
     assert _rel(got, vae.decode_reference(z)) < 1e-5

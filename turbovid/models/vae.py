@@ -43,13 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from turbovid.config import VAEConfig
-from turbovid.kernels import use_triton
-
-try:  # Triton only runs the fused RMSNorm+SiLU of the fast decode; without it PyTorch ops do the same
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+from turbovid.kernels.rms_norm_silu import rms_norm_silu
 
 CACHE_T = 2  # frames a causal 3-tap temporal conv needs from the previous chunk
 # Fast decode: latent frames per pass are chosen so that one activation at the output resolution
@@ -286,53 +280,11 @@ class Decoder3d(nn.Module):
 #  5. Optional spatial tiles with overlap and a linear blend (`tile`). Unlike 1-4 this is approximate:
 #     a tile sees zero padding at its border, and the middle attention block attends within the tile.
 
-if triton is not None:
-    @triton.jit
-    def _rms_norm_silu_kernel(X, G, Y, M, C, scale, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-        # X, Y: [M, C] row-major (one row per voxel of a channels-last video); BLOCK_M rows per program.
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.arange(0, BLOCK_C)
-        mask = (rows[:, None] < M) & (cols[None, :] < C)
-        offs = rows[:, None] * C + cols[None, :]  # int64: M*C passes 2^31 from 480p on
-        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        inv = scale / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), 1e-12)  # F.normalize's eps
-        g = tl.load(G + cols, mask=cols < C, other=0.0).to(tl.float32)
-        y = x * inv[:, None] * g[None, :]
-        y = y / (1.0 + tl.exp(-y))  # SiLU
-        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
-
-
-def _voxel_rows(t: torch.Tensor) -> bool:
-    """Is t [C, T, H, W] stored as back-to-back rows of C contiguous values (channels-last, dense)?"""
-    expected = 1
-    for dim in (0, 3, 2, 1):  # C fastest, then W, H, T
-        if t.shape[dim] > 1 and t.stride(dim) != expected:
-            return False
-        expected *= t.shape[dim]
-    return True
-
-
-def rms_norm_silu_ref(norm: RMSNorm, x: torch.Tensor, out: torch.Tensor) -> None:
-    """out <- SiLU(norm(x)) with the module's own ops in its order (F.normalize, * sqrt(C), * gamma, SiLU),
-    so equal to it up to the last bit (vectorised vs strided loops), but in place: no full-size temporaries."""
-    torch.div(x, torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12), out=out)
-    F.silu(out.mul_(norm.scale).mul_(norm.gamma), inplace=True)
-
 
 def rms_norm_silu_into(norm: RMSNorm, x: torch.Tensor, out: torch.Tensor) -> None:
-    """out <- SiLU(norm(x)) for videos [B, C, T, H, W]: one Triton pass when both are channels-last,
-    computed in fp32 and rounded once (the reference rounds after each of its ops in the input dtype)."""
-    b, c = x.shape[:2]
-    if (triton is not None and use_triton(x) and x[0].numel() > 0
-            and all(_voxel_rows(t[i]) for t in (x, out) for i in range(b))):
-        m = x[0].numel() // c
-        block_c = triton.next_power_of_2(c)
-        block_m = max(1, 8192 // block_c)
-        for i in range(b):  # one launch per sample: each is one dense [M, C] block
-            _rms_norm_silu_kernel[(triton.cdiv(m, block_m),)](x[i], norm.gamma, out[i], m, c, norm.scale,
-                                                             BLOCK_M=block_m, BLOCK_C=block_c, num_warps=8)
-    else:
-        rms_norm_silu_ref(norm, x, out)
+    """out <- SiLU(norm(x)) for videos [B, C, T, H, W] (kernels/rms_norm_silu.py: one Triton pass when both
+    are channels-last, else the module's own ops in place)."""
+    rms_norm_silu(x, norm.gamma, norm.scale, out)
 
 
 def subpixel_weights(weight: torch.Tensor) -> torch.Tensor:
