@@ -140,6 +140,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for name, seconds in video.timings.items():
         print(f"  {name:<14}{seconds:9.3f} s")
     print(f"  {'total':<14}{total:9.3f} s")
+    if video.peak_memory_gb:
+        print("peak GPU memory: " + ", ".join(f"{k} {v:.2f} GB" for k, v in video.peak_memory_gb.items()))
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -17,6 +18,7 @@ import torch
 from turbovid.attention import ATTENTION_KINDS
 from turbovid.config import MODELS, RESOLUTIONS, WAN_NEGATIVE_PROMPT, ModelSpec, SampleConfig
 from turbovid.loading import load_dit, load_text_encoder, load_vae
+from turbovid.memory import track_peak
 from turbovid.models.dit import WanDiT
 from turbovid.models.text_encoder import TextEncoder, Tokenizer, make_umt5
 from turbovid.models.vae import WanVAE
@@ -252,10 +254,20 @@ class Pipeline:
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """Latent [B, 16, T, h, w] -> video [B, 3, F, H, W] in [-1, 1]."""
-        return self.vae.decode(latent.to(self.dtype), clamp=True).float()
+        """Latent [B, 16, T, h, w] -> video [B, 3, F, H, W] in [-1, 1] (the VAE dtype)."""
+        return self.vae.decode(latent.to(self.dtype), clamp=True)
 
     # -- the whole job -----------------------------------------------------------------------------
+
+    @contextmanager
+    def _stage(self, name: str, timings: dict[str, float], peaks: dict[str, float]):
+        """Time a stage (seconds, GPU work included) and record its peak GPU memory (GB)."""
+        with track_peak(peaks, name, self.device):
+            _sync(self.device)
+            t0 = time.perf_counter()
+            yield
+            _sync(self.device)
+            timings[name] = time.perf_counter() - t0
 
     def generate(self, prompt: str, sample: SampleConfig = SampleConfig(), image=None,
                  progress: ProgressFn | None = None) -> Video:
@@ -264,27 +276,18 @@ class Pipeline:
         frames = sample.num_frames or self.spec.num_frames
         width, height = resolve_size(self.spec, sample, image.size if image is not None else None)
         timings: dict[str, float] = {}
+        peaks: dict[str, float] = {}
 
-        def stage(name):
-            _sync(self.device)
-            timings[name] = time.perf_counter()
-
-        def done(name):
-            _sync(self.device)
-            timings[name] = time.perf_counter() - timings[name]
-
-        stage("text_encode")
         if progress:
             progress("text_encode", 0, 1)
-        context = self.encode_prompt([prompt])
-        negative = self.encode_prompt([WAN_NEGATIVE_PROMPT]) if sample.steps > MAX_RCM_STEPS else None
-        done("text_encode")
+        with self._stage("text_encode", timings, peaks):
+            context = self.encode_prompt([prompt])
+            negative = self.encode_prompt([WAN_NEGATIVE_PROMPT]) if sample.steps > MAX_RCM_STEPS else None
 
         y = None
         if image is not None:
-            stage("image_encode")
-            y = self.image_condition(image, frames, width, height, sample.num_samples)
-            done("image_encode")
+            with self._stage("image_encode", timings, peaks):
+                y = self.image_condition(image, frames, width, height, sample.num_samples)
 
         # RNG order (SPEC §5.1.3): one generator, initial noise first, then one draw per step.
         generator = torch.Generator(self.device).manual_seed(sample.seed)
@@ -292,15 +295,15 @@ class Pipeline:
         noise = torch.randn(shape, generator=generator, device=self.device, dtype=torch.float32)
         context = context.expand(sample.num_samples, -1, -1)
         step_times: list[float] = []
-        latent = self.denoise(noise, context, sample, generator, y=y, negative=negative,
-                              step_times=step_times, progress=progress)
+        with track_peak(peaks, "denoise", self.device):
+            latent = self.denoise(noise, context, sample, generator, y=y, negative=negative,
+                                  step_times=step_times, progress=progress)
         for i, t in enumerate(step_times):
             timings[f"dit_step_{i + 1}"] = t
 
-        stage("vae_decode")
         if progress:
             progress("vae_decode", 0, 1)
-        video = self.decode(latent)
-        done("vae_decode")
-        frames_u8 = to_uint8_frames(tile_samples(video))
-        return Video(frames_u8, timings, width, height, sample.seed, prompt, untrained=self.spec.untrained)
+        with self._stage("vae_decode", timings, peaks):
+            frames_u8 = to_uint8_frames(tile_samples(self.decode(latent)))
+        return Video(frames_u8, timings, width, height, sample.seed, prompt, untrained=self.spec.untrained,
+                     peak_memory_gb=peaks)
