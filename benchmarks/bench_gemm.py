@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 
-from common import print_table, time_cuda, write_results  # noqa: E402
+from common import print_table, time_graph, write_results  # noqa: E402
 
 from turbovid.kernels import int8_gemm as K  # noqa: E402
 
@@ -35,26 +35,6 @@ def _activations(M: int, K_: int, outlier: float = 3.0) -> torch.Tensor:
     x = torch.randn(M, K_, device="cuda")
     x[:, torch.randperm(K_, device="cuda")[: K_ // 100]] *= outlier
     return x.to(torch.bfloat16)
-
-
-def time_graph(fn, calls: int = 5, replays: int = 5) -> float:
-    """Milliseconds per call of `fn`, replayed from a CUDA graph of `calls` calls.
-
-    Event timing of single eager calls would include the Python launch path (custom-op dispatch,
-    autotuner lookup: tens of µs), which is as long as the 0.1 ms kernels themselves; the DiT runs
-    these under CUDA graphs / torch.compile, so the graph time is the one that matters.
-    """
-    fn()                                                   # autotune and compile outside the capture
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return time_cuda(graph.replay, warmup=1, iters=replays) / calls
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

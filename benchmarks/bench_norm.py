@@ -6,7 +6,7 @@ Shapes [1, 32760, 1536] (1.3B 480p) and [1, 75600, 5120] (14B 720p). Variants:
   ln_affine     affine LayerNorm, bf16 out                               (norm3)
 Providers: torch (the reference ops, eager), ours (Triton), copy (torch copy of the same bytes).
 gbps counts bytes read + written (x once, the output once); `of_copy` = gbps / copy gbps, target ≥ 0.85.
-Times are per call from CUDA-graph replays (see bench_gemm.time_graph).
+Times are per call from CUDA-graph replays (see common.time_graph).
 
     PYTHONPATH=. python benchmarks/bench_norm.py [--quick] [--out DIR]
 """
@@ -20,8 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_gemm import time_graph  # noqa: E402
-from common import print_table, write_results  # noqa: E402
+from common import print_table, time_graph, write_results  # noqa: E402
 
 from turbovid.kernels.fused_norm import (norm_modulate, norm_modulate_quant, norm_modulate_quant_ref,  # noqa: E402
                                          norm_modulate_ref)

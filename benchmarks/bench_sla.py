@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import print_table, time_cuda, write_results
+from common import print_table, time_cuda, time_graph, write_results
 
 from turbovid.attention.sla import SparseLinearAttention
 from turbovid.kernels import sage_attention as SA
@@ -56,22 +56,10 @@ def _reference(q, k, v, topk, bq, bk, w, b):
 
 
 def _graph_ms(fn, calls: int = 3) -> float | None:
-    # GPU time without Python dispatch: `calls` calls captured in one CUDA graph, replays timed, per call.
+    # GPU time without Python dispatch (common.time_graph), or None where a provider is not capturable.
     try:
-        fn()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(calls):
-                fn()
-        ms = time_cuda(g.replay, warmup=2, iters=10) / calls
-        del g
-        return ms
-    except Exception as e:  # report and go on: not every provider is capturable
+        return time_graph(fn, calls=calls, replays=10)
+    except Exception as e:  # report and go on
         print(f"graph capture failed: {e!r}")
         return None
 

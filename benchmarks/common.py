@@ -34,6 +34,26 @@ def time_cuda(fn, warmup: int = 3, iters: int = 10) -> float:
     return statistics.median(times)
 
 
+def time_graph(fn, calls: int = 5, replays: int = 5) -> float:
+    """Milliseconds per call of `fn`, replayed from a CUDA graph of `calls` calls.
+
+    Event timing of single eager calls would include the Python launch path (custom-op dispatch,
+    autotuner lookup: tens of µs), which is as long as the 0.1 ms kernels themselves; the DiT runs
+    these under CUDA graphs / torch.compile, so the graph time is the one that matters.
+    """
+    fn()                                                   # autotune and compile outside the capture
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return time_cuda(graph.replay, warmup=1, iters=replays) / calls
+
+
 def _git_commit() -> str:
     # The device gets a copy of the tree without .git: the caller passes the commit in TURBOVID_COMMIT.
     if os.environ.get("TURBOVID_COMMIT"):

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from turbovid.kernels.int8_gemm import quant_per_token_ref
+from turbovid.kernels.int8_gemm import _rne_bf16, quant_per_token_ref
 
 
 def _broadcast_mod(v: torch.Tensor, B: int, D: int) -> torch.Tensor:
@@ -71,14 +71,6 @@ def norm_modulate_quant_ref(x: torch.Tensor, *args, **kwargs) -> tuple[torch.Ten
     """Reference of the INT8 emit: per-token quantization of norm_modulate_ref -> (q [B·L, D] int8, s [B·L])."""
     y = norm_modulate_ref(x, *args, **kwargs)
     return quant_per_token_ref(y.reshape(-1, y.shape[-1]))
-
-
-@triton.jit
-def _rne_bf16(v):
-    # fp32 -> nearest-even bf16 value kept in fp32 (bit arithmetic: the interpreter's cast is not RNE).
-    bits = v.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
