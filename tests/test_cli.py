@@ -86,6 +86,8 @@ def test_same_seed_same_video_other_seed_differs(tmp_path, capsys):
     (["--num-samples", "0"], "--num-samples"),
     (["--dit", "no/such/file.pth"], "checkpoint not found"),
     (["--model", "Wan2.1-1.3B"], "needs checkpoint paths"),
+    (["--max-memory", "0.0001"], "needs at least"),
+    (["--model", "Wan2.1-14B", "--resolution", "720p", "--quant", "--max-memory", "8"], "needs at least 13"),
 ])
 def test_bad_input_one_line_error_no_file(tmp_path, capsys, extra, needle):
     out = tmp_path / "bad.mp4"

@@ -36,6 +36,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-fuse", action="store_true", help="keep plain PyTorch norms (fused kernels are the "
                                                           "default on CUDA)")
     g.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (first video compiles)")
+    g.add_argument("--max-memory", type=float, metavar="GB", help="GPU memory budget: models wait on the CPU and "
+                   "come in stage by stage (text encoder freed, experts swapped, blocks streamed, VAE tiled as needed)")
     g.add_argument("--device", help="cuda | cpu (default: cuda if available)")
 
 
@@ -105,6 +107,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_prompt(args.prompt)
     image = read_image(args.image) if args.image else None
     check_sample(spec, sample, image is not None)
+    if args.max_memory is not None:   # pure arithmetic: a budget that cannot fit fails before any loading
+        from turbovid.memory import plan_memory
+        from turbovid.pipeline import resolve_size
+        width, height = resolve_size(spec, sample)
+        plan = plan_memory(spec, width, height, sample.num_frames or spec.num_frames, quant=args.quant,
+                           attention=args.attention, budget_gb=args.max_memory, num_samples=sample.num_samples,
+                           cfg=sample.steps > 4)
+        print(plan.summary(), file=sys.stderr)
     if args.device and args.device.split(":")[0] not in ("cpu", "cuda"):
         raise UsageError(f"unknown device {args.device!r}; use cpu or cuda")
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -113,7 +123,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = Pipeline.load(args.model, dit=args.dit, dit_low=args.dit_low, vae=args.vae,
                          text_encoder=args.text_encoder, tokenizer=args.tokenizer, attention=args.attention,
                          topk=args.topk, quant=args.quant, quant_format=args.quant_format,
-                         fuse=False if args.no_fuse else None, compile=args.compile, device=args.device)
+                         fuse=False if args.no_fuse else None, compile=args.compile, max_memory=args.max_memory,
+                         device=args.device)
     if spec.untrained and not args.dit:
         print(f"note: model {spec.name!r} has random, UNTRAINED weights — the video shows noise-like "
               "patterns, not the prompt", file=sys.stderr)

@@ -18,7 +18,7 @@ import torch
 from turbovid.attention import ATTENTION_KINDS
 from turbovid.config import MODELS, RESOLUTIONS, WAN_NEGATIVE_PROMPT, ModelSpec, SampleConfig
 from turbovid.loading import load_dit, load_text_encoder, load_vae
-from turbovid.memory import track_peak
+from turbovid.memory import MemoryPlan, activate_expert, plan_memory, prepare_stage, track_peak
 from turbovid.models.dit import WanDiT
 from turbovid.models.text_encoder import TextEncoder, Tokenizer, make_umt5
 from turbovid.models.vae import WanVAE
@@ -112,6 +112,12 @@ class Pipeline:
             raise ValueError(f"{spec.name} needs two experts: give --dit (high noise) and --dit-low")
         self.spec, self.text_encoder, self.vae, self.dit, self.dit_low = spec, text_encoder, vae, dit, dit_low
         self.device = torch.device(device)
+        # Memory plan (turbovid.memory): with a budget, models live on the CPU and each stage brings in
+        # what it needs; without one, everything stays resident on `device`.
+        self.max_memory: float | None = None
+        self.quant, self.attention = False, "dense"
+        self.reuse_text_encoder = False      # the server keeps the encoder between requests
+        self._plan: MemoryPlan | None = None
 
     # -- construction ------------------------------------------------------------------------------
 
@@ -119,7 +125,7 @@ class Pipeline:
     def load(cls, model: str = "tiny", *, dit: str | None = None, dit_low: str | None = None,
              vae: str | None = None, text_encoder: str | None = None, tokenizer: str | None = None,
              attention: str = "dense", topk: float = 0.1, quant: bool = False, quant_format: str = "fast",
-             fuse: bool | None = None, compile: bool = False,
+             fuse: bool | None = None, compile: bool = False, max_memory: float | None = None,
              device: str | None = None, dtype: torch.dtype | None = None) -> "Pipeline":
         """Build a pipeline from checkpoint paths; a model marked `untrained` (the tiny configs) may
         omit them and then gets seeded random weights.
@@ -128,7 +134,8 @@ class Pipeline:
         "fast" (per-channel weights, per-token activations; TurboDiffusion -quant files are converted)
         or "td" (TurboDiffusion's exact 128x128-tile format); `fuse` (default: on CUDA) fuses norm +
         modulation (+ INT8 emit) and GEMM epilogues; `compile` compiles the blocks. Text K/V caching
-        across steps is always on: it is exact."""
+        across steps is always on: it is exact. `max_memory` (GB) keeps the models on the CPU and moves
+        them to the GPU stage by stage as turbovid.memory's plan says."""
         if model not in MODELS:
             raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
         if attention not in ATTENTION_KINDS:
@@ -142,6 +149,8 @@ class Pipeline:
         # bf16 is the official inference dtype; on CPU fp32 is faster and as exact.
         dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
         fuse = dev.type == "cuda" if fuse is None else fuse
+        planned = max_memory is not None and dev.type == "cuda"
+        home = torch.device("cpu") if planned else dev   # where the weights wait between stages
         missing = [flag for flag, path in (("--dit", dit), ("--vae", vae), ("--text-encoder", text_encoder),
                                            ("--tokenizer", tokenizer)) if path is None]
         if spec.two_experts and dit_low is None:
@@ -151,32 +160,34 @@ class Pipeline:
 
         def make_dit(path: str | None, seed: int) -> WanDiT:
             if path is not None:
-                net = load_dit(path, spec.dit, attention=attention, topk=topk, device=dev, dtype=dtype)
+                net = load_dit(path, spec.dit, attention=attention, topk=topk, device=home, dtype=dtype)
             else:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed)
                     net = WanDiT(spec.dit, attention=attention, topk=topk)
-                net = net.to(device=dev, dtype=dtype)
+                net = net.to(device=home, dtype=dtype)
             quantized_file = any(n.endswith("int8_weight") for n, _ in net.named_buffers())
             apply_speedups(net, quant=quant_format if (quant or quantized_file) else None, fuse_norms=fuse,
                            cache_text_kv=True, compile=compile)
             return net.eval().requires_grad_(False)
 
         if vae is not None:
-            vae_net = load_vae(vae, spec.vae, device=dev, dtype=dtype)
+            vae_net = load_vae(vae, spec.vae, device=home, dtype=dtype)
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(1)
-                vae_net = WanVAE(spec.vae).to(device=dev, dtype=dtype)
+                vae_net = WanVAE(spec.vae).to(device=home, dtype=dtype)
         if text_encoder is not None:
-            encoder = load_text_encoder(text_encoder, tokenizer, spec.text, device=dev, dtype=dtype)
+            encoder = load_text_encoder(text_encoder, tokenizer, spec.text, device=home, dtype=dtype)
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(2)
-                encoder = TextEncoder(make_umt5(spec.text).to(dev, dtype), byte_tokenizer(), spec.text.text_len)
+                encoder = TextEncoder(make_umt5(spec.text).to(home, dtype), byte_tokenizer(), spec.text.text_len)
         high = make_dit(dit, seed=3)
         low = make_dit(dit_low, seed=4) if spec.two_experts else None
-        return cls(spec, encoder, vae_net.eval().requires_grad_(False), high, low, device=dev)
+        pipe = cls(spec, encoder, vae_net.eval().requires_grad_(False), high, low, device=dev)
+        pipe.max_memory, pipe.quant, pipe.attention = (max_memory if planned else None), quant, attention
+        return pipe
 
     @property
     def dtype(self) -> torch.dtype:
@@ -207,9 +218,8 @@ class Pipeline:
         return y.expand(num_samples, -1, -1, -1, -1)
 
     def _net_for(self, s_cur: float) -> WanDiT:
-        if self.dit_low is None or expert_for_step(s_cur, self.spec.boundary) == "high":
-            return self.dit
-        return self.dit_low
+        net = self.dit if self.dit_low is None or expert_for_step(s_cur, self.spec.boundary) == "high" else self.dit_low
+        return activate_expert(self, self._plan, net) if self._plan else net
 
     @torch.no_grad()
     def denoise(self, noise: torch.Tensor, context: torch.Tensor, sample: SampleConfig,
@@ -255,6 +265,9 @@ class Pipeline:
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Latent [B, 16, T, h, w] -> video [B, 3, F, H, W] in [-1, 1] (the VAE dtype)."""
+        if self._plan:
+            return self.vae.decode(latent.to(self.dtype), clamp=True, chunk=self._plan.vae_chunk,
+                                   tile=self._plan.vae_tile, overlap=self._plan.vae_overlap)
         return self.vae.decode(latent.to(self.dtype), clamp=True)
 
     # -- the whole job -----------------------------------------------------------------------------
@@ -262,6 +275,8 @@ class Pipeline:
     @contextmanager
     def _stage(self, name: str, timings: dict[str, float], peaks: dict[str, float]):
         """Time a stage (seconds, GPU work included) and record its peak GPU memory (GB)."""
+        if self._plan:
+            prepare_stage(self, self._plan, name)
         with track_peak(peaks, name, self.device):
             _sync(self.device)
             t0 = time.perf_counter()
@@ -277,6 +292,9 @@ class Pipeline:
         width, height = resolve_size(self.spec, sample, image.size if image is not None else None)
         timings: dict[str, float] = {}
         peaks: dict[str, float] = {}
+        self._plan = None if self.max_memory is None else plan_memory(
+            self.spec, width, height, frames, quant=self.quant, attention=self.attention, budget_gb=self.max_memory,
+            num_samples=sample.num_samples, cfg=sample.steps > MAX_RCM_STEPS, reuse_text_encoder=self.reuse_text_encoder)
 
         if progress:
             progress("text_encode", 0, 1)
@@ -295,6 +313,8 @@ class Pipeline:
         noise = torch.randn(shape, generator=generator, device=self.device, dtype=torch.float32)
         context = context.expand(sample.num_samples, -1, -1)
         step_times: list[float] = []
+        if self._plan:
+            prepare_stage(self, self._plan, "denoise")
         with track_peak(peaks, "denoise", self.device):
             latent = self.denoise(noise, context, sample, generator, y=y, negative=negative,
                                   step_times=step_times, progress=progress)
