@@ -63,7 +63,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     pipe = Pipeline.load(args.model, dit=args.dit, dit_low=args.dit_low, vae=args.vae,
                          text_encoder=args.text_encoder, tokenizer=args.tokenizer, attention=args.attention,
                          topk=args.topk, quant=args.quant, quant_format=args.quant_format,
-                         fuse=False if args.no_fuse else None, compile=args.compile, device=args.device)
+                         fuse=False if args.no_fuse else None, compile=args.compile, max_memory=args.max_memory,
+                         device=args.device)
+    pipe.reuse_text_encoder = True   # resident model: the memory plan may park the encoder on the CPU, never free it
     if spec.untrained and not args.dit and not args.tui:
         print(f"note: model {spec.name!r} has random, UNTRAINED weights — videos show noise-like patterns, "
               "not the prompt", file=sys.stderr)
