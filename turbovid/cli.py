@@ -1,4 +1,4 @@
-"""The one command line: `turbovid generate | ...`.
+"""The one command line: `turbovid generate | quantize | serve | train`.
 
 Bad input gets one line on stderr and exit code 2 — never a traceback, never a partial file.
 """
@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub, _add_model_args)
     from turbovid.quantize import add_quantize_parser
     add_quantize_parser(sub)
+    from turbovid.train.cli import add_train_parser
+    add_train_parser(sub)
     return parser
 
 
@@ -165,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "train":
+            from turbovid.train.cli import cmd_train
+            return cmd_train(args)
         if args.command == "quantize":
             from turbovid.quantize import cmd_quantize
             return cmd_quantize(args)

@@ -1,0 +1,140 @@
+"""Procedural dataset, detector and tokenizer of the embedded model (turbovid/train/data.py, detect.py, tokenizer.py)."""
+import itertools
+import math
+import random
+
+import pytest
+import sentencepiece as spm
+import torch
+
+from turbovid.config import WAN_NEGATIVE_PROMPT
+from turbovid.train.data import (BACKGROUNDS, COLORS, DIRECTIONS, MIN_CONTRAST, SHAPES, ProceduralVideos, is_heldout,
+                                 parse_caption, render, sample_clip)
+from turbovid.train.detect import ATTRIBUTES, adherence, detect
+from turbovid.train.recipe import MINI_TEXT
+from turbovid.train.tokenizer import ASSET, CORPUS_CAPTIONS, train_spiece
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The CPU is shared; small ops are faster without intra-op threads.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+def test_clips_are_deterministic_per_seed_split_index():
+    a, b = sample_clip(3, "train", 17), sample_clip(3, "train", 17)
+    assert a == b
+    assert torch.equal(render(a, 32, 5), render(b, 32, 5))
+    others = [sample_clip(4, "train", 17), sample_clip(3, "train", 18), sample_clip(3, "heldout", 17)]
+    assert all(o != a for o in others)
+
+
+def test_frames_shape_range_and_content():
+    ds = ProceduralVideos("train", size=48, frames=9, seed=0)
+    item = ds[5]
+    video, clip = item["video"], ds.clip(5)
+    assert video.shape == (3, 9, 48, 48) and video.dtype == torch.float32
+    assert video.min() >= -1 and video.max() <= 1
+    # The pixel under the object's centre at frame 0 has the object colour; a far corner pixel of the
+    # background has (almost) the background colour (the gradient moves it by < 0.05).
+    cx, cy = clip.start
+    px = video[:, 0, int(cy * 48), int(cx * 48)]
+    assert torch.allclose(px, torch.tensor(clip.rgb) * 2 - 1, atol=1e-5)
+    corner = (0, 0) if math.dist((cx, cy), (0, 0)) > 0.5 else (47, 47)
+    bg = video[:, 0, corner[0], corner[1]]
+    assert torch.allclose((bg + 1) / 2, torch.tensor(clip.bg_rgb), atol=0.06)
+    # The object moves: the last frame differs from the first.
+    assert not torch.equal(video[:, 0], video[:, -1])
+    videos, clips = ds.batch([5, 6])
+    assert torch.equal(videos[0], video) and clips[0] == clip
+    with pytest.raises(ValueError, match="4k\\+1"):
+        ProceduralVideos("train", 48, 8)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        ProceduralVideos("train", 40, 9)
+    with pytest.raises(ValueError, match="split"):
+        ProceduralVideos("val", 48, 9)
+
+
+def test_captions_name_the_attributes():
+    for split in ("train", "heldout"):
+        for i in range(300):
+            clip = sample_clip(1, split, i)
+            parsed, truth = parse_caption(clip.caption), clip.attributes()
+            if parsed["background"] in ("dark", "light"):   # the caption named the tone, not the colour
+                truth["background"] = clip.tone
+            assert parsed == truth, clip.caption
+            assert math.dist(clip.rgb, clip.bg_rgb) >= MIN_CONTRAST - 0.15   # jitter keeps contrast
+    captions = {sample_clip(1, "train", i).caption for i in range(300)}
+    assert len(captions) > 250   # templates and synonyms give variety
+
+
+def test_heldout_split_is_disjoint_and_compositional():
+    triples = list(itertools.product(COLORS, SHAPES, DIRECTIONS))
+    held = [t for t in triples if is_heldout(*t)]
+    assert len(held) == len(triples) // 10
+    # At most one held-out direction per (colour, shape): every pair is still seen in training.
+    for c, s in itertools.product(COLORS, SHAPES):
+        assert sum(is_heldout(c, s, d) for d in DIRECTIONS) <= 1
+    train = [sample_clip(0, "train", i) for i in range(400)]
+    heldout = [sample_clip(0, "heldout", i) for i in range(400)]
+    assert not any(is_heldout(c.color, c.shape, c.direction) for c in train)
+    assert all(is_heldout(c.color, c.shape, c.direction) for c in heldout)
+    assert not {c.caption for c in train} & {c.caption for c in heldout}
+    for attr, values in (("color", COLORS), ("shape", SHAPES), ("direction", DIRECTIONS), ("background", BACKGROUNDS)):
+        assert {getattr(c, attr) for c in train} == set(values)
+
+
+# ---- detector ------------------------------------------------------------------------------------
+
+def _clips(split: str, n: int, size: int = 64, frames: int = 9):
+    clips = [sample_clip(2, split, i) for i in range(n)]
+    return [render(c, size, frames) for c in clips], [c.attributes() for c in clips]
+
+
+def test_detector_reads_clean_clips():
+    videos, truth = _clips("train", 60)
+    more_videos, more_truth = _clips("heldout", 40, size=80, frames=13)
+    scores = adherence(videos + more_videos, truth + more_truth)
+    for key in ATTRIBUTES + ("all",):
+        assert scores[key] >= 0.95, (key, scores[key])
+
+
+def test_detector_fails_shuffled_attribute_control():
+    videos, truth = _clips("train", 60)
+    shuffled = truth[:]
+    random.Random(0).shuffle(shuffled)
+    scores = adherence(videos, shuffled)
+    assert scores["all"] < 0.2 and scores["color"] < 0.4 and scores["direction"] < 0.4
+
+
+def test_detector_on_empty_and_static_videos():
+    blank = torch.zeros(3, 5, 32, 32)
+    assert detect(blank) == {k: "none" for k in ATTRIBUTES}
+    clip = sample_clip(0, "train", 0)
+    still = render(clip, 64, 1).expand(3, 5, 64, 64)   # one frame repeated: no motion
+    found = detect(still)
+    assert found["direction"] == "none" and found["color"] == clip.color and found["shape"] == clip.shape
+    with pytest.raises(ValueError):
+        adherence([blank], [])
+
+
+# ---- tokenizer -----------------------------------------------------------------------------------
+
+def test_tokenizer_asset_rebuilds_byte_for_byte_and_keeps_umt5_ids():
+    from turbovid.train.data import all_captions
+    assert train_spiece(all_captions(0, "train", CORPUS_CAPTIONS)) == ASSET.read_bytes()
+    sp = spm.SentencePieceProcessor(model_file=str(ASSET))
+    assert (sp.pad_id(), sp.eos_id(), sp.unk_id(), sp.bos_id()) == (0, 1, 2, -1)
+    assert sp.get_piece_size() <= MINI_TEXT.vocab_size
+    assert ASSET.stat().st_size < 64 * 1024
+    for clip in (sample_clip(9, split, i) for split in ("train", "heldout") for i in range(200)):
+        ids = sp.encode(clip.caption)
+        assert sp.unk_id() not in ids and sp.decode(ids) == clip.caption
+        assert len(ids) < MINI_TEXT.text_len          # + EOS fits
+    ids = sp.encode(WAN_NEGATIVE_PROMPT)                 # Chinese: byte fallback, no <unk>
+    assert sp.unk_id() not in ids and sp.decode(ids) == WAN_NEGATIVE_PROMPT

@@ -1,0 +1,203 @@
+"""Every training stage on the tiny recipe on CPU: finite losses, learning on a fixed batch, text conditioning
+learned end to end, exact resume, merge / eval / export through the `turbovid train` command (turbovid/train/*)."""
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from turbovid.loading import load_dit, load_vae
+from turbovid.train.checkpoint import LATEST, load_weights
+from turbovid.train.cli import add_train_parser, cmd_train
+from turbovid.train.data import ProceduralVideos
+from turbovid.train.distill import RCMTrainer
+from turbovid.train.evaluate import generate_latents
+from turbovid.train.inputs import LatentBatches, encode_videos, vae_config
+from turbovid.train.loop import Env, drive
+from turbovid.train.losses import flow_matching_pair, shifted_logit_normal, velocity_loss
+from turbovid.train.recipe import RECIPES
+from turbovid.train.teacher import SLATrainer, TeacherTrainer, new_dit, run_teacher
+from turbovid.train.trigflow import rf_velocity
+from turbovid.train.vae import run_vae
+
+TINY = RECIPES["tiny"]
+ENV = Env(torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny run directory with the VAE and the teacher trained (4 steps each), shared by the tests.
+    SLA uses the PyTorch references (the Triton interpreter would only make this slow)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TURBOVID_KERNELS", "ref")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    run_dir = tmp_path_factory.mktemp("run")
+    run_vae(TINY, run_dir, ENV)
+    run_teacher(TINY, run_dir, ENV)
+    yield run_dir, LatentBatches(TINY, run_dir, ENV)
+    torch.set_num_threads(threads)
+    mp.undo()
+
+
+def _log(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _stage(recipe, name, **changes):
+    cfg = getattr(recipe, name)
+    return dataclasses.replace(recipe, **{name: dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **changes))})
+
+
+def _resume_copy(src, dst, step):
+    """A run folder whose newest checkpoint is src's checkpoint at `step`."""
+    (dst / "checkpoints").mkdir(parents=True)
+    name = f"step_{step:08d}"
+    shutil.copytree(src / "checkpoints" / name, dst / "checkpoints" / name)
+    (dst / "checkpoints" / LATEST).write_text(name + "\n")
+
+
+def test_vae_stage_trains_and_normalises_latents(run):
+    run_dir, _ = run
+    records = _log(run_dir / "vae" / "log.jsonl")
+    assert [r["step"] for r in records] == list(range(TINY.vae_stage.run.steps))
+    assert all(math.isfinite(r["loss"]) and r["kl"] >= 0 for r in records)
+    # With the measured statistics the latents of the measuring clips have per-channel mean 0, std 1
+    # (up to the bf16 rounding TurboDiffusion applies to the constants).
+    cfg = vae_config(TINY, run_dir)
+    vae = load_vae(str(run_dir / "vae" / "final.safetensors"), cfg, dtype=torch.float32)
+    videos, _ = ProceduralVideos("train", TINY.size, TINY.frames, TINY.data_seed + 1).batch(
+        list(range(TINY.vae_stage.stats_clips)))
+    z = encode_videos(vae, videos).transpose(0, 1).flatten(1)   # [16, N]
+    assert z.mean(1).abs().max() < 0.02 and (z.std(1, unbiased=False) - 1).abs().max() < 0.02
+    report = json.loads((run_dir / "vae" / "reconstruction.json").read_text())
+    assert report["count"] == TINY.vae_stage.eval_clips and math.isfinite(report["psnr"]) and 0 <= report["all"] <= 1
+    # logvar half of conv1 started at the recipe's value and moved only by a few (lr 1e-3) steps
+    state = load_weights(run_dir / "vae" / "final.safetensors")
+    assert (state["conv1.bias"][16:] - TINY.vae_stage.logvar_init).abs().max() < 0.1
+
+
+def test_latent_pool_matches_on_the_fly_encoding_and_is_cached(run):
+    run_dir, direct = run
+    pool = LatentBatches(TINY, run_dir, ENV, pool=6)
+    assert (run_dir / "pool" / "train_6_rank0of1.safetensors").is_file()
+    latents, context, clips = pool.get(list(range(12)))            # two passes over the 6 clips
+    assert sorted(c.caption for c in clips[:6]) == sorted(pool.data.clip(i).caption for i in range(6))
+    assert sorted(c.caption for c in clips[6:]) == sorted(c.caption for c in clips[:6])
+    # Each pooled latent is the (bf16-stored) encoding of its clip; contexts are its caption's embedding.
+    ref_latents, ref_context, _ = direct.get([pool.pool_indices[pool._slot(i)] for i in range(12)])
+    assert torch.allclose(latents, ref_latents, atol=0.02 * ref_latents.abs().max().item())
+    assert torch.equal(context, ref_context)
+    again = LatentBatches(TINY, run_dir, ENV, pool=6)              # read back from the cache
+    assert torch.equal(again.pool_latents, pool.pool_latents)
+    assert torch.equal(again.get([3, 7])[0], pool.get([3, 7])[0])
+
+
+def test_teacher_loss_decreases_on_fixed_batch(run, tmp_path):
+    run_dir, inputs = run
+    recipe = _stage(TINY, "teacher", steps=30, ckpt_every=1000, log_every=1000)
+    trainer = TeacherTrainer(recipe, run_dir, ENV, fixed_batch=True, inputs=inputs)
+    losses = [r["loss"] for r in drive(trainer, tmp_path / "teacher", ENV, quiet=True)]
+    assert all(math.isfinite(x) for x in losses)
+    assert sum(losses[-5:]) / 5 < 0.5 * losses[0], losses
+
+
+def test_text_conditioning_is_learned_through_the_frozen_text_encoder(run):
+    """Four captions, each paired with its own fixed latent: the flow-matching objective with caption dropout
+    to the negative prompt, through the seeded random umT5, must make CFG sampling (the evaluation sampler)
+    produce each caption's latent, i.e. the text path carries the words."""
+    run_dir, inputs = run
+    captions = ["a small red circle moves to the left on a black background",
+                "a large blue square zooms upward across a white background",
+                "a tiny green triangle drifts down on a navy background",
+                "a big yellow cross races right over a beige background"]
+    context, negative = inputs.text.encode(captions).float(), inputs.negative
+    g = torch.Generator().manual_seed(0)
+    targets = torch.randn(4, 16, 2, 4, 4, generator=g)
+    net = new_dit(TINY)
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
+    for _ in range(250):
+        pick = torch.randint(0, 4, (16,), generator=g)
+        ctx = torch.where((torch.rand(16, generator=g) < 0.1).view(-1, 1, 1), negative, context[pick])
+        s = shifted_logit_normal(16, g, 0.0, 1.0, 3.0)
+        x_s, v = flow_matching_pair(targets[pick], torch.randn(16, 16, 2, 4, 4, generator=g), s)
+        loss = velocity_loss(rf_velocity(net, x_s, s, ctx), v)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    z = generate_latents(net.eval(), context, negative, tuple(targets.shape), ENV, sampler="teacher", steps=20, seed=1)
+    cos = torch.nn.functional.cosine_similarity(z.flatten(1)[:, None], targets.flatten(1)[None], dim=-1)   # [4, 4]
+    assert torch.equal(cos.argmax(1), torch.arange(4)), cos
+    assert cos.diagonal().min() > 0.5 and (cos - torch.eye(4) * cos).abs().max() < 0.35, cos
+
+
+def test_teacher_resume_gives_identical_next_step_loss(run, tmp_path):
+    run_dir, inputs = run
+    recipe = _stage(TINY, "teacher", steps=4, ckpt_every=2)
+    full = drive(TeacherTrainer(recipe, run_dir, ENV, inputs=inputs), tmp_path / "a", ENV, until=3, quiet=True)
+    _resume_copy(tmp_path / "a", tmp_path / "b", 2)
+    resumed = drive(TeacherTrainer(recipe, run_dir, ENV, inputs=inputs), tmp_path / "b", ENV, until=3, quiet=True)
+    assert [r["step"] for r in resumed] == [2]
+    assert resumed[0]["loss"] == full[2]["loss"]
+    assert resumed[0]["grad_norm"] == full[2]["grad_norm"]
+
+
+def test_sla_stage_tunes_student_against_frozen_teacher(run, tmp_path):
+    run_dir, inputs = run
+    teacher = load_weights(run_dir / "teacher" / "final.safetensors")
+    trainer = SLATrainer(TINY, run_dir, ENV, teacher, inputs=inputs)
+    records = drive(trainer, tmp_path / "sla", ENV, quiet=True)
+    assert len(records) == TINY.sla.run.steps and all(math.isfinite(r["loss"]) for r in records)
+    final = load_weights(tmp_path / "sla" / "final.safetensors")
+    proj = [k for k in final if "proj_l" in k]
+    assert len(proj) == 2 * TINY.dit.num_layers
+    assert any(final[k].abs().sum() > 0 for k in proj)          # proj_l (zero-initialised) was trained
+    assert all(torch.equal(v, teacher[k]) for k, v in trainer.teacher.state_dict().items())
+
+
+def test_rcm_stage_runs_scm_dmd_critic_and_resumes_exactly(run, tmp_path):
+    run_dir, inputs = run
+    teacher = load_weights(run_dir / "teacher" / "final.safetensors")
+    recipe = _stage(TINY, "rcm", steps=6, ckpt_every=3)
+    # tiny: tangent warm-up 2, student every 2nd step -> steps 0, 1 sCM; 2, 4 sCM + DMD; 3, 5 critic
+    full = drive(RCMTrainer(recipe, run_dir, ENV, teacher, inputs=inputs), tmp_path / "a", ENV, until=5, quiet=True)
+    assert [r["student"] for r in full] == [1.0, 1.0, 1.0, 0.0, 1.0]
+    assert "loss_dmd" not in full[1] and "loss_dmd" in full[2] and "loss_fake" in full[3]
+    assert [r["warmup_ratio"] for r in full if r["student"]] == [0.0, 0.5, 1.0, 1.0]
+    assert all(math.isfinite(v) for r in full for v in r.values() if isinstance(v, float))
+    _resume_copy(tmp_path / "a", tmp_path / "b", 3)
+    resumed = drive(RCMTrainer(recipe, run_dir, ENV, teacher, inputs=inputs), tmp_path / "b", ENV, until=5, quiet=True)
+    assert [r["step"] for r in resumed] == [3, 4]
+    assert resumed[0]["loss_fake"] == full[3]["loss_fake"]
+    assert resumed[1]["loss"] == full[4]["loss"] and resumed[1]["loss_dmd"] == full[4]["loss_dmd"]
+
+
+def _cli(*argv):
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers(dest="command"))
+    return cmd_train(parser.parse_args(["train", *argv]))
+
+
+def test_cli_sla_rcm_merge_eval_and_export_load(run, capsys):
+    run_dir, _ = run
+    common = ["--run-dir", str(run_dir), "--recipe", "tiny", "--device", "cpu"]
+    assert _cli("sla", *common) == 0
+    assert _cli("rcm", *common, "--steps", "3") == 0
+    assert _cli("merge", *common) == 0
+    merged = load_weights(run_dir / "merged" / "model.safetensors")
+    rcm, teacher, sla = (load_weights(run_dir / s / "final.safetensors") for s in ("rcm", "teacher", "sla"))
+    key = "blocks.0.ffn.0.weight"
+    assert torch.allclose(merged[key], rcm[key] + sla[key] - teacher[key])
+    assert set(merged) == set(sla)   # proj_l came from the SLA model
+    # The merged file loads as an SLA DiT through the inference loader.
+    net = load_dit(str(run_dir / "merged" / "model.safetensors"), TINY.dit, attention="sla", dtype=torch.float32)
+    assert type(net.blocks[0].self_attn.attn_op.local_attn).__name__ == "SparseLinearAttention"
+    assert _cli("eval", *common, "--count", "2") == 0
+    assert "adherence" in capsys.readouterr().out
+    result = json.loads(next((run_dir / "eval").glob("*.json")).read_text())
+    assert result["count"] == 2 and len(result["clips"]) == 2 and 0 <= result["all"] <= 1
+    with pytest.raises(ValueError, match="--steps"):
+        _cli("teacher", *common, "--steps", "0")

@@ -1,0 +1,123 @@
+"""`turbovid train <stage>`: vae | teacher | sla | rcm | merge | eval | reproduce | tokenizer.
+
+Single process (CPU or one GPU):   turbovid train reproduce --run-dir runs/mini
+Several GPUs of one host:          torchrun --nproc-per-node 8 -m turbovid.cli train reproduce --run-dir runs/mini
+Every stage resumes from its newest checkpoint in the run directory.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+STAGES = ("vae", "teacher", "sla", "rcm", "merge", "eval", "reproduce", "tokenizer")
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    from turbovid.train.recipe import RECIPES
+
+    p = subparsers.add_parser("train", help="train the embedded model (VAE, teacher, SLA, rCM, merge)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=STAGES)
+    p.add_argument("--run-dir", default="runs/mini", help="folder for checkpoints, logs and results")
+    p.add_argument("--recipe", default="mini", choices=sorted(RECIPES), help="model size and hyper-parameters")
+    p.add_argument("--steps", type=int, help="override the stage's number of steps")
+    p.add_argument("--batch", type=int, help="override the stage's batch per process")
+    p.add_argument("--lr", type=float, help="override the stage's learning rate")
+    p.add_argument("--until", type=int, help="stop after this many steps (resume later)")
+    p.add_argument("--device", help="cuda | cpu (default: cuda if available)")
+    p.add_argument("--no-eval", action="store_true", help="reproduce: skip the final evaluations")
+    g = p.add_argument_group("merge of arbitrary files (all three given: TurboDiffusion's merge_models.py)")
+    g.add_argument("--base", help="rCM student checkpoint")
+    g.add_argument("--diff-base", help="pretrained (teacher) checkpoint")
+    g.add_argument("--diff-target", help="SLA fine-tuned checkpoint")
+    g.add_argument("--weight", type=float, help="delta weight w (default: the recipe's, 1.0)")
+    g.add_argument("--output", help="merged .safetensors path")
+    e = p.add_argument_group("eval")
+    e.add_argument("--dit", help="DiT weights to evaluate (default: the merged model)")
+    e.add_argument("--attention", default="sla", help="dense | sla | sagesla (default sla)")
+    e.add_argument("--sampler", default="rcm", choices=("rcm", "teacher"))
+    e.add_argument("--eval-steps", type=int, help="sampling steps (default: 4 rcm, 50 teacher)")
+    e.add_argument("--count", type=int, help="number of prompts")
+    e.add_argument("--split", default="heldout", choices=("heldout", "train"))
+    return p
+
+
+def _recipe(args):
+    from turbovid.train.recipe import RECIPES
+
+    recipe = RECIPES[args.recipe]
+    stage_field = {"vae": "vae_stage", "teacher": "teacher", "sla": "sla", "rcm": "rcm"}.get(args.stage)
+    fields = [stage_field] if stage_field else ["vae_stage", "teacher", "sla", "rcm"]
+    for name in fields:
+        cfg = getattr(recipe, name)
+        run, optim = cfg.run, cfg.optim
+        if args.steps is not None:
+            if args.steps < 1:
+                raise ValueError(f"--steps must be >= 1, got {args.steps}")
+            run = dataclasses.replace(run, steps=args.steps, ckpt_every=min(run.ckpt_every, args.steps))
+        if args.batch is not None:
+            if args.batch < 1:
+                raise ValueError(f"--batch must be >= 1, got {args.batch}")
+            run = dataclasses.replace(run, batch=args.batch)
+        if args.lr is not None:
+            if not args.lr > 0:
+                raise ValueError(f"--lr must be positive, got {args.lr}")
+            optim = dataclasses.replace(optim, lr=args.lr)
+        recipe = dataclasses.replace(recipe, **{name: dataclasses.replace(cfg, run=run, optim=optim)})
+    return recipe
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from turbovid.train.loop import setup_env, teardown_env
+
+    if args.stage == "tokenizer":
+        from turbovid.train.tokenizer import build_spiece
+        print(f"wrote {build_spiece()}")
+        return 0
+    if args.stage == "merge" and args.base:
+        from turbovid.train.merge import merge_files
+        if not (args.diff_base and args.diff_target and args.output):
+            raise ValueError("merge of files needs --base, --diff-base, --diff-target and --output")
+        print(f"wrote {merge_files(args.base, args.diff_base, args.diff_target, args.output, args.weight or 1.0)}")
+        return 0
+    recipe = _recipe(args)
+    if args.weight is not None:
+        recipe = dataclasses.replace(recipe, merge_weight=args.weight)
+    run_dir = Path(args.run_dir)
+    env = setup_env(args.device)
+    try:
+        if args.stage == "vae":
+            from turbovid.train.vae import run_vae
+            out = run_vae(recipe, run_dir, env, until=args.until)
+        elif args.stage == "teacher":
+            from turbovid.train.teacher import run_teacher
+            out = run_teacher(recipe, run_dir, env, until=args.until)
+        elif args.stage == "sla":
+            from turbovid.train.teacher import run_sla
+            out = run_sla(recipe, run_dir, env, until=args.until)
+        elif args.stage == "rcm":
+            from turbovid.train.distill import run_rcm
+            out = run_rcm(recipe, run_dir, env, until=args.until)
+        elif args.stage == "merge":
+            from turbovid.train.reproduce import run_merge
+            out = run_merge(recipe, run_dir, env)
+        elif args.stage == "eval":
+            from turbovid.train.evaluate import evaluate
+            dit = Path(args.dit) if args.dit else run_dir / "merged" / "model.safetensors"
+            steps = args.eval_steps or (recipe.eval_teacher_steps if args.sampler == "teacher" else recipe.eval_rcm_steps)
+            out = run_dir / "eval" / f"{dit.stem}_{args.attention}_{args.sampler}{steps}_{args.split}.json"
+            if env.main:   # rank 0 alone, as a single process (no collectives inside)
+                from turbovid.train.loop import Env
+                result = evaluate(recipe, run_dir, Env(env.device), dit, attention=args.attention, sampler=args.sampler,
+                                  steps=steps, count=args.count, split=args.split, out=out)
+                print(f"adherence {result['all']:.3f}: " + ", ".join(
+                    f"{k} {result[k]:.2f}" for k in ("color", "shape", "direction", "speed", "size")))
+        else:
+            from turbovid.train.reproduce import reproduce
+            out = reproduce(recipe, run_dir, env, evaluate_models=not args.no_eval)
+        if env.main:
+            print(f"done: {out}")
+    finally:
+        teardown_env(env)
+    return 0

@@ -1,0 +1,139 @@
+"""Read colour, shape, size, motion direction and speed back from a video of one moving shape.
+
+Deterministic, no learned parts, so it can grade generated videos against their prompts:
+
+1. Background = per-channel median over all pixels of all frames (the object covers < 10% of them).
+2. Distance to the background (RGB, [0, 1] scale), averaged over 3x3 pixels. Object pixels are those
+   farther than `FG_DISTANCE`; the object colour is the per-channel median of the most distant ones
+   (robust to anti-aliased or blurred edges) -> nearest palette colour.
+3. Soft coverage alpha = (distance to background - NOISE_FLOOR) / (object-background distance -
+   NOISE_FLOOR), clipped to [0, 1]; the floor keeps background gradients out of the centroids.
+   Per frame: only a window around the median position of alpha > 0.5 is kept (stray blobs of a
+   generated video elsewhere are ignored); alpha-weighted centroid. Shape and size use the same alpha
+   computed from the unsmoothed distance (smoothing would round off small shapes).
+4. Motion = least-squares line through the centroids; its total displacement gives the direction
+   (8 sectors of 45 degrees) and the speed (path length against the midpoint of the two speeds).
+5. Shape = the frame's (unsmoothed) alpha inside its bounding box of alpha > 0.5, resampled to 32 x 32 and compared by soft IoU
+   with the five shapes rendered into the same box; scores averaged over frames, best one wins.
+   Size = mean bounding-box side -> nearest size class.
+
+A clip with no object pixels gets "none" for everything (always counted wrong).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from turbovid.train.data import COLORS, SHAPES, SIZES, SPEEDS, shape_sdf
+
+FG_DISTANCE = 0.3       # backgrounds and objects are >= 0.5 apart (data.MIN_CONTRAST)
+NOISE_FLOOR = 0.12      # background gradients move pixels up to ~0.09 away from the median
+MIN_PIXELS = 4          # fewer object pixels than this in the whole clip: no object
+WINDOW = 0.2           # half-side (frame widths) of the box kept around the object; largest radius ~0.15
+STILL = 0.06            # displacement below this (frame widths) is no motion
+TEMPLATE = 32           # shape templates are TEMPLATE x TEMPLATE
+SECTORS = ("right", "down-right", "down", "down-left", "left", "up-left", "up", "up-right")  # angle/45deg, y down
+ATTRIBUTES = ("color", "shape", "direction", "speed", "size")
+
+
+def _templates(device: torch.device) -> torch.Tensor:
+    """[5, TEMPLATE, TEMPLATE] coverage of each shape filling the box [-1, 1]^2."""
+    c = (torch.arange(TEMPLATE, device=device, dtype=torch.float32) + 0.5) / TEMPLATE * 2 - 1
+    py, px = c.view(-1, 1), c.view(1, -1)
+    return torch.stack([(0.5 - shape_sdf(s, px, py, 1.0) * TEMPLATE / 2).clamp(0, 1) for s in SHAPES])
+
+
+def _nearest(value: float, table: dict[str, float]) -> str:
+    return min(table, key=lambda k: abs(math.log(value / table[k])))
+
+
+@torch.no_grad()
+def detect(video: torch.Tensor) -> dict[str, str]:
+    """video [3, F, H, W] in [-1, 1] -> {"color", "shape", "direction", "speed", "size"}."""
+    if video.dim() != 4 or video.shape[0] != 3:
+        raise ValueError(f"detect expects one video [3, F, H, W], got {tuple(video.shape)}")
+    x = ((video.float() + 1) / 2).clamp(0, 1)
+    _, frames, height, width = x.shape
+    bg = x.flatten(1).median(dim=1).values                                   # [3]
+    # Distance to the background, averaged over 3x3 pixels: pixel noise of generated videos averages out.
+    raw = (x - bg.view(3, 1, 1, 1)).norm(dim=0)                              # [F, H, W]
+    dist = F.avg_pool2d(F.pad(raw[:, None], (1, 1, 1, 1), mode="replicate"), 3, stride=1)[:, 0]
+    fg = dist > FG_DISTANCE
+    if int(fg.sum()) < MIN_PIXELS:
+        return {k: "none" for k in ATTRIBUTES}
+    # Object colour from its core (the most distant pixels), not from edges blended with the background.
+    core = dist >= max(FG_DISTANCE, 0.75 * float(dist[fg].quantile(0.9)))
+    obj = x[:, core].median(dim=1).values                                    # [3]
+    color = min(COLORS, key=lambda c: float((obj - torch.tensor(COLORS[c], device=obj.device)).norm()))
+    contrast = float((obj - bg).norm())
+    alpha = ((dist - NOISE_FLOOR) / max(contrast - NOISE_FLOOR, 1e-3)).clamp(0, 1)   # [F, H, W] smoothed
+    sharp = ((raw - NOISE_FLOOR) / max(contrast - NOISE_FLOOR, 1e-3)).clamp(0, 1)    # for shape and size
+
+    # Per frame: keep alpha only within WINDOW of the median position of the solid pixels (stray blobs
+    # elsewhere do not move the centroid or widen the box), then the centroid in frame fractions.
+    ys = (torch.arange(height, device=x.device, dtype=torch.float32) + 0.5) / height
+    xs = (torch.arange(width, device=x.device, dtype=torch.float32) + 0.5) / width
+    visible, centres = [], []
+    for f in range(frames):
+        solid = (alpha[f] > 0.5).nonzero()
+        if len(solid) < MIN_PIXELS:
+            alpha[f] = 0
+            continue
+        my, mx = ys[solid[:, 0]].median(), xs[solid[:, 1]].median()
+        window = (((ys - my).abs() < WINDOW)[:, None] & ((xs - mx).abs() < WINDOW)[None, :]).float()
+        alpha[f] *= window
+        sharp[f] *= window
+        mass = alpha[f].sum()
+        visible.append(f)
+        centres.append(torch.stack([(alpha[f].sum(0) * xs).sum() / mass, (alpha[f].sum(1) * ys).sum() / mass]))
+    if not visible:
+        return {k: "none" for k in ATTRIBUTES}
+    cx, cy = torch.stack(centres).unbind(1)
+
+    # Motion: slope of the least-squares line through the centroids, times the clip length.
+    if len(visible) >= 2:
+        tf = torch.tensor(visible, device=x.device, dtype=torch.float32)
+        tf = tf - tf.mean()
+        dx = float((tf * (cx - cx.mean())).sum() / (tf * tf).sum()) * (frames - 1)
+        dy = float((tf * (cy - cy.mean())).sum() / (tf * tf).sum()) * (frames - 1)
+    else:
+        dx = dy = 0.0
+    length = math.hypot(dx, dy)
+    if length < STILL:
+        direction, speed = "none", "none"
+    else:
+        direction = SECTORS[round(math.atan2(dy, dx) / (math.pi / 4)) % 8]
+        speed = "slow" if length < (SPEEDS["slow"] + SPEEDS["fast"]) / 2 else "fast"
+
+    # Shape and size from up to 8 evenly spaced visible frames.
+    templates = _templates(x.device)
+    scores, sides = torch.zeros(len(SHAPES), device=x.device), []
+    picked = [visible[round(i * (len(visible) - 1) / 7)] for i in range(8)] if len(visible) > 8 else visible
+    for f in picked:
+        solid = sharp[f] > 0.5 if bool((sharp[f] > 0.5).any()) else alpha[f] > 0.5
+        rows, cols = solid.any(1).nonzero().flatten(), solid.any(0).nonzero().flatten()
+        crop = sharp[f, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        sides.append(max(crop.shape[0] / height, crop.shape[1] / width))
+        crop = F.interpolate(crop[None, None], size=(TEMPLATE, TEMPLATE), mode="bilinear", antialias=True,
+                             align_corners=False)[0, 0]
+        scores += torch.minimum(templates, crop).sum((1, 2)) / torch.maximum(templates, crop).sum((1, 2))
+    shape = SHAPES[int(scores.argmax())]
+    size = _nearest(sum(sides) / len(sides), SIZES)
+    return {"color": color, "shape": shape, "direction": direction, "speed": speed, "size": size}
+
+
+def adherence(videos: torch.Tensor | list[torch.Tensor], attributes: list[dict[str, str]]) -> dict:
+    """Accuracy of each attribute over a batch of (video [3, F, H, W], ground-truth attributes), plus
+    "all" = colour, shape and direction all right (the headline prompt-adherence score), and the
+    per-clip detections."""
+    if len(videos) != len(attributes) or len(attributes) == 0:
+        raise ValueError(f"adherence needs as many videos as attribute dicts (> 0), got {len(videos)} and "
+                         f"{len(attributes)}")
+    found = [detect(v) for v in videos]
+    scores = {k: sum(d[k] == a[k] for d, a in zip(found, attributes)) / len(found) for k in ATTRIBUTES}
+    scores["all"] = sum(all(d[k] == a[k] for k in ("color", "shape", "direction"))
+                        for d, a in zip(found, attributes)) / len(found)
+    scores["detections"] = found
+    return scores

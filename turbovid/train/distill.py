@@ -1,0 +1,180 @@
+"""Stage 3: rCM distillation = sCM (continuous-time consistency, exact JVP) + DMD (fake score), SPEC §10.3.
+
+Three networks, all starting from the teacher: the student (trained, full attention), the frozen teacher
+(queried with CFG against the negative prompt), and the fake-score network (trained to denoise the
+student's samples). Step n is a student step during the tangent warm-up and then every
+`student_update_freq`-th step; the others are fake-score (critic) steps (`losses.rcm_phase`).
+
+Student step, batch of data latents x0 with captions:
+ 1. t ~ p_G (t = atan(sigma sqrt(T_lat)), sigma log-normal), x_t = cos t x0 + sin t eps.
+ 2. F_T = teacher TrigFlow velocity with CFG (no grad).
+ 3. JVP of the student's F along (cos t sin t F_T, cos t sin t) -> cos t sin t dF/dt (exact, no grad).
+ 4. After the warm-up, backward simulation: from pure noise at t = pi/2, (n_eff mod 4) no-grad student
+    steps (x0_hat, re-noise at a fresh non-increasing angle from p_D), then one student call with grad
+    -> G_x0; it shares one batched forward with the sCM call at (x_t, t), as in rCM.
+ 5. sCM loss with the warm-up ratio r = min(1, n / warmup) (`losses.scm_target`, `scm_loss`), plus
+    after the warm-up the DMD loss at x_D = cos t_D G_x0 + sin t_D eps, t_D ~ p_D, from the fake score
+    and the guided teacher (`losses.dmd_loss`). Per-sample losses are summed, then averaged over the batch.
+Critic step: G_x0 by a no-grad backward simulation of ((n_fake mod 4) + 1) student calls, re-noised at
+t_D ~ p_D; loss = sum (G_x0 - x0_fake)^2 / sin^2 t_D.
+The power EMA of the student (updated on student steps with the student's effective iteration) is the
+exported model.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from turbovid.train.checkpoint import load_weights
+from turbovid.train.ema import PowerEMA
+from turbovid.train.inputs import LatentBatches
+from turbovid.train.loop import Env, drive, make_optimizer, optimizer_step, step_generator, step_indices, unwrap, wrap_ddp
+from turbovid.train.losses import (_b, dmd_loss, fake_score_loss, rcm_phase, sample_p_d, sample_p_g, scm_loss,
+                                   scm_target, trigflow_velocity)
+from turbovid.train.recipe import Recipe
+from turbovid.train.teacher import frozen_dit, new_dit
+from turbovid.train.trigflow import denoise, guided_denoise, student_F_jvp
+
+
+def _renoise(x0: torch.Tensor, t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    eps = torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)
+    return _b(torch.cos(t), x0).to(x0.dtype) * x0 + _b(torch.sin(t), x0).to(x0.dtype) * eps
+
+
+class RCMTrainer:
+    name = "rcm"
+
+    def __init__(self, recipe: Recipe, run_dir: Path, env: Env, teacher_weights: dict[str, torch.Tensor],
+                 fixed_batch: bool = False, inputs: LatentBatches | None = None):
+        self.recipe, self.env, self.cfg = recipe, env, recipe.rcm
+        self.schedule, self.fixed_batch = self.cfg.run, fixed_batch
+        self.inputs = inputs or LatentBatches(recipe, run_dir, env, pool=recipe.pool_clips)
+        self.teacher = frozen_dit(recipe, teacher_weights, env)
+        self.student = new_dit(recipe)
+        self.student.load_state_dict(teacher_weights, strict=True)
+        self.fake = new_dit(recipe)
+        self.fake.load_state_dict(teacher_weights, strict=True)
+        self.student.to(env.device).train()
+        self.fake.to(env.device).train()
+        self.student_ddp, self.fake_ddp = wrap_ddp(self.student, env), wrap_ddp(self.fake, env)
+        self.ema = PowerEMA(self.student, self.cfg.ema_sigma_rel)
+        self.opt_student = make_optimizer(self.student.parameters(), self.cfg.optim, env)
+        self.opt_fake = make_optimizer(self.fake.parameters(), self.cfg.fake_optim, env)
+        latent_frames = (recipe.frames - 1) // recipe.vae.temporal_factor + 1
+        self.noise_multiplier = math.sqrt(latent_frames)   # rCM's adjust_video_noise: sigma * sqrt(state_t)
+
+    # -- pieces ------------------------------------------------------------------------------------
+
+    def _simulate(self, x0_like: torch.Tensor, context: torch.Tensor, steps: int, g: torch.Generator):
+        """No-grad backward simulation with the student from pure noise at t = pi/2: `steps` student denoising
+        steps, each followed by re-noising at min(t_prev, t ~ p_D). Returns (x_t, t) of the last state."""
+        B, dev = x0_like.shape[0], x0_like.device
+        t = torch.full((B,), math.pi / 2, dtype=torch.float64, device=dev)
+        x = torch.randn(x0_like.shape, generator=g, device=dev)
+        for _ in range(steps):
+            with torch.no_grad(), self.env.autocast():
+                x0 = denoise(self.student, x, t, context)
+            t = torch.minimum(sample_p_d(B, g, self.cfg.shift_d, dev), t)
+            x = _renoise(x0, t, g)
+        return x, t
+
+    def _guided_teacher(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), self.env.autocast():
+            return guided_denoise(self.teacher, x_t, t, context, self.inputs.negative, self.cfg.guidance)
+
+    # -- steps -------------------------------------------------------------------------------------
+
+    def _student_step(self, step: int, n_eff: int, x0, context, g) -> dict[str, float]:
+        cfg, B, dev = self.cfg, x0.shape[0], x0.device
+        t = sample_p_g(B, g, cfg.p_mean, cfg.p_std, self.noise_multiplier, dev)
+        x_t = _renoise(x0, t, g)
+        F_teacher = trigflow_velocity(x_t, t, self._guided_teacher(x_t, t, context))
+        cs = torch.cos(t) * torch.sin(t)
+        with self.env.autocast():
+            _, tangent = student_F_jvp(self.student, x_t, t, context, (_b(cs, x_t) * F_teacher).to(x_t.dtype), cs)
+        dmd = step >= cfg.tangent_warmup
+        if dmd:
+            G_x, G_t = self._simulate(x0, context, n_eff % cfg.max_simulation_steps, g)
+            with self.env.autocast():
+                x0_all = denoise(self.student_ddp, torch.cat([x_t, G_x]), torch.cat([t, G_t]),
+                                 torch.cat([context, context]))
+            x0_theta, G_x0 = x0_all.chunk(2)
+        else:
+            with self.env.autocast():
+                x0_theta = denoise(self.student_ddp, x_t, t, context)
+        F_theta = trigflow_velocity(x_t, t, x0_theta.float())
+        r = min(1.0, step / cfg.tangent_warmup) if cfg.tangent_warmup > 0 else 1.0
+        g_dir = scm_target(F_theta.detach(), F_teacher, tangent.float(), x_t, t, r)
+        loss_scm = scm_loss(F_theta, g_dir, cfg.loss_scale)
+        loss = loss_scm
+        logs = {"loss_scm": loss_scm.mean().item()}
+        if dmd:
+            t_D = sample_p_d(B, g, cfg.shift_d, dev)
+            x_D = _renoise(G_x0.float(), t_D, g)
+            with torch.no_grad(), self.env.autocast():
+                x0_fake = denoise(self.fake, x_D.detach(), t_D, context)
+            x0_real = self._guided_teacher(x_D.detach(), t_D, context)
+            loss_dmd = dmd_loss(G_x0.float(), x0_fake.float(), x0_real.float(), cfg.loss_scale_dmd)
+            loss = loss + loss_dmd
+            logs["loss_dmd"] = loss_dmd.mean().item()
+        loss = loss.mean()
+        loss.backward()
+        lr, norm = optimizer_step(self.opt_student, cfg.optim, n_eff, self.schedule.steps)
+        self.ema.update(self.student, n_eff)
+        return {"loss": loss.item(), **logs, "lr": lr, "grad_norm": norm, "warmup_ratio": r}
+
+    def _critic_step(self, n_fake: int, x0, context, g) -> dict[str, float]:
+        cfg, B, dev = self.cfg, x0.shape[0], x0.device
+        G_x, G_t = self._simulate(x0, context, n_fake % cfg.max_simulation_steps, g)
+        with torch.no_grad(), self.env.autocast():
+            G_x0 = denoise(self.student, G_x, G_t, context).float()
+        t_D = sample_p_d(B, g, cfg.shift_d, dev)
+        x_D = _renoise(G_x0, t_D, g)
+        with self.env.autocast():
+            x0_fake = denoise(self.fake_ddp, x_D, t_D, context)
+        loss = fake_score_loss(G_x0, x0_fake.float(), t_D).mean()
+        loss.backward()
+        # rCM's fake iteration count is -1 at the first critic step when warm-up % freq != 0
+        lr, norm = optimizer_step(self.opt_fake, cfg.fake_optim, max(n_fake, 0), self.schedule.steps)
+        return {"loss_fake": loss.item(), "lr_fake": lr, "grad_norm_fake": norm}
+
+    def train_step(self, step: int) -> dict[str, float]:
+        data_step = 0 if self.fixed_batch else step
+        x0, context, _ = self.inputs.get(step_indices(data_step, self.env, self.schedule.batch))
+        g = step_generator(self.recipe.seed, data_step, self.env.rank, self.env.device)
+        phase, n = rcm_phase(step, self.cfg.tangent_warmup, self.cfg.student_update_freq)
+        if phase == "student":
+            return {"student": 1.0, **self._student_step(step, n, x0, context, g)}
+        return {"student": 0.0, **self._critic_step(n, x0, context, g)}
+
+    # -- checkpoint interface ----------------------------------------------------------------------
+
+    def weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"student": unwrap(self.student_ddp).state_dict(), "ema": self.ema.state_dict(),
+                "fake": unwrap(self.fake_ddp).state_dict()}
+
+    def load_weights(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+        self.student.load_state_dict(weights["student"])
+        self.fake.load_state_dict(weights["fake"])
+        self.ema.load_state_dict(weights["ema"])
+
+    def optimizer_states(self) -> dict:
+        return {"student": self.opt_student.state_dict(), "fake": self.opt_fake.state_dict()}
+
+    def load_optimizer_states(self, state: dict) -> None:
+        self.opt_student.load_state_dict(state["student"])
+        self.opt_fake.load_state_dict(state["fake"])
+
+    def export(self) -> dict[str, torch.Tensor]:
+        return self.ema.state_dict()
+
+
+def run_rcm(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None) -> Path:
+    teacher = Path(run_dir) / "teacher" / "final.safetensors"
+    if not teacher.is_file():
+        raise ValueError(f"{teacher} not found: run `turbovid train teacher` first")
+    out = Path(run_dir) / "rcm"
+    drive(RCMTrainer(recipe, run_dir, env, load_weights(teacher, env.device)), out, env, until=until)
+    return out / "final.safetensors"

@@ -1,0 +1,204 @@
+"""What every training stage shares: process setup (single process or torchrun + DDP), bf16 autocast,
+per-step random generators, the optimizer step, JSONL logging, and `drive`, the resumable step loop.
+
+Determinism. Every random draw of step n on rank r comes from `step_generator(seed, n, r)` and the
+data of step n are clips (n * world + r) * batch + i, so a resumed run repeats exactly what an
+uninterrupted one would have done (tested: identical next-step loss after save -> load on CPU).
+
+Distributed. `torchrun --nproc-per-node N -m turbovid.cli train <stage> ...` sets RANK/WORLD_SIZE; each
+process drives one GPU, trainable networks are wrapped in DistributedDataParallel (gradients all-reduced
+in the backward), rank 0 writes logs and checkpoints, everyone reads them.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from turbovid.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
+from turbovid.train.recipe import Optim, Schedule, lr_at
+
+
+@dataclass(frozen=True)
+class Env:
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def autocast(self):
+        """bf16 autocast on GPUs (fp32 master weights); plain fp32 on CPU."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def setup_env(device: str | None = None) -> Env:
+    """One process per GPU under torchrun (NCCL; gloo on CPU), else a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = torch.cuda.is_available() and device != "cpu"
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        if use_cuda:
+            torch.cuda.set_device(local)
+        return Env(torch.device(f"cuda:{local}" if use_cuda else "cpu"), rank, world)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but no CUDA GPU is visible")
+    return Env(dev)
+
+
+def teardown_env(env: Env) -> None:
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_ddp(module: nn.Module, env: Env) -> nn.Module:
+    if not env.distributed:
+        return module
+    ids = [env.device.index] if env.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    """The generator of all random draws of one step on one rank (independent of everything before)."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step) * 4099 + rank + 1)
+    return g
+
+
+def step_indices(step: int, env: Env, batch: int) -> list[int]:
+    """Clip indices of this rank's batch at `step` (disjoint across steps and ranks)."""
+    first = (step * env.world + env.rank) * batch
+    return list(range(first, first + batch))
+
+
+def make_optimizer(params, optim: Optim, env: Env) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    fused = env.device.type == "cuda"
+    return torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps,
+                             weight_decay=optim.weight_decay, fused=fused)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, optim: Optim, step: int, total: int) -> tuple[float, float]:
+    """Set the scheduled lr, sanitise and clip the gradients, step, zero. Returns (lr, grad norm)."""
+    lr = lr_at(optim, step, total)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    for p in params:   # as rCM: a NaN/inf gradient entry is dropped, not propagated into the weights
+        torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+    max_norm = optim.grad_clip if optim.grad_clip > 0 else float("inf")
+    norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lr, norm
+
+
+def mean_across_ranks(values: dict[str, float], env: Env) -> dict[str, float]:
+    if not env.distributed or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], device=env.device, dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / env.world for k, v in zip(keys, t)}
+
+
+class JsonlLog:
+    """Append-only JSON-lines log (rank 0 only); one object per line, flushed at once."""
+
+    def __init__(self, path: Path, env: Env):
+        self.path, self.env = Path(path), env
+        if env.main:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        if self.env.main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class Stage(Protocol):
+    """A training stage: networks + optimizers + one `train_step`. `drive` does the rest."""
+    name: str
+    schedule: Schedule
+
+    def train_step(self, step: int) -> dict[str, float]: ...
+    def weights(self) -> dict[str, dict[str, torch.Tensor]]: ...
+    def load_weights(self, weights: dict[str, dict[str, torch.Tensor]]) -> None: ...
+    def optimizer_states(self) -> dict: ...
+    def load_optimizer_states(self, state: dict) -> None: ...
+    def export(self) -> dict[str, torch.Tensor]: ...
+
+
+def drive(stage: Stage, out_dir: str | Path, env: Env, until: int | None = None, resume: bool = True,
+          quiet: bool = False) -> list[dict]:
+    """Run `stage` from its newest checkpoint (if any) up to `until` (default: schedule.steps) steps,
+    checkpointing every `ckpt_every` steps and at the end, logging to out_dir/log.jsonl. When the schedule is
+    complete, the exported weights go to out_dir/final.safetensors. Returns the records of the steps run."""
+    out_dir = Path(out_dir)
+    sched = stage.schedule
+    total = sched.steps
+    until = total if until is None else min(until, total)
+    ckpt_root = out_dir / "checkpoints"
+    start = 0
+    found = latest_checkpoint(ckpt_root) if resume else None
+    if found is not None:
+        weights, state = load_checkpoint(found, env.device)
+        stage.load_weights(weights)
+        stage.load_optimizer_states(state["optimizers"])
+        start = int(state["step"])
+    log = JsonlLog(out_dir / "log.jsonl", env)
+    if start == 0 and env.main and (out_dir / "log.jsonl").exists() and found is None:
+        (out_dir / "log.jsonl").unlink()   # a fresh run starts a fresh log
+    records = []
+    t_last, n_last = time.perf_counter(), start
+    for step in range(start, until):
+        values = stage.train_step(step)
+        values = mean_across_ranks(values, env)
+        record = {"stage": stage.name, "step": step, **values}
+        records.append(record)
+        if step % sched.log_every == 0 or step + 1 == until:
+            now = time.perf_counter()
+            record["steps_per_s"] = (step + 1 - n_last) / max(now - t_last, 1e-9)
+            t_last, n_last = now, step + 1
+            log.write(record)
+            if env.main and not quiet:
+                shown = " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float))
+                print(f"[{stage.name}] step {step + 1}/{total} {shown}", flush=True)
+        done = step + 1
+        if done % sched.ckpt_every == 0 or done == until:
+            if env.main:
+                save_checkpoint(ckpt_root, done, stage.weights(),
+                                {"optimizers": stage.optimizer_states(), "stage": stage.name},
+                                keep=sched.keep_checkpoints)
+            env.barrier()
+    if until == total and env.main:
+        save_weights(out_dir / "final.safetensors", stage.export(), metadata={"stage": stage.name, "steps": str(total)})
+    env.barrier()
+    return records

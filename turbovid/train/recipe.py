@@ -1,0 +1,168 @@
+"""Training recipes: the model configs and every stage's hyper-parameters, frozen dataclasses in a dict.
+
+RECIPES["mini"] is the embedded model (Wan architecture at ~30M DiT parameters, 240x240x33 clips);
+RECIPES["tiny"] runs every stage in seconds on a CPU (tests). The CLI may override a handful of fields
+(steps, batch, learning rates) with `dataclasses.replace`; everything else is read from here.
+
+Numbers marked (TD) are TurboDiffusion/rCM's for Wan2.1-1.3B (SPEC §10); ours differ where a small
+model trained from scratch on synthetic data needs it (higher learning rates, shorter schedules).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from turbovid.config import TINY_DIT, TINY_TEXT, TINY_VAE, DiTConfig, TextEncoderConfig, VAEConfig
+
+# The mini model. Latent statistics start at (0, 1) and are measured after VAE training (vae stage writes
+# them next to its weights; later stages and the export use the measured values).
+MINI_TEXT = TextEncoderConfig(vocab_size=512, d_model=256, d_kv=32, d_ff=512, num_layers=2, num_heads=8,
+                              text_len=32)
+MINI_VAE = VAEConfig(dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1, mean=(0.0,) * 16, std=(1.0,) * 16)
+MINI_DIT = DiTConfig(dim=512, ffn_dim=1536, num_heads=8, num_layers=8, text_dim=256, text_len=32)
+TINY_VAE_UNIT = VAEConfig(dim=TINY_VAE.dim, dim_mult=TINY_VAE.dim_mult, num_res_blocks=TINY_VAE.num_res_blocks,
+                          mean=(0.0,) * 16, std=(1.0,) * 16)
+
+
+@dataclass(frozen=True)
+class Optim:
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    warmup: int = 100            # linear warm-up from 0.01 * lr (TD: from 1e-6 x)
+    cosine: bool = False         # cosine decay to 10% of lr over the stage (else constant after warm-up)
+    grad_clip: float = 1.0       # 0 disables clipping
+
+
+@dataclass(frozen=True)
+class Schedule:
+    steps: int
+    batch: int                   # per process (GPU)
+    log_every: int = 50
+    ckpt_every: int = 1000
+    keep_checkpoints: int = 2
+
+
+@dataclass(frozen=True)
+class VAEStage:
+    run: Schedule
+    optim: Optim
+    crop: int = 128              # random square crop of the rendered clip (the VAE is convolutional)
+    crop_frames: int = 17        # 4k + 1 consecutive frames
+    l1: float = 1.0
+    l2: float = 1.0
+    kl: float = 1e-6             # KL-VAE: weight of the mean per-latent-element KL(q(z|x) || N(0, I))
+    logvar_init: float = -6.0    # initial posterior log-variance (bias of the logvar half of `conv1`)
+    stats_clips: int = 256       # clips encoded (full size) to measure the latent mean/std
+    eval_clips: int = 64         # held-out clips round-tripped through the VAE and graded by `detect`
+
+
+@dataclass(frozen=True)
+class TeacherStage:
+    run: Schedule
+    optim: Optim
+    logit_mean: float = 0.0      # u ~ sigmoid(N(logit_mean, logit_std)), then shifted: s = k u / (1 + (k-1) u)
+    logit_std: float = 1.0
+    shift: float = 3.0
+    caption_dropout: float = 0.1  # fraction of samples conditioned on the negative prompt (CFG's uncond)
+    ema_sigma_rel: float = 0.1
+
+
+@dataclass(frozen=True)
+class SLAStage:
+    run: Schedule
+    optim: Optim
+    topk: float = 0.1            # (TD)
+    p_mean: float = 1.5          # RF time s = sigma / (1 + sigma), sigma ~ LogNormal(p_mean, p_std)  (TD)
+    p_std: float = 1.6
+    ema_sigma_rel: float = 0.1
+
+
+@dataclass(frozen=True)
+class RCMStage:
+    run: Schedule
+    optim: Optim                 # student (TD: lr 2e-6, betas (0, 0.999))
+    fake_optim: Optim            # fake-score network (TD: lr 4e-7)
+    p_mean: float = 0.7          # p_G: sigma ~ LogNormal(p_mean, p_std) * sqrt(latent frames), t = atan(sigma) (TD)
+    p_std: float = 1.6
+    shift_d: float = 5.0         # p_D: UniformShift(5)  (TD)
+    guidance: float = 6.0        # teacher CFG in the v_u + g (v_c - v_u) form; rCM's `teacher_guidance=5`
+                                 # means v_c + 5 (v_c - v_u), i.e. g = 6
+    tangent_warmup: int = 1000   # (TD)
+    student_update_freq: int = 5  # (TD)
+    max_simulation_steps: int = 4  # backward simulation uses 1..4 student steps  (TD)
+    loss_scale: float = 100.0    # sCM (TD)
+    loss_scale_dmd: float = 1.0  # (TD)
+    ema_sigma_rel: float = 0.1   # (TD)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    dit: DiTConfig
+    vae: VAEConfig
+    text: TextEncoderConfig
+    size: int                    # clips are size x size pixels ...
+    frames: int                  # ... and 4k + 1 frames
+    vae_stage: VAEStage
+    teacher: TeacherStage
+    sla: SLAStage
+    rcm: RCMStage
+    merge_weight: float = 1.0    # merged = rCM + w (SLA - teacher)  (TD)
+    data_seed: int = 0
+    pool_clips: int = 0          # > 0: DiT stages train on this many pre-encoded clips (inputs.LatentBatches)
+    text_seed: int = 1234        # the frozen text encoder is this seeded random umT5
+    eval_clips: int = 64         # held-out prompts generated and graded after each stage
+    eval_teacher_steps: int = 50
+    eval_rcm_steps: int = 4
+    seed: int = 0                # noise / time draws (per step and rank)
+
+    @property
+    def latent_tokens(self) -> int:
+        s, t = self.vae.spatial_factor, self.vae.temporal_factor
+        pt, ph, pw = self.dit.patch_size
+        return ((self.frames - 1) // t + 1) // pt * (self.size // s // ph) * (self.size // s // pw)
+
+
+def _mini() -> Recipe:
+    return Recipe(
+        name="mini", dit=MINI_DIT, vae=MINI_VAE, text=MINI_TEXT, size=240, frames=33,
+        # CPU probes of this VAE (dim 16, random clips): lr >= 1e-4 spiked and collapsed to a two-colour
+        # (dark / light) code for hundreds of steps; 5e-5 escaped it. Hence the low lr and many steps.
+        vae_stage=VAEStage(Schedule(steps=20000, batch=8, ckpt_every=2000),
+                           Optim(lr=5e-5, warmup=500, cosine=True, weight_decay=0.0)),
+        teacher=TeacherStage(Schedule(steps=20000, batch=32, ckpt_every=2000),
+                             Optim(lr=1e-4, warmup=500, cosine=True)),
+        sla=SLAStage(Schedule(steps=3000, batch=16, ckpt_every=1000), Optim(lr=2e-5, warmup=100)),
+        rcm=RCMStage(Schedule(steps=6000, batch=8, ckpt_every=1000),
+                     Optim(lr=2e-5, betas=(0.0, 0.999), warmup=0), Optim(lr=4e-6, betas=(0.0, 0.999), warmup=0),
+                     tangent_warmup=1000, student_update_freq=5),
+        pool_clips=40000,
+    )
+
+
+def _tiny() -> Recipe:
+    few = Schedule(steps=4, batch=2, log_every=1, ckpt_every=2)
+    return Recipe(
+        name="tiny", dit=TINY_DIT, vae=TINY_VAE_UNIT, text=TINY_TEXT, size=32, frames=5,
+        vae_stage=VAEStage(few, Optim(lr=1e-3, warmup=0), crop=32, crop_frames=5, stats_clips=4, eval_clips=2),
+        teacher=TeacherStage(few, Optim(lr=1e-3, warmup=0)),
+        sla=SLAStage(few, Optim(lr=1e-4, warmup=0)),
+        rcm=RCMStage(Schedule(steps=6, batch=2, log_every=1, ckpt_every=3), Optim(lr=1e-4, betas=(0.0, 0.999), warmup=0),
+                     Optim(lr=1e-4, betas=(0.0, 0.999), warmup=0), tangent_warmup=2, student_update_freq=2),
+        eval_clips=2, eval_teacher_steps=3, eval_rcm_steps=2,
+    )
+
+
+RECIPES: dict[str, Recipe] = {"mini": _mini(), "tiny": _tiny()}
+
+
+def lr_at(optim: Optim, step: int, total: int) -> float:
+    """Learning rate at 0-based `step`: linear warm-up from 1% of lr, then constant or cosine to 10%."""
+    if step < optim.warmup:
+        return optim.lr * (0.01 + 0.99 * step / optim.warmup)
+    if not optim.cosine or total <= optim.warmup:
+        return optim.lr
+    progress = min(1.0, (step - optim.warmup) / max(1, total - optim.warmup))
+    return optim.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))

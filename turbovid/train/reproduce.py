@@ -1,0 +1,103 @@
+"""The whole recipe from scratch, in order, with one command (resumable: finished stages are skipped,
+an interrupted one continues from its newest checkpoint):
+
+    tokenizer + frozen text encoder -> VAE -> teacher -> SLA fine-tune -> rCM distillation -> merge
+    -> evaluation of teacher / rCM / merged -> export/
+
+Each stage writes run_dir/<stage>/{log.jsonl, checkpoints/, final.safetensors}. Evaluations run on rank 0
+(held-out prompts, `turbovid.train.evaluate`) and land in run_dir/eval/*.json (+ an mp4 of 8 samples).
+export/ holds what the lead wires in as the embedded model:
+    dit.safetensors          merged rCM + SLA model (use with --attention sla|sagesla, 1-4 steps)
+    dit_rcm.safetensors      rCM student alone (dense attention, 1-4 steps)
+    dit_teacher.safetensors  the teacher (dense, 50 steps with CFG)
+    vae.safetensors, text_encoder.safetensors, spiece.model
+    config.json              DiT / VAE (with the measured latent mean/std) / text configs, eval summary
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+from turbovid.train.distill import run_rcm
+from turbovid.train.evaluate import evaluate
+from turbovid.train.inputs import build_text_encoder, vae_config
+from turbovid.train.loop import Env
+from turbovid.train.merge import merge_files
+from turbovid.train.recipe import Recipe
+from turbovid.train.teacher import run_sla, run_teacher
+from turbovid.train.vae import run_vae
+
+
+def run_merge(recipe: Recipe, run_dir: Path, env: Env) -> Path:
+    run_dir = Path(run_dir)
+    out = run_dir / "merged" / "model.safetensors"
+    parts = [run_dir / stage / "final.safetensors" for stage in ("rcm", "teacher", "sla")]
+    missing = [str(p) for p in parts if not p.is_file()]
+    if missing:
+        raise ValueError(f"merge needs the rcm, teacher and sla stages first; missing {', '.join(missing)}")
+    if env.main:
+        merge_files(*parts, out, weight=recipe.merge_weight)
+    env.barrier()
+    return out
+
+
+def _evaluate_all(recipe: Recipe, run_dir: Path, env: Env) -> dict:
+    """The three models the release compares, on the held-out prompts (rank 0 only)."""
+    ev = run_dir / "eval"
+    jobs = {
+        "teacher": (run_dir / "teacher" / "final.safetensors", "dense", "teacher", recipe.eval_teacher_steps),
+        "teacher_4step": (run_dir / "teacher" / "final.safetensors", "dense", "rcm", recipe.eval_rcm_steps),
+        "rcm": (run_dir / "rcm" / "final.safetensors", "dense", "rcm", recipe.eval_rcm_steps),
+        "merged_sla": (run_dir / "merged" / "model.safetensors", "sla", "rcm", recipe.eval_rcm_steps),
+    }
+    summary = {}
+    if env.main:
+        local = Env(env.device)   # rank 0 alone: no collective calls may happen in here
+        for name, (dit, attention, sampler, steps) in jobs.items():
+            result = evaluate(recipe, run_dir, local, dit, attention=attention, sampler=sampler, steps=steps,
+                              out=ev / f"{name}.json", videos=ev / f"{name}.mp4")
+            summary[name] = {k: result[k] for k in ("all", "color", "shape", "direction", "speed", "size", "steps")}
+            print(f"[eval] {name}: adherence {result['all']:.3f} (colour {result['color']:.2f}, shape "
+                  f"{result['shape']:.2f}, direction {result['direction']:.2f})", flush=True)
+    env.barrier()
+    return summary
+
+
+def export(recipe: Recipe, run_dir: Path, env: Env, summary: dict) -> Path:
+    run_dir = Path(run_dir)
+    out = run_dir / "export"
+    if env.main:
+        out.mkdir(parents=True, exist_ok=True)
+        for src, dst in (("merged/model.safetensors", "dit.safetensors"), ("rcm/final.safetensors", "dit_rcm.safetensors"),
+                         ("teacher/final.safetensors", "dit_teacher.safetensors"), ("vae/final.safetensors", "vae.safetensors"),
+                         ("text_encoder.safetensors", "text_encoder.safetensors"), ("spiece.model", "spiece.model")):
+            shutil.copyfile(run_dir / src, out / dst)
+        config = {"recipe": recipe.name, "size": recipe.size, "frames": recipe.frames,
+                  "dit": dataclasses.asdict(recipe.dit), "vae": dataclasses.asdict(vae_config(recipe, run_dir)),
+                  "text": dataclasses.asdict(recipe.text), "sla_topk": recipe.sla.topk, "eval": summary}
+        tmp = out / ".config.json.tmp"
+        tmp.write_text(json.dumps(config, indent=1))
+        tmp.replace(out / "config.json")
+    env.barrier()
+    return out
+
+
+def reproduce(recipe: Recipe, run_dir: Path, env: Env, evaluate_models: bool = True) -> Path:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if env.main:
+        (run_dir / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=1, default=str))
+    build_text_encoder(recipe, run_dir, env)   # writes spiece.model and the frozen text encoder once
+    run_vae(recipe, run_dir, env)
+    run_teacher(recipe, run_dir, env)
+    run_sla(recipe, run_dir, env)
+    run_rcm(recipe, run_dir, env)
+    run_merge(recipe, run_dir, env)
+    summary = _evaluate_all(recipe, run_dir, env) if evaluate_models else {}
+    recon = run_dir / "vae" / "reconstruction.json"
+    if recon.is_file():
+        summary["vae_reconstruction"] = json.loads(recon.read_text())
+    return export(recipe, run_dir, env, summary)
+

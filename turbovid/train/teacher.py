@@ -1,0 +1,145 @@
+"""Stages 1 and 2: the flow-matching teacher, and SLA white-box fine-tuning of it.
+
+Teacher (rectified flow, as Wan): x_s = (1-s) x0 + s eps, target v = eps - x0, MSE on the predicted
+velocity. Times s = shift u / (1 + (shift-1) u), u = sigmoid(N(0, 1)) (logit-normal, shifted toward
+noise as resolution-aware Wan/SD3 schedules do). Caption dropout: 10% of the samples see the Wan
+negative-prompt embedding instead of their caption, which is exactly the unconditional branch that CFG
+(teacher sampling, rCM's teacher) evaluates. The exported teacher is the power-EMA of the weights.
+
+SLA fine-tuning (SPEC §10.2): student = the teacher's weights with every self-attention replaced by SLA
+(topk 0.1; `proj_l` starts at zero so the student starts as block-sparse attention), all parameters
+trainable; loss = MSE between student and frozen full-attention teacher velocities at the same x_s,
+s = sigma / (1 + sigma), sigma ~ LogNormal(1.5, 1.6), caption-conditioned only.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from turbovid.models.dit import WanDiT
+from turbovid.train.checkpoint import load_weights
+from turbovid.train.ema import PowerEMA
+from turbovid.train.inputs import LatentBatches
+from turbovid.train.loop import (Env, drive, make_optimizer, optimizer_step, step_generator, step_indices, unwrap,
+                                 wrap_ddp)
+from turbovid.train.losses import flow_matching_pair, lognormal_rf, shifted_logit_normal, velocity_loss
+from turbovid.train.recipe import Recipe
+from turbovid.train.trigflow import rf_velocity
+
+
+def new_dit(recipe: Recipe, attention: str = "dense", topk: float = 0.1, seed: int | None = None) -> WanDiT:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed if seed is None else seed)
+        return WanDiT(recipe.dit, attention=attention, topk=topk)
+
+
+def frozen_dit(recipe: Recipe, weights: dict[str, torch.Tensor], env: Env, attention: str = "dense",
+               topk: float = 0.1) -> WanDiT:
+    net = new_dit(recipe, attention, topk)
+    net.load_state_dict(weights, strict=True)
+    return net.to(env.device).eval().requires_grad_(False)
+
+
+class _VelocityStage:
+    """Shared body: one DiT trained by velocity regression, with power EMA and DDP."""
+    name: str
+
+    def _setup(self, recipe: Recipe, run_dir: Path, env: Env, net: WanDiT, stage_cfg, fixed_batch: bool,
+               inputs: LatentBatches | None) -> None:
+        self.recipe, self.env, self.cfg = recipe, env, stage_cfg
+        self.schedule, self.fixed_batch = stage_cfg.run, fixed_batch
+        self.inputs = inputs or LatentBatches(recipe, run_dir, env, pool=recipe.pool_clips)
+        self.net = net.to(env.device).train()
+        self.model = wrap_ddp(self.net, env)
+        self.ema = PowerEMA(self.net, stage_cfg.ema_sigma_rel)
+        self.optimizer = make_optimizer(self.net.parameters(), stage_cfg.optim, env)
+
+    def _draws(self, step: int):
+        data_step = 0 if self.fixed_batch else step
+        x0, context, _ = self.inputs.get(step_indices(data_step, self.env, self.schedule.batch))
+        return x0, context, step_generator(self.recipe.seed, data_step, self.env.rank, self.env.device)
+
+    def _finish(self, loss: torch.Tensor, step: int) -> dict[str, float]:
+        loss.backward()
+        lr, norm = optimizer_step(self.optimizer, self.cfg.optim, step, self.schedule.steps)
+        self.ema.update(self.net, step)
+        return {"loss": loss.item(), "lr": lr, "grad_norm": norm}
+
+    def weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"model": unwrap(self.model).state_dict(), "ema": self.ema.state_dict()}
+
+    def load_weights(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+        self.net.load_state_dict(weights["model"])
+        self.ema.load_state_dict(weights["ema"])
+
+    def optimizer_states(self) -> dict:
+        return {"model": self.optimizer.state_dict()}
+
+    def load_optimizer_states(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["model"])
+
+    def export(self) -> dict[str, torch.Tensor]:
+        return self.ema.state_dict()
+
+
+class TeacherTrainer(_VelocityStage):
+    name = "teacher"
+
+    def __init__(self, recipe: Recipe, run_dir: Path, env: Env, fixed_batch: bool = False,
+                 inputs: LatentBatches | None = None):
+        self._setup(recipe, run_dir, env, new_dit(recipe), recipe.teacher, fixed_batch, inputs)
+
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg = self.cfg
+        x0, context, g = self._draws(step)
+        B, dev = x0.shape[0], x0.device
+        drop = torch.rand(B, generator=g, device=dev) < cfg.caption_dropout
+        context = torch.where(drop.view(B, 1, 1), self.inputs.negative.expand_as(context), context)
+        s = shifted_logit_normal(B, g, cfg.logit_mean, cfg.logit_std, cfg.shift, dev)
+        noise = torch.randn(x0.shape, generator=g, device=dev)
+        x_s, target = flow_matching_pair(x0, noise, s)
+        with self.env.autocast():
+            v = rf_velocity(self.model, x_s, s, context)
+        return self._finish(velocity_loss(v, target), step)
+
+
+class SLATrainer(_VelocityStage):
+    name = "sla"
+
+    def __init__(self, recipe: Recipe, run_dir: Path, env: Env, teacher_weights: dict[str, torch.Tensor],
+                 fixed_batch: bool = False, inputs: LatentBatches | None = None):
+        self.teacher = frozen_dit(recipe, teacher_weights, env)
+        student = new_dit(recipe, attention="sla", topk=recipe.sla.topk)
+        result = student.load_state_dict(teacher_weights, strict=False)
+        if result.unexpected_keys or any("proj_l" not in k for k in result.missing_keys):
+            raise ValueError(f"teacher weights do not fit the SLA student: missing {result.missing_keys[:2]}, "
+                             f"unexpected {result.unexpected_keys[:2]}")
+        self._setup(recipe, run_dir, env, student, recipe.sla, fixed_batch, inputs)
+
+    def train_step(self, step: int) -> dict[str, float]:
+        x0, context, g = self._draws(step)
+        B, dev = x0.shape[0], x0.device
+        s = lognormal_rf(B, g, self.cfg.p_mean, self.cfg.p_std, dev)
+        noise = torch.randn(x0.shape, generator=g, device=dev)
+        x_s, _ = flow_matching_pair(x0, noise, s)
+        with self.env.autocast():
+            with torch.no_grad():
+                v_teacher = rf_velocity(self.teacher, x_s, s, context)
+            v = rf_velocity(self.model, x_s, s, context)
+        return self._finish(velocity_loss(v, v_teacher), step)
+
+
+def run_teacher(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None) -> Path:
+    out = Path(run_dir) / "teacher"
+    drive(TeacherTrainer(recipe, run_dir, env), out, env, until=until)
+    return out / "final.safetensors"
+
+
+def run_sla(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None) -> Path:
+    teacher = Path(run_dir) / "teacher" / "final.safetensors"
+    if not teacher.is_file():
+        raise ValueError(f"{teacher} not found: run `turbovid train teacher` first")
+    out = Path(run_dir) / "sla"
+    drive(SLATrainer(recipe, run_dir, env, load_weights(teacher, env.device)), out, env, until=until)
+    return out / "final.safetensors"

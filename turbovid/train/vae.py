@@ -1,0 +1,178 @@
+"""Stage 0: train the tiny Wan2.1-architecture VAE so that its latents are meaningful.
+
+Objective (a KL-VAE, like Wan's): z = mu + exp(logvar / 2) * eps from the encoder's (mu, logvar),
+    loss = l1 * |x_hat - x| + l2 * (x_hat - x)^2 + kl * KL(N(mu, sigma^2) || N(0, 1)),
+every term a mean over its elements (pixels, resp. latent elements), kl = 1e-6, and the log-variance
+bias starts at -6 (sigma = 0.05). Why: with the default init (sigma = 1 against |mu| ~ 0.15) the decoder
+first sees mostly noise; a CPU probe (dim-16 VAE, 8 clips) reached recon loss 0.08 after 550 steps that
+way, 0.027 with this init (as fast as a plain autoencoder on mu). The weak KL then keeps sigma near 0.05:
+latents carry a little noise, which makes the decoder tolerant to small latent errors. No perceptual or
+adversarial loss (flat synthetic shapes do not need them).
+
+Known difficulty: at this width the VAE is slow and spiky to train on random clips. CPU probes with
+Adam at lr >= 1e-4 collapsed to a code that only separates dark from light clips (the encoder output
+took two values) and stayed there for hundreds of steps; the same happens with diffusers'
+AutoencoderKLWan of the same config, so it is the architecture at small width, not our module. The mini
+recipe therefore uses lr 5e-5 and many steps; check vae/reconstruction.json before training the DiT.
+
+Training runs on random crops (space and time) of the rendered clips, since the VAE is convolutional
+apart from per-frame attention. Afterwards the per-channel mean and std of mu over `stats_clips`
+full-size clips are written to latent_stats.json: they become the VAEConfig mean/std, so the DiT sees
+unit-scale latents (Wan's constants play the same role); and reconstruction.json grades held-out clips
+round-tripped through the VAE (L1, PSNR, detector agreement: the ceiling of every later adherence score).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from turbovid.models.vae import WanVAE
+from turbovid.train.data import ProceduralVideos
+from turbovid.train.detect import adherence
+from turbovid.train.loop import (Env, drive, make_optimizer, optimizer_step, step_generator, step_indices, unwrap,
+                                 wrap_ddp)
+from turbovid.train.recipe import Recipe
+
+LOGVAR_RANGE = (-30.0, 20.0)
+
+
+class VAEObjective(nn.Module):
+    """Wraps the VAE so that one forward computes the whole training loss (what DDP needs)."""
+
+    def __init__(self, vae: WanVAE):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, video: torch.Tensor, eps_gen: torch.Generator, l1: float, l2: float, kl: float):
+        vae = self.vae
+        features, _ = vae.encoder(video)                                    # [B, 2z, T, h, w]
+        mu, logvar = vae.conv1(features).float().chunk(2, dim=1)
+        logvar = logvar.clamp(*LOGVAR_RANGE)
+        eps = torch.randn(mu.shape, generator=eps_gen, device=mu.device, dtype=mu.dtype)
+        z = mu + torch.exp(0.5 * logvar) * eps
+        recon, _ = vae.decoder(vae.conv2(z.to(features.dtype)))
+        err = recon.float() - video.float()
+        rec_l1, rec_l2 = err.abs().mean(), err.pow(2).mean()
+        kld = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean()
+        return l1 * rec_l1 + l2 * rec_l2 + kl * kld, rec_l1.detach(), rec_l2.detach(), kld.detach()
+
+
+class VAETrainer:
+    name = "vae"
+
+    def __init__(self, recipe: Recipe, env: Env, fixed_batch: bool = False):
+        self.recipe, self.env, self.cfg = recipe, env, recipe.vae_stage
+        self.schedule, self.fixed_batch = self.cfg.run, fixed_batch
+        if (self.cfg.crop_frames - 1) % recipe.vae.temporal_factor or self.cfg.crop % recipe.vae.spatial_factor:
+            raise ValueError(f"VAE crop {self.cfg.crop} px x {self.cfg.crop_frames} frames must be a multiple of "
+                             f"{recipe.vae.spatial_factor} px and 4k+1 frames")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(recipe.seed)
+            self.vae = WanVAE(recipe.vae)
+        with torch.no_grad():   # conv1's output channels are [mu (z_dim) ; logvar (z_dim)]
+            self.vae.conv1.bias[recipe.vae.z_dim:] = self.cfg.logvar_init
+        self.vae.to(env.device).train()
+        self.model = wrap_ddp(VAEObjective(self.vae), env)
+        self.optimizer = make_optimizer(self.vae.parameters(), self.cfg.optim, env)
+        self.data = ProceduralVideos("train", recipe.size, recipe.frames, recipe.data_seed)
+
+    def _crops(self, step: int) -> torch.Tensor:
+        cfg, size, frames = self.cfg, self.recipe.size, self.recipe.frames
+        videos, _ = self.data.batch(step_indices(step, self.env, cfg.run.batch), self.env.device)
+        # Crop offsets from a CPU generator (integers; the device generator is for the noise).
+        g = step_generator(self.recipe.seed, step, self.env.rank, torch.device("cpu"))
+        out = []
+        for v in videos:
+            y, x = (int(torch.randint(0, size - cfg.crop + 1, (1,), generator=g)) for _ in range(2))
+            t = int(torch.randint(0, frames - cfg.crop_frames + 1, (1,), generator=g))
+            out.append(v[:, t:t + cfg.crop_frames, y:y + cfg.crop, x:x + cfg.crop])
+        return torch.stack(out)
+
+    def train_step(self, step: int) -> dict[str, float]:
+        data_step = 0 if self.fixed_batch else step
+        video = self._crops(data_step)
+        g = step_generator(self.recipe.seed, data_step, self.env.rank, self.env.device)
+        with self.env.autocast():
+            loss, l1, l2, kld = self.model(video, g, self.cfg.l1, self.cfg.l2, self.cfg.kl)
+        loss.backward()
+        lr, norm = optimizer_step(self.optimizer, self.cfg.optim, step, self.schedule.steps)
+        return {"loss": loss.item(), "l1": l1.item(), "l2": l2.item(), "kl": kld.item(), "lr": lr, "grad_norm": norm}
+
+    def weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"model": unwrap(self.model).vae.state_dict()}
+
+    def load_weights(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+        self.vae.load_state_dict(weights["model"])
+
+    def optimizer_states(self) -> dict:
+        return {"model": self.optimizer.state_dict()}
+
+    def load_optimizer_states(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["model"])
+
+    def export(self) -> dict[str, torch.Tensor]:
+        return self.vae.state_dict()
+
+    @torch.no_grad()
+    def latent_stats(self) -> dict[str, list[float]]:
+        """Per-channel mean/std of the encoder mean over `stats_clips` full-size clips (recipe mean/std must
+        be the identity (0, 1) while measuring, which the recipes guarantee)."""
+        self.vae.eval()
+        total = torch.zeros(self.recipe.vae.z_dim, dtype=torch.float64, device=self.env.device)
+        sq, count = torch.zeros_like(total), 0
+        data = ProceduralVideos("train", self.recipe.size, self.recipe.frames, self.recipe.data_seed + 1)
+        for first in range(0, self.cfg.stats_clips, 4):
+            videos, _ = data.batch(list(range(first, min(first + 4, self.cfg.stats_clips))), self.env.device)
+            with self.env.autocast():
+                mu = self.vae.encode_reference(videos).double()             # [b, z, T, h, w]
+            total += mu.sum(dim=(0, 2, 3, 4))
+            sq += mu.pow(2).sum(dim=(0, 2, 3, 4))
+            count += mu[:, 0].numel()
+        mean = total / count
+        std = (sq / count - mean.pow(2)).clamp(min=1e-12).sqrt()
+        self.vae.train()
+        return {"mean": mean.tolist(), "std": std.tolist()}
+
+
+@torch.no_grad()
+def reconstruction_report(vae: WanVAE, recipe: Recipe, env: Env, count: int) -> dict:
+    """Round trip of `count` held-out clips: pixel L1 and PSNR (on [-1, 1]), and `detect` adherence of the
+    reconstructions against the clips' attributes (the ceiling for every generated-video score)."""
+    data = ProceduralVideos("heldout", recipe.size, recipe.frames, recipe.data_seed)
+    clips, recons, l1, mse = [], [], 0.0, 0.0
+    for first in range(0, count, 4):
+        videos, batch = data.batch(list(range(first, min(first + 4, count))), env.device)
+        with env.autocast():
+            rec = vae.decode_reference(vae.encode_reference(videos.to(vae.dtype)), clamp=True).float()
+        l1 += float((rec - videos).abs().mean()) * len(batch)
+        mse += float((rec - videos).pow(2).mean()) * len(batch)
+        recons.append(rec.cpu())
+        clips += batch
+    scores = adherence(list(torch.cat(recons)), [c.attributes() for c in clips])
+    return {"l1": l1 / count, "psnr": 10 * math.log10(4.0 / max(mse / count, 1e-12)), "count": count,
+            **{k: v for k, v in scores.items() if k != "detections"}}
+
+
+def run_vae(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None) -> Path:
+    if recipe.vae.mean != (0.0,) * recipe.vae.z_dim or recipe.vae.std != (1.0,) * recipe.vae.z_dim:
+        raise ValueError("VAE training needs the recipe's VAE mean/std to be 0/1 (they are measured afterwards)")
+    out = Path(run_dir) / "vae"
+    trainer = VAETrainer(recipe, env)
+    drive(trainer, out, env, until=until)
+    if (out / "final.safetensors").exists() and (until is None or until >= trainer.schedule.steps):
+        stats = trainer.latent_stats()
+        if env.main:
+            tmp = out / ".latent_stats.json.tmp"
+            tmp.write_text(json.dumps(stats, indent=1))
+            tmp.replace(out / "latent_stats.json")
+            trainer.vae.eval()
+            report = reconstruction_report(trainer.vae, recipe, env, trainer.cfg.eval_clips)
+            (out / "reconstruction.json").write_text(json.dumps(report, indent=1))
+            print(f"[vae] held-out reconstruction: L1 {report['l1']:.4f}, PSNR {report['psnr']:.2f} dB, "
+                  f"detector agreement {report['all']:.3f}", flush=True)
+        env.barrier()
+    return out / "final.safetensors"
