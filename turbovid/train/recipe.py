@@ -48,8 +48,11 @@ class Schedule:
 class VAEStage:
     run: Schedule
     optim: Optim
-    crop: int = 128              # random square crop of the rendered clip (the VAE is convolutional)
-    crop_frames: int = 17        # 4k + 1 consecutive frames
+    crop: int = 96               # random square crop of the rendered clip (the VAE is convolutional)
+    crop_frames: int = 33        # 4k + 1 consecutive frames. Use the full clip length: a VAE trained on
+                                 # 5-frame crops reconstructed 9-frame clips 4x worse (L1 0.25 vs 0.06) on a
+                                 # CPU probe (more causal chunks than it ever saw); smaller crops in space
+                                 # generalised fine (trained at 32 px, 0.06 at 64 px)
     l1: float = 1.0
     l2: float = 1.0
     kl: float = 1e-6             # KL-VAE: weight of the mean per-latent-element KL(q(z|x) || N(0, I))

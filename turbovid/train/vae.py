@@ -15,8 +15,9 @@ took two values) and stayed there for hundreds of steps; the same happens with d
 AutoencoderKLWan of the same config, so it is the architecture at small width, not our module. The mini
 recipe therefore uses lr 5e-5 and many steps; check vae/reconstruction.json before training the DiT.
 
-Training runs on random crops (space and time) of the rendered clips, since the VAE is convolutional
-apart from per-frame attention. Afterwards the per-channel mean and std of mu over `stats_clips`
+Training runs on random spatial crops of the rendered clips (the VAE is convolutional apart from
+per-frame attention, and spatial crops generalised to full frames), over all frames of the clip (a VAE
+trained on shorter clips than it encodes fails on the extra causal chunks: recipe.VAEStage.crop_frames). Afterwards the per-channel mean and std of mu over `stats_clips`
 full-size clips are written to latent_stats.json: they become the VAEConfig mean/std, so the DiT sees
 unit-scale latents (Wan's constants play the same role); and reconstruction.json grades held-out clips
 round-tripped through the VAE (L1, PSNR, detector agreement: the ceiling of every later adherence score).
