@@ -139,7 +139,9 @@ def _mini() -> Recipe:
                              Optim(lr=1e-4, warmup=500, cosine=True)),
         sla=SLAStage(Schedule(steps=3000, batch=16, ckpt_every=1000), Optim(lr=2e-5, warmup=100)),
         rcm=RCMStage(Schedule(steps=6000, batch=8, ckpt_every=1000),
-                     Optim(lr=2e-5, betas=(0.0, 0.999), warmup=0), Optim(lr=4e-6, betas=(0.0, 0.999), warmup=0),
+                     # rCM: betas (0, 0.999), no gradient clipping (NaN/inf entries are still zeroed)
+                     Optim(lr=2e-5, betas=(0.0, 0.999), warmup=0, grad_clip=0.0),
+                     Optim(lr=4e-6, betas=(0.0, 0.999), warmup=0, grad_clip=0.0),
                      tangent_warmup=1000, student_update_freq=5),
         pool_clips=40000,
     )
