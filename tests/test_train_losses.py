@@ -17,6 +17,7 @@ from turbovid.train.losses import (dmd_loss, fake_score_loss, flow_matching_pair
 from turbovid.train.merge import merge_state_dicts
 from turbovid.train.recipe import Optim, lr_at
 from turbovid.train.trigflow import MathAttention, denoise, math_attention, student_F_jvp
+from turbovid.train.vae import foreground_weights
 
 
 def _gen(seed=0):
@@ -181,6 +182,19 @@ def test_fake_score_loss_and_rcm_schedule():
     phases = [rcm_phase(n, 5, 5) for n in range(12)]
     assert phases == [("student", 0), ("student", 1), ("student", 2), ("student", 3), ("student", 4), ("student", 5),
                       ("critic", 0), ("critic", 1), ("critic", 2), ("critic", 3), ("student", 6), ("critic", 4)]
+
+
+def test_vae_foreground_weights():
+    video = torch.full((2, 3, 5, 8, 8), -0.8)
+    video[0, :, :, 2:4, 2:4] = 0.9          # a 2x2 object in clip 0 (4 of 64 pixels per frame)
+    w = foreground_weights(video, 10.0)
+    assert w.shape == (2, 1, 5, 8, 8)
+    assert torch.allclose(w.mean(dim=(2, 3, 4)), torch.ones(2, 1))
+    # object pixels weigh 11x the background ones; a clip without an object keeps uniform weights
+    assert w[0, 0, 0, 2, 2].item() == pytest.approx(11 * w[0, 0, 0, 0, 0].item())
+    assert w[0, 0, 0, 0, 0].item() == pytest.approx(64 / (60 + 4 * 11))
+    assert torch.equal(w[1], torch.ones_like(w[1]))
+    assert torch.equal(foreground_weights(video, 0.0), torch.ones_like(w))
 
 
 # ---- EMA, lr, merge ------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ class VAEStage:
                                  # generalised fine (trained at 32 px, 0.06 at 64 px)
     l1: float = 1.0
     l2: float = 1.0
+    fg_weight: float = 10.0      # object pixels weigh 1 + fg_weight in the reconstruction loss (vae.py)
     kl: float = 1e-6             # KL-VAE: weight of the mean per-latent-element KL(q(z|x) || N(0, I))
     logvar_init: float = -6.0    # initial posterior log-variance (bias of the logvar half of `conv1`)
     stats_clips: int = 256       # clips encoded (full size) to measure the latent mean/std

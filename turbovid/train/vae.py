@@ -33,12 +33,26 @@ from torch import nn
 
 from turbovid.models.vae import WanVAE
 from turbovid.train.data import ProceduralVideos
-from turbovid.train.detect import adherence
+from turbovid.train.detect import FG_DISTANCE, adherence
 from turbovid.train.loop import (Env, drive, make_optimizer, optimizer_step, step_generator, step_indices, unwrap,
                                  wrap_ddp)
 from turbovid.train.recipe import Recipe
 
 LOGVAR_RANGE = (-30.0, 20.0)
+
+
+@torch.no_grad()
+def foreground_weights(video: torch.Tensor, fg_weight: float) -> torch.Tensor:
+    """Per-pixel loss weights [B, 1, F, H, W] with mean 1: 1 + fg_weight on object pixels (farther than
+    FG_DISTANCE from the clip's median colour), renormalised per clip. The object covers 1-7% of the pixels,
+    so with plain means the VAE learns the background first and drops the object: a CPU probe reached
+    held-out L1 0.058 with every object gone (detector agreement 0)."""
+    if fg_weight <= 0:
+        return torch.ones_like(video[:, :1])
+    bg = video.flatten(2).median(dim=2).values[:, :, None, None, None]          # [B, 3, 1, 1, 1]
+    fg = ((video - bg).norm(dim=1, keepdim=True) > 2 * FG_DISTANCE).float()    # [-1, 1] scale: 2x
+    w = 1 + fg_weight * fg
+    return w / w.mean(dim=(2, 3, 4), keepdim=True)
 
 
 class VAEObjective(nn.Module):
@@ -48,7 +62,8 @@ class VAEObjective(nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, video: torch.Tensor, eps_gen: torch.Generator, l1: float, l2: float, kl: float):
+    def forward(self, video: torch.Tensor, eps_gen: torch.Generator, l1: float, l2: float, kl: float,
+                fg_weight: float = 0.0):
         vae = self.vae
         features, _ = vae.encoder(video)                                    # [B, 2z, T, h, w]
         mu, logvar = vae.conv1(features).float().chunk(2, dim=1)
@@ -57,7 +72,8 @@ class VAEObjective(nn.Module):
         z = mu + torch.exp(0.5 * logvar) * eps
         recon, _ = vae.decoder(vae.conv2(z.to(features.dtype)))
         err = recon.float() - video.float()
-        rec_l1, rec_l2 = err.abs().mean(), err.pow(2).mean()
+        w = foreground_weights(video, fg_weight)                             # [B, 1, F, H, W], mean 1
+        rec_l1, rec_l2 = (w * err.abs()).mean(), (w * err.pow(2)).mean()
         kld = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean()
         return l1 * rec_l1 + l2 * rec_l2 + kl * kld, rec_l1.detach(), rec_l2.detach(), kld.detach()
 
@@ -98,7 +114,7 @@ class VAETrainer:
         video = self._crops(data_step)
         g = step_generator(self.recipe.seed, data_step, self.env.rank, self.env.device)
         with self.env.autocast():
-            loss, l1, l2, kld = self.model(video, g, self.cfg.l1, self.cfg.l2, self.cfg.kl)
+            loss, l1, l2, kld = self.model(video, g, self.cfg.l1, self.cfg.l2, self.cfg.kl, self.cfg.fg_weight)
         loss.backward()
         lr, norm = optimizer_step(self.optimizer, self.cfg.optim, step, self.schedule.steps)
         return {"loss": loss.item(), "l1": l1.item(), "l2": l2.item(), "kl": kld.item(), "lr": lr, "grad_norm": norm}
