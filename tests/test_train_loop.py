@@ -134,6 +134,23 @@ def test_text_conditioning_is_learned_through_the_frozen_text_encoder(run):
     assert cos.diagonal().min() > 0.5 and (cos - torch.eye(4) * cos).abs().max() < 0.35, cos
 
 
+def test_time_budget_checkpoints_and_resume_finishes(run, tmp_path):
+    """--max-minutes: past the deadline, drive checkpoints after the current step and writes no final weights;
+    the same call without a deadline resumes there and finishes with the same losses as an uninterrupted run."""
+    run_dir, inputs = run
+    recipe = _stage(TINY, "teacher", steps=4, ckpt_every=4)
+    late = dataclasses.replace(ENV, deadline=0.0)            # time.monotonic() > 0: out of time at once
+    first = drive(TeacherTrainer(recipe, run_dir, late, inputs=inputs), tmp_path / "a", late, quiet=True)
+    assert [r["step"] for r in first] == [0]
+    assert (tmp_path / "a" / "checkpoints" / "step_00000001").is_dir()
+    assert not (tmp_path / "a" / "final.safetensors").exists()
+    rest = drive(TeacherTrainer(recipe, run_dir, ENV, inputs=inputs), tmp_path / "a", ENV, quiet=True)
+    assert [r["step"] for r in rest] == [1, 2, 3]
+    assert (tmp_path / "a" / "final.safetensors").is_file()
+    straight = drive(TeacherTrainer(recipe, run_dir, ENV, inputs=inputs), tmp_path / "b", ENV, quiet=True)
+    assert [r["loss"] for r in first + rest] == [r["loss"] for r in straight]
+
+
 def test_teacher_resume_gives_identical_next_step_loss(run, tmp_path):
     run_dir, inputs = run
     recipe = _stage(TINY, "teacher", steps=4, ckpt_every=2)

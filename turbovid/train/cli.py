@@ -25,6 +25,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, help="override the stage's batch per process")
     p.add_argument("--lr", type=float, help="override the stage's learning rate")
     p.add_argument("--until", type=int, help="stop after this many steps (resume later)")
+    p.add_argument("--max-minutes", type=float, help="wall-clock budget: checkpoint and stop when it is spent "
+                   "(resume by running the same command again)")
     p.add_argument("--device", help="cuda | cpu (default: cuda if available)")
     p.add_argument("--no-eval", action="store_true", help="reproduce: skip the final evaluations")
     g = p.add_argument_group("merge of arbitrary files (all three given: TurboDiffusion's merge_models.py)")
@@ -85,7 +87,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.weight is not None:
         recipe = dataclasses.replace(recipe, merge_weight=args.weight)
     run_dir = Path(args.run_dir)
-    env = setup_env(args.device)
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        raise ValueError(f"--max-minutes must be positive, got {args.max_minutes}")
+    env = setup_env(args.device, args.max_minutes)
     try:
         if args.stage == "vae":
             from turbovid.train.vae import run_vae
@@ -117,7 +121,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             from turbovid.train.reproduce import reproduce
             out = reproduce(recipe, run_dir, env, evaluate_models=not args.no_eval)
         if env.main:
-            print(f"done: {out}")
+            stage_dir = out.name in ("vae", "teacher", "sla", "rcm")          # reproduce stopped in this stage
+            if stage_dir or (out.suffix == ".safetensors" and not out.is_file()):
+                print(f"stopped at the --max-minutes budget in {out if stage_dir else out.parent}; "
+                      "run the same command again to resume")
+            else:
+                print(f"done: {out}")
     finally:
         teardown_env(env)
     return 0

@@ -32,6 +32,7 @@ class Env:
     device: torch.device
     rank: int = 0
     world: int = 1
+    deadline: float | None = None   # time.monotonic() after which `drive` checkpoints and stops (--max-minutes)
 
     @property
     def main(self) -> bool:
@@ -51,9 +52,22 @@ class Env:
         if self.distributed:
             dist.barrier()
 
+    def out_of_time(self) -> bool:
+        """True once the deadline has passed on any rank (all ranks agree, so they stop at the same step)."""
+        if self.deadline is None:
+            return False
+        late = time.monotonic() > self.deadline
+        if self.distributed:
+            flag = torch.tensor([float(late)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            late = bool(flag.item())
+        return late
 
-def setup_env(device: str | None = None) -> Env:
-    """One process per GPU under torchrun (NCCL; gloo on CPU), else a single process."""
+
+def setup_env(device: str | None = None, max_minutes: float | None = None) -> Env:
+    """One process per GPU under torchrun (NCCL; gloo on CPU), else a single process. `max_minutes`: wall-clock
+    budget from now, after which the running stage checkpoints and stops (resume by running it again)."""
+    deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -62,11 +76,11 @@ def setup_env(device: str | None = None) -> Env:
             dist.init_process_group("nccl" if use_cuda else "gloo")
         if use_cuda:
             torch.cuda.set_device(local)
-        return Env(torch.device(f"cuda:{local}" if use_cuda else "cpu"), rank, world)
+        return Env(torch.device(f"cuda:{local}" if use_cuda else "cpu"), rank, world, deadline)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but no CUDA GPU is visible")
-    return Env(dev)
+    return Env(dev, deadline=deadline)
 
 
 def teardown_env(env: Env) -> None:
@@ -178,7 +192,9 @@ def drive(stage: Stage, out_dir: str | Path, env: Env, until: int | None = None,
         (out_dir / "log.jsonl").unlink()   # a fresh run starts a fresh log
     records = []
     t_last, n_last = time.perf_counter(), start
-    for step in range(start, until):
+    for step in range(start, total):
+        if step >= until:
+            break
         values = stage.train_step(step)
         values = mean_across_ranks(values, env)
         record = {"stage": stage.name, "step": step, **values}
@@ -192,6 +208,11 @@ def drive(stage: Stage, out_dir: str | Path, env: Env, until: int | None = None,
                 shown = " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float))
                 print(f"[{stage.name}] step {step + 1}/{total} {shown}", flush=True)
         done = step + 1
+        if done < until and env.out_of_time():
+            until = done          # checkpoint below, no final weights: the next run resumes here
+            if env.main:
+                print(f"[{stage.name}] out of time after step {done}/{total}: checkpointed, run again to resume",
+                      flush=True)
         if done % sched.ckpt_every == 0 or done == until:
             if env.main:
                 save_checkpoint(ckpt_root, done, stage.weights(),

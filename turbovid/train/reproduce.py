@@ -90,10 +90,11 @@ def reproduce(recipe: Recipe, run_dir: Path, env: Env, evaluate_models: bool = T
     if env.main:
         (run_dir / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=1, default=str))
     build_text_encoder(recipe, run_dir, env)   # writes spiece.model and the frozen text encoder once
-    run_vae(recipe, run_dir, env)
-    run_teacher(recipe, run_dir, env)
-    run_sla(recipe, run_dir, env)
-    run_rcm(recipe, run_dir, env)
+    for stage, name in ((run_vae, "vae"), (run_teacher, "teacher"), (run_sla, "sla"), (run_rcm, "rcm")):
+        if not (run_dir / name / "final.safetensors").is_file():
+            stage(recipe, run_dir, env)
+        if not (run_dir / name / "final.safetensors").is_file():   # stopped by --max-minutes
+            return run_dir / name
     run_merge(recipe, run_dir, env)
     summary = _evaluate_all(recipe, run_dir, env) if evaluate_models else {}
     recon = run_dir / "vae" / "reconstruction.json"
