@@ -58,6 +58,7 @@ def main() -> int:
     ap.add_argument("--recipe", default="mini", choices=sorted(RECIPES))
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--out", help="results folder (default benchmarks/results)")
+    ap.add_argument("--rows", default="all", help="all | dit: only the teacher and SLA steps, eager and compiled")
     args = ap.parse_args()
     recipe = RECIPES[args.recipe]
     env = Env(torch.device("cuda" if torch.cuda.is_available() else "cpu"))   # CPU: a smoke run (tiny recipe)
@@ -76,54 +77,62 @@ def main() -> int:
         (run_dir / "vae" / "latent_stats.json").write_text(json.dumps({"mean": [0.0] * z, "std": [1.0] * z}))
 
         data = ProceduralVideos("train", recipe.size, recipe.frames, recipe.data_seed)
-        it = iter(range(10**6))
-        add("render clips", wall(lambda: data.batch([next(it) for _ in range(32)], env.device), 1, args.iters), 32, "batch")
-
-        vae_t = VAETrainer(recipe, env)
         step = iter(range(10**6))
-        add("vae train step", wall(lambda: vae_t.train_step(next(step)), 2, args.iters), recipe.vae_stage.run.batch)
-        del vae_t
+        full = args.rows == "all"
+        if full:
+            it = iter(range(10**6))
+            add("render clips", wall(lambda: data.batch([next(it) for _ in range(32)], env.device), 1, args.iters),
+                32, "batch")
+            vae_t = VAETrainer(recipe, env)
+            add("vae train step", wall(lambda: vae_t.train_step(next(step)), 2, args.iters), recipe.vae_stage.run.batch)
+            del vae_t
 
         inputs = LatentBatches(recipe, run_dir, env, pool=0)
-        videos, _ = data.batch(list(range(32)), env.device)
-        add("vae encode (pool)", wall(lambda: encode_videos(inputs.vae, videos), 1, args.iters), 32, "batch")
+        if full:
+            videos, _ = data.batch(list(range(32)), env.device)
+            add("vae encode (pool)", wall(lambda: encode_videos(inputs.vae, videos), 1, args.iters), 32, "batch")
 
-        teacher = TeacherTrainer(recipe, run_dir, env, inputs=inputs)
-        add("teacher step", wall(lambda: teacher.train_step(next(step)), 2, args.iters), recipe.teacher.run.batch)
-        weights = {k: v.detach().clone() for k, v in teacher.net.state_dict().items()}
-        del teacher
+        compiled = (False,) if full else (False, True)
+        for comp in compiled:
+            tag = " (compiled)" if comp else ""
+            r = dataclasses.replace(recipe, teacher=dataclasses.replace(recipe.teacher, compile=comp),
+                                    sla=dataclasses.replace(recipe.sla, compile=comp))
+            teacher = TeacherTrainer(r, run_dir, env, inputs=inputs)
+            add("teacher step" + tag, wall(lambda: teacher.train_step(next(step)), 3, args.iters), r.teacher.run.batch)
+            weights = {k: v.detach().clone() for k, v in teacher.net.state_dict().items()}
+            del teacher
+            sla = SLATrainer(r, run_dir, env, weights, inputs=inputs)
+            add("sla step" + tag, wall(lambda: sla.train_step(next(step)), 3, args.iters), r.sla.run.batch)
+            del sla
 
-        sla = SLATrainer(recipe, run_dir, env, weights, inputs=inputs)
-        add("sla step", wall(lambda: sla.train_step(next(step)), 2, args.iters), recipe.sla.run.batch)
-        del sla
+        if full:
+            rcm = RCMTrainer(recipe, run_dir, env, weights, inputs=inputs)
+            warm = recipe.rcm.tangent_warmup
+            add("rcm student step (warm-up)", wall(lambda: rcm.train_step(min(next(step), warm - 1)), 2, args.iters),
+                recipe.rcm.run.batch)
+            freq = recipe.rcm.student_update_freq
+            after = iter(range(warm, 10**6))
+            add("rcm step after warm-up (mix)", wall(lambda: rcm.train_step(next(after)), freq, 2 * freq),
+                recipe.rcm.run.batch)
+            del rcm
 
-        rcm = RCMTrainer(recipe, run_dir, env, weights, inputs=inputs)
-        warm = recipe.rcm.tangent_warmup
-        add("rcm student step (warm-up)", wall(lambda: rcm.train_step(min(next(step), warm - 1)), 2, args.iters),
-            recipe.rcm.run.batch)
-        freq = recipe.rcm.student_update_freq
-        after = iter(range(warm, 10**6))
-        add("rcm step after warm-up (mix)", wall(lambda: rcm.train_step(next(after)), freq, 2 * freq),
-            recipe.rcm.run.batch)
-        del rcm
+            net = new_dit(recipe).to(env.device).eval().requires_grad_(False)
+            s, tf = recipe.vae.spatial_factor, recipe.vae.temporal_factor
+            shape = (8, z, (recipe.frames - 1) // tf + 1, recipe.size // s, recipe.size // s)
+            context = inputs.text.encode(["a red circle moves to the left on a black background"] * 8).float()
 
-        net = new_dit(recipe).to(env.device).eval().requires_grad_(False)
-        s, tf = recipe.vae.spatial_factor, recipe.vae.temporal_factor
-        shape = (8, z, (recipe.frames - 1) // tf + 1, recipe.size // s, recipe.size // s)
-        context = inputs.text.encode(["a red circle moves to the left on a black background"] * 8).float()
-
-        def sample(sampler, steps):
-            lat = generate_latents(net, context, inputs.negative, shape, env, sampler=sampler, steps=steps, seed=0)
-            inputs.vae.decode_reference(lat.to(inputs.vae.dtype), clamp=True)
-        add("sample rcm 4 steps + decode", wall(lambda: sample("rcm", 4), 1, 3), 8, "8 videos")
-        add("sample 50 steps CFG + decode", wall(lambda: sample("teacher", recipe.eval_teacher_steps), 1, 3), 8,
-            "8 videos")
+            def sample(sampler, steps):
+                lat = generate_latents(net, context, inputs.negative, shape, env, sampler=sampler, steps=steps, seed=0)
+                inputs.vae.decode_reference(lat.to(inputs.vae.dtype), clamp=True)
+            add("sample rcm 4 steps + decode", wall(lambda: sample("rcm", 4), 1, 3), 8, "8 videos")
+            add("sample 50 steps CFG + decode", wall(lambda: sample("teacher", recipe.eval_teacher_steps), 1, 3), 8,
+                "8 videos")
 
     print_table(rows, ["row", "ms", "batch", "unit"])
-    write_results(f"train_speed_{args.recipe}", {
+    write_results(f"train_speed_{args.recipe}" + ("" if args.rows == "all" else f"_{args.rows}"), {
         "recipe": args.recipe, "size": recipe.size, "frames": recipe.frames, "tokens": recipe.latent_tokens,
         "dit": dataclasses.asdict(recipe.dit), "vae": dataclasses.asdict(recipe.vae),
-        "dit_params": sum(p.numel() for p in net.parameters()), "rows": rows,
+        "dit_params": sum(p.numel() for p in new_dit(recipe).parameters()), "rows": rows,
         "timing": "median wall-clock seconds per call, each closed by torch.cuda.synchronize()"}, args.out)
     return 0
 

@@ -73,6 +73,7 @@ class TeacherStage:
     shift: float = 3.0
     caption_dropout: float = 0.1  # fraction of samples conditioned on the negative prompt (CFG's uncond)
     ema_sigma_rel: float = 0.1
+    compile: bool = False         # torch.compile the DiT blocks (CUDA only)
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class SLAStage:
     p_mean: float = 1.5          # RF time s = sigma / (1 + sigma), sigma ~ LogNormal(p_mean, p_std)  (TD)
     p_std: float = 1.6
     ema_sigma_rel: float = 0.1
+    compile: bool = False         # torch.compile the student's and the frozen teacher's blocks (CUDA only)
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,7 @@ def _mini() -> Recipe:
                      Optim(lr=2e-5, betas=(0.0, 0.999), warmup=0, grad_clip=0.0),
                      Optim(lr=4e-6, betas=(0.0, 0.999), warmup=0, grad_clip=0.0),
                      tangent_warmup=1000, student_update_freq=5),
-        pool_clips=40000,
+        pool_clips=12000,
     )
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from turbovid.models.dit import WanDiT
+from turbovid.speedups import compile_blocks
 from turbovid.train.checkpoint import load_weights
 from turbovid.train.ema import PowerEMA
 from turbovid.train.inputs import LatentBatches
@@ -51,6 +52,10 @@ class _VelocityStage:
         self.schedule, self.fixed_batch = stage_cfg.run, fixed_batch
         self.inputs = inputs or LatentBatches(recipe, run_dir, env, pool=recipe.pool_clips)
         self.net = net.to(env.device).train()
+        if stage_cfg.compile and env.device.type == "cuda":
+            compile_blocks(self.net)             # in place, same parameter names
+            if getattr(self, "teacher", None) is not None:
+                compile_blocks(self.teacher)
         self.model = wrap_ddp(self.net, env)
         self.ema = PowerEMA(self.net, stage_cfg.ema_sigma_rel)
         self.optimizer = make_optimizer(self.net.parameters(), stage_cfg.optim, env)
