@@ -151,6 +151,27 @@ def test_time_budget_checkpoints_and_resume_finishes(run, tmp_path):
     assert [r["loss"] for r in first + rest] == [r["loss"] for r in straight]
 
 
+def test_fit_minutes_shortens_a_fresh_schedule_and_resume_keeps_it(run, tmp_path):
+    import time
+
+    from turbovid.train.loop import FIT_PROBE
+    run_dir, inputs = run
+    recipe = _stage(TINY, "teacher", steps=40, ckpt_every=10, log_every=100)
+    hurried = dataclasses.replace(ENV, fit_until=time.monotonic())     # no time left after the probe
+    trainer = TeacherTrainer(recipe, run_dir, hurried, inputs=inputs)
+    records = drive(trainer, tmp_path / "a", hurried, quiet=True)
+    assert len(records) == FIT_PROBE[1] and trainer.schedule.steps == FIT_PROBE[1]
+    assert records[-1]["lr"] == pytest.approx(recipe.teacher.optim.lr)          # the last step of the new schedule
+    assert (tmp_path / "a" / "final.safetensors").is_file()
+    # resumed from its last checkpoint, a stage keeps the fitted length (and has nothing left to do)
+    again = TeacherTrainer(recipe, run_dir, ENV, inputs=inputs)
+    assert drive(again, tmp_path / "a", ENV, quiet=True) == [] and again.schedule.steps == FIT_PROBE[1]
+    # with time to spare the schedule is never lengthened
+    relaxed = dataclasses.replace(ENV, fit_until=time.monotonic() + 3600)
+    trainer = TeacherTrainer(_stage(TINY, "teacher", steps=30, ckpt_every=30), run_dir, relaxed, inputs=inputs)
+    assert len(drive(trainer, tmp_path / "b", relaxed, quiet=True)) == 30
+
+
 def test_teacher_resume_gives_identical_next_step_loss(run, tmp_path):
     run_dir, inputs = run
     recipe = _stage(TINY, "teacher", steps=4, ckpt_every=2)

@@ -27,6 +27,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--until", type=int, help="stop after this many steps (resume later)")
     p.add_argument("--max-minutes", type=float, help="wall-clock budget: checkpoint and stop when it is spent "
                    "(resume by running the same command again)")
+    p.add_argument("--fit-minutes", type=float, help="shorten a fresh stage's schedule (warm-up and decay included) "
+                   "to the steps that fit in this many minutes, measured on its first steps")
     p.add_argument("--device", help="cuda | cpu (default: cuda if available)")
     p.add_argument("--no-eval", action="store_true", help="reproduce: skip the final evaluations")
     g = p.add_argument_group("merge of arbitrary files (all three given: TurboDiffusion's merge_models.py)")
@@ -89,7 +91,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if args.max_minutes is not None and not args.max_minutes > 0:
         raise ValueError(f"--max-minutes must be positive, got {args.max_minutes}")
-    env = setup_env(args.device, args.max_minutes)
+    if args.fit_minutes is not None and not args.fit_minutes > 0:
+        raise ValueError(f"--fit-minutes must be positive, got {args.fit_minutes}")
+    env = setup_env(args.device, args.max_minutes, args.fit_minutes)
     try:
         if args.stage == "vae":
             from turbovid.train.vae import run_vae

@@ -12,6 +12,7 @@ in the backward), rank 0 writes logs and checkpoints, everyone reads them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -27,12 +28,16 @@ from turbovid.train.checkpoint import latest_checkpoint, load_checkpoint, save_c
 from turbovid.train.recipe import Optim, Schedule, lr_at
 
 
+FIT_PROBE = (5, 25)   # steps timed by a time-fitted schedule (after 5 steps of warm-up: compile, autotune)
+
+
 @dataclass(frozen=True)
 class Env:
     device: torch.device
     rank: int = 0
     world: int = 1
     deadline: float | None = None   # time.monotonic() after which `drive` checkpoints and stops (--max-minutes)
+    fit_until: float | None = None  # time.monotonic() by which a fresh stage's schedule should end (--fit-minutes)
 
     @property
     def main(self) -> bool:
@@ -64,10 +69,15 @@ class Env:
         return late
 
 
-def setup_env(device: str | None = None, max_minutes: float | None = None) -> Env:
+def setup_env(device: str | None = None, max_minutes: float | None = None, fit_minutes: float | None = None) -> Env:
     """One process per GPU under torchrun (NCCL; gloo on CPU), else a single process. `max_minutes`: wall-clock
-    budget from now, after which the running stage checkpoints and stops (resume by running it again)."""
-    deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
+    budget from now, after which the running stage checkpoints and stops (resume by running it again).
+    `fit_minutes`: a stage started from scratch shortens its schedule to what fits in that time (see `drive`)."""
+    now = time.monotonic()
+    deadline = None if max_minutes is None else now + 60 * max_minutes
+    fit_until = None if fit_minutes is None else now + 60 * fit_minutes
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True   # fixed shapes in every stage: let cuDNN pick the conv3d kernels
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -76,11 +86,11 @@ def setup_env(device: str | None = None, max_minutes: float | None = None) -> En
             dist.init_process_group("nccl" if use_cuda else "gloo")
         if use_cuda:
             torch.cuda.set_device(local)
-        return Env(torch.device(f"cuda:{local}" if use_cuda else "cpu"), rank, world, deadline)
+        return Env(torch.device(f"cuda:{local}" if use_cuda else "cpu"), rank, world, deadline, fit_until)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but no CUDA GPU is visible")
-    return Env(dev, deadline=deadline)
+    return Env(dev, deadline=deadline, fit_until=fit_until)
 
 
 def teardown_env(env: Env) -> None:
@@ -174,7 +184,13 @@ def drive(stage: Stage, out_dir: str | Path, env: Env, until: int | None = None,
           quiet: bool = False) -> list[dict]:
     """Run `stage` from its newest checkpoint (if any) up to `until` (default: schedule.steps) steps,
     checkpointing every `ckpt_every` steps and at the end, logging to out_dir/log.jsonl. When the schedule is
-    complete, the exported weights go to out_dir/final.safetensors. Returns the records of the steps run."""
+    complete, the exported weights go to out_dir/final.safetensors. Returns the records of the steps run.
+
+    Time-fitted schedules (env.fit_until, `--fit-minutes`): a stage starting from step 0 times steps
+    FIT_PROBE[0]..FIT_PROBE[1] and then shortens its schedule (never lengthens) to the steps that fit before
+    fit_until; learning-rate warm-up and decay follow the new length (the probe steps lie inside the warm-up,
+    whose learning rates do not depend on it). The length is saved in every checkpoint, so a resumed run keeps
+    it, and in the final weights' metadata."""
     out_dir = Path(out_dir)
     sched = stage.schedule
     total = sched.steps
@@ -187,6 +203,11 @@ def drive(stage: Stage, out_dir: str | Path, env: Env, until: int | None = None,
         stage.load_weights(weights)
         stage.load_optimizer_states(state["optimizers"])
         start = int(state["step"])
+        if "total" in state and int(state["total"]) != total:
+            total = int(state["total"])
+            stage.schedule = dataclasses.replace(sched, steps=total)
+            until = min(until, total)
+    fit = env.fit_until is not None and start == 0
     log = JsonlLog(out_dir / "log.jsonl", env)
     if start == 0 and env.main and (out_dir / "log.jsonl").exists() and found is None:
         (out_dir / "log.jsonl").unlink()   # a fresh run starts a fresh log
@@ -195,8 +216,20 @@ def drive(stage: Stage, out_dir: str | Path, env: Env, until: int | None = None,
     for step in range(start, total):
         if step >= until:
             break
+        if fit and step == FIT_PROBE[0]:
+            t_probe = time.monotonic()
         values = stage.train_step(step)
-        values = mean_across_ranks(values, env)
+        if fit and step + 1 == FIT_PROBE[1]:
+            rate = (FIT_PROBE[1] - FIT_PROBE[0]) / max(time.monotonic() - t_probe, 1e-9)
+            fitted = torch.tensor([float(step + 1 + rate * max(env.fit_until - time.monotonic(), 0.0))])
+            if env.distributed:
+                fitted = fitted.to(env.device)
+                dist.all_reduce(fitted, op=dist.ReduceOp.MIN)
+            total = max(step + 1, min(total, int(fitted.item())))
+            stage.schedule = dataclasses.replace(sched, steps=total)
+            until = min(until, total)
+            if env.main:
+                print(f"[{stage.name}] {rate:.2f} steps/s: schedule fitted to {total} steps", flush=True)
         record = {"stage": stage.name, "step": step, **values}
         records.append(record)
         if step % sched.log_every == 0 or step + 1 == until:
@@ -216,7 +249,7 @@ def drive(stage: Stage, out_dir: str | Path, env: Env, until: int | None = None,
         if done % sched.ckpt_every == 0 or done == until:
             if env.main:
                 save_checkpoint(ckpt_root, done, stage.weights(),
-                                {"optimizers": stage.optimizer_states(), "stage": stage.name},
+                                {"optimizers": stage.optimizer_states(), "stage": stage.name, "total": total},
                                 keep=sched.keep_checkpoints)
             env.barrier()
     if until == total and env.main:

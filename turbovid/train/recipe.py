@@ -138,10 +138,10 @@ def _mini() -> Recipe:
         name="mini", dit=MINI_DIT, vae=MINI_VAE, text=MINI_TEXT, size=240, frames=33,
         # CPU probes of this VAE (dim 16, random clips): lr >= 1e-4 spiked and collapsed to a two-colour
         # (dark / light) code for hundreds of steps; 5e-5 escaped it. Hence the low lr and many steps.
-        vae_stage=VAEStage(Schedule(steps=20000, batch=8, ckpt_every=2000),
-                           Optim(lr=5e-5, warmup=500, cosine=True, weight_decay=0.0)),
-        teacher=TeacherStage(Schedule(steps=20000, batch=32, ckpt_every=2000),
-                             Optim(lr=1e-4, warmup=500, cosine=True)),
+        vae_stage=VAEStage(Schedule(steps=20000, batch=16, ckpt_every=1000),
+                           Optim(lr=4e-4, warmup=300, cosine=True, weight_decay=0.0)),
+        teacher=TeacherStage(Schedule(steps=20000, batch=32, ckpt_every=500),
+                             Optim(lr=2e-4, warmup=500, cosine=True)),
         sla=SLAStage(Schedule(steps=3000, batch=16, ckpt_every=1000), Optim(lr=2e-5, warmup=100)),
         rcm=RCMStage(Schedule(steps=6000, batch=8, ckpt_every=1000),
                      # rCM: betas (0, 0.999), no gradient clipping (NaN/inf entries are still zeroed)
