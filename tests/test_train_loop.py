@@ -233,6 +233,22 @@ def test_cli_sla_rcm_merge_eval_and_export_load(run, capsys):
     # The merged file loads as an SLA DiT through the inference loader.
     net = load_dit(str(run_dir / "merged" / "model.safetensors"), TINY.dit, attention="sla", dtype=torch.float32)
     assert type(net.blocks[0].self_attn.attn_op.local_attn).__name__ == "SparseLinearAttention"
+    # ship: bf16 teacher / student, the student's INT8 file, VAE, text encoder, tokenizer, config.json
+    dest = run_dir / "shipped"
+    assert _cli("ship", *common, "--output", str(dest)) == 0
+    assert {p.name for p in dest.iterdir()} == {"dit.safetensors", "dit_int8.safetensors", "dit_teacher.safetensors",
+                                               "vae.safetensors", "text_encoder.safetensors", "spiece.model",
+                                               "config.json"}
+    shipped = load_weights(dest / "dit.safetensors")
+    assert shipped[key].dtype == torch.bfloat16 and torch.equal(shipped[key], merged[key].to(torch.bfloat16))
+    int8 = load_weights(dest / "dit_int8.safetensors")
+    assert int8["blocks.0.ffn.0.int8_weight"].dtype == torch.int8
+    config = json.loads((dest / "config.json").read_text())
+    assert config["stages"]["rcm"]["steps"] == 3 and len(config["vae_latent_stats"]["mean"]) == 16
+    quant = load_dit(str(dest / "dit_int8.safetensors"), TINY.dit, dtype=torch.float32)
+    assert any(n.endswith("int8_weight") for n, _ in quant.named_buffers())
+    assert _cli("plot", *common, "--output", str(run_dir / "curves.png")) == 0
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert _cli("eval", *common, "--count", "2") == 0
     assert "adherence" in capsys.readouterr().out
     result = json.loads(next((run_dir / "eval").glob("*.json")).read_text())

@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize_parser(sub)
     from turbovid.train.cli import add_train_parser
     add_train_parser(sub)
+    from turbovid.eval import add_eval_parser
+    add_eval_parser(sub)
     return parser
 
 
@@ -126,7 +128,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                          text_encoder=args.text_encoder, tokenizer=args.tokenizer, attention=args.attention,
                          topk=args.topk, quant=args.quant, quant_format=args.quant_format,
                          fuse=False if args.no_fuse else None, compile=args.compile, max_memory=args.max_memory,
-                         device=args.device)
+                         device=args.device, teacher=args.steps > 4)
     if spec.untrained and not args.dit:
         print(f"note: model {spec.name!r} has random, UNTRAINED weights — the video shows noise-like "
               "patterns, not the prompt", file=sys.stderr)
@@ -170,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from turbovid.train.cli import cmd_train
             return cmd_train(args)
+        if args.command == "eval":
+            from turbovid.eval import cmd_eval
+            return cmd_eval(args)
         if args.command == "quantize":
             from turbovid.quantize import cmd_quantize
             return cmd_quantize(args)

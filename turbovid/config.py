@@ -88,6 +88,7 @@ class ModelSpec:
     aspect_ratio: str = "16:9"
     num_frames: int = 81
     untrained: bool = False                # random weights: say so whenever a video is written
+    assets: str | None = None              # shipped weights: folder under turbovid/assets (pipeline.shipped_files)
 
 
 WAN21_1P3B = DiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
@@ -104,6 +105,19 @@ TINY_VAE = VAEConfig(dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1)
 TINY_TEXT = TextEncoderConfig(vocab_size=512, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                               text_len=16)
 
+# The embedded model "mini" (trained here: turbovid/train, recipe "mini"; weights in turbovid/assets/mini):
+# Wan2.1 architecture at 240x240x33 frames -> latent 9 x 30 x 30 -> 2025 DiT tokens. DiT 3.5M parameters,
+# VAE dim 16 (2.6M), umT5 2 layers of 256 over a 512-piece caption SentencePiece. The VAE's latent
+# mean/std are the ones measured after its training (runs/mini/vae/latent_stats.json).
+MINI_DIT = DiTConfig(dim=192, ffn_dim=576, num_heads=3, num_layers=6, text_dim=256, text_len=32)
+MINI_TEXT = TextEncoderConfig(vocab_size=512, d_model=256, d_kv=32, d_ff=512, num_layers=2, num_heads=8,
+                              text_len=32)
+MINI_VAE = VAEConfig(dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1,
+                     mean=(1.08277, 0.55117, 0.16419, -0.57656, -1.27717, -0.29120, -0.48876, 1.22870,
+                           -1.38189, -1.20974, -0.14956, -0.07379, -0.10728, -0.71965, -0.03847, 0.84348),
+                     std=(2.77391, 1.67554, 0.80122, 1.53295, 2.51541, 0.74062, 0.72102, 3.55266,
+                           2.58146, 2.98221, 0.73836, 0.73910, 1.73079, 1.88981, 0.93459, 2.34274))
+
 MODELS: dict[str, ModelSpec] = {
     "Wan2.1-1.3B": ModelSpec("Wan2.1-1.3B", "t2v", WAN21_1P3B),
     "Wan2.1-14B": ModelSpec("Wan2.1-14B", "t2v", WAN21_14B, resolution="720p"),
@@ -111,12 +125,14 @@ MODELS: dict[str, ModelSpec] = {
                              sigma_max=200.0, resolution="720p"),
     "Wan2.2-T2V-A14B": ModelSpec("Wan2.2-T2V-A14B", "t2v", WAN22_A14B_T2V, two_experts=True,
                                  boundary=0.875, resolution="720p"),
+    "mini": ModelSpec("mini", "t2v", MINI_DIT, MINI_VAE, MINI_TEXT, resolution="240p", aspect_ratio="1:1",
+                      num_frames=33, assets="mini"),
     "tiny": ModelSpec("tiny", "t2v", TINY_DIT, TINY_VAE, TINY_TEXT, resolution="128p",
                       num_frames=9, untrained=True),
     "tiny-i2v": ModelSpec("tiny-i2v", "i2v", TINY_DIT_I2V, TINY_VAE, TINY_TEXT, two_experts=True,
                           sigma_max=200.0, resolution="128p", num_frames=9, untrained=True),
 }
-DEFAULT_MODEL = "tiny"   # until the trained embedded model ships (issue: embedded model)
+DEFAULT_MODEL = "mini"
 
 # (width, height) per resolution and aspect ratio W:H (SPEC §11.3), plus small sizes of our own
 # for CPU models ("128p", "240p"). Every size is a multiple of 16 (VAE 8x * patch 2x).

@@ -1,8 +1,10 @@
-"""`turbovid train <stage>`: vae | teacher | sla | rcm | merge | eval | reproduce | tokenizer.
+"""`turbovid train <stage>`: vae | teacher | sla | rcm | merge | eval | reproduce | tokenizer | ship | plot.
 
 Single process (CPU or one GPU):   turbovid train reproduce --run-dir runs/mini
 Several GPUs of one host:          torchrun --nproc-per-node 8 -m turbovid.cli train reproduce --run-dir runs/mini
 Every stage resumes from its newest checkpoint in the run directory.
+`ship` writes a finished run's release files (bf16 + INT8) where `--model mini` finds them:
+                                   turbovid train ship --run-dir runs/mini   (-> turbovid/assets/mini)
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-STAGES = ("vae", "teacher", "sla", "rcm", "merge", "eval", "reproduce", "tokenizer")
+STAGES = ("vae", "teacher", "sla", "rcm", "merge", "eval", "reproduce", "tokenizer", "ship", "plot")
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
@@ -36,7 +38,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--diff-base", help="pretrained (teacher) checkpoint")
     g.add_argument("--diff-target", help="SLA fine-tuned checkpoint")
     g.add_argument("--weight", type=float, help="delta weight w (default: the recipe's, 1.0)")
-    g.add_argument("--output", help="merged .safetensors path")
+    g.add_argument("--output", help="merged .safetensors path (ship: destination folder)")
     e = p.add_argument_group("eval")
     e.add_argument("--dit", help="DiT weights to evaluate (default: the merged model)")
     e.add_argument("--attention", default="sla", help="dense | sla | sagesla (default sla)")
@@ -85,7 +87,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ValueError("merge of files needs --base, --diff-base, --diff-target and --output")
         print(f"wrote {merge_files(args.base, args.diff_base, args.diff_target, args.output, args.weight or 1.0)}")
         return 0
+    if args.stage == "plot":
+        from turbovid.train.plots import plot_run
+        print(f"wrote {plot_run(Path(args.run_dir), Path(args.output or Path(args.run_dir) / 'curves.png'))}")
+        return 0
     recipe = _recipe(args)
+    if args.stage == "ship":
+        from turbovid.train.reproduce import ship
+        dest = Path(args.output) if args.output else Path(__file__).resolve().parents[1] / "assets" / recipe.name
+        print(f"wrote {ship(recipe, Path(args.run_dir), dest)}")
+        return 0
     if args.weight is not None:
         recipe = dataclasses.replace(recipe, merge_weight=args.weight)
     run_dir = Path(args.run_dir)

@@ -9,19 +9,15 @@ model trained from scratch on synthetic data needs it (higher learning rates, sh
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
-from turbovid.config import TINY_DIT, TINY_TEXT, TINY_VAE, DiTConfig, TextEncoderConfig, VAEConfig
+from turbovid.config import MINI_DIT, MINI_TEXT, MINI_VAE, TINY_DIT, TINY_TEXT, TINY_VAE, VAEConfig
 
-# The mini model. Latent statistics start at (0, 1) and are measured after VAE training (vae stage writes
-# them next to its weights; later stages and the export use the measured values).
-MINI_TEXT = TextEncoderConfig(vocab_size=512, d_model=256, d_kv=32, d_ff=512, num_layers=2, num_heads=8,
-                              text_len=32)
-MINI_VAE = VAEConfig(dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1, mean=(0.0,) * 16, std=(1.0,) * 16)
-# DiT: 3.5M parameters (6.8 MiB in bf16), so that teacher + student (bf16 and int8) + VAE + text encoder
-# ship in under 30 MB; a 4-step 240x240x33 video takes ~0.2 s per DiT step on a 2-core CPU.
-MINI_DIT = DiTConfig(dim=192, ffn_dim=576, num_heads=3, num_layers=6, text_dim=256, text_len=32)
+# The mini model (configs in turbovid.config). Latent statistics start at (0, 1) for VAE training and are
+# measured afterwards (the vae stage writes them next to its weights; later stages and the export use them).
+MINI_VAE_UNIT = dataclasses.replace(MINI_VAE, mean=(0.0,) * 16, std=(1.0,) * 16)
 TINY_VAE_UNIT = VAEConfig(dim=TINY_VAE.dim, dim_mult=TINY_VAE.dim_mult, num_res_blocks=TINY_VAE.num_res_blocks,
                           mean=(0.0,) * 16, std=(1.0,) * 16)
 
@@ -135,7 +131,7 @@ class Recipe:
 
 def _mini() -> Recipe:
     return Recipe(
-        name="mini", dit=MINI_DIT, vae=MINI_VAE, text=MINI_TEXT, size=240, frames=33,
+        name="mini", dit=MINI_DIT, vae=MINI_VAE_UNIT, text=MINI_TEXT, size=240, frames=33,
         # CPU probes of this VAE (dim 16, random clips): lr >= 1e-4 spiked and collapsed to a two-colour
         # (dark / light) code for hundreds of steps; 5e-5 escaped it. Hence the low lr and many steps.
         vae_stage=VAEStage(Schedule(steps=20000, batch=16, ckpt_every=1000),

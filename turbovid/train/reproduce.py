@@ -102,3 +102,43 @@ def reproduce(recipe: Recipe, run_dir: Path, env: Env, evaluate_models: bool = T
         summary["vae_reconstruction"] = json.loads(recon.read_text())
     return export(recipe, run_dir, env, summary)
 
+
+
+def ship(recipe: Recipe, run_dir: Path, dest: Path) -> Path:
+    """The files the package ships for the model (turbovid/assets/<name>/, read by pipeline.shipped_files):
+    teacher and merged 4-step student in bf16, the student as W8A8 INT8 (`turbovid quantize` fast format),
+    VAE and frozen text encoder in bf16, the tokenizer, and config.json (latent statistics, what each stage
+    ran). Each file is written under a temporary name and renamed."""
+    import torch
+    from safetensors.torch import load_file, safe_open
+
+    from turbovid.quantize import quantize_checkpoint
+    from turbovid.train.checkpoint import save_weights
+
+    run_dir, dest = Path(run_dir), Path(dest)
+    sources = {"dit_teacher": run_dir / "teacher" / "final.safetensors", "dit": run_dir / "merged" / "model.safetensors",
+               "vae": run_dir / "vae" / "final.safetensors", "text_encoder": run_dir / "text_encoder.safetensors"}
+    missing = [str(p) for p in sources.values() if not p.is_file()]
+    if missing:
+        raise ValueError(f"ship needs a finished run; missing {', '.join(missing)}")
+    dest.mkdir(parents=True, exist_ok=True)
+    for role, src in sources.items():
+        state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in load_file(str(src)).items()}
+        save_weights(dest / f"{role}.safetensors", state, metadata={"source": src.relative_to(run_dir).as_posix()})
+    quantize_checkpoint(dest / "dit.safetensors", dest / "dit_int8.safetensors", model=recipe.name, fmt="fast")
+    shutil.copyfile(run_dir / "spiece.model", dest / ".spiece.model.tmp")
+    (dest / ".spiece.model.tmp").replace(dest / "spiece.model")
+    stages = {}
+    for stage in ("vae", "teacher", "sla", "rcm"):
+        with safe_open(str(run_dir / stage / "final.safetensors"), "pt") as f:
+            stages[stage] = {"steps": int((f.metadata() or {}).get("steps", 0))}
+    config = {"recipe": recipe.name, "size": recipe.size, "frames": recipe.frames, "stages": stages,
+              "vae_latent_stats": json.loads((run_dir / "vae" / "latent_stats.json").read_text()),
+              "sla_topk": recipe.sla.topk, "merge_weight": recipe.merge_weight}
+    recon = run_dir / "vae" / "reconstruction.json"
+    if recon.is_file():
+        config["vae_reconstruction"] = json.loads(recon.read_text())
+    tmp = dest / ".config.json.tmp"
+    tmp.write_text(json.dumps(config, indent=1))
+    tmp.replace(dest / "config.json")
+    return dest

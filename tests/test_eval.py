@@ -1,0 +1,56 @@
+"""turbovid eval (turbovid/eval.py): the clip descriptor and Fréchet distance, argument checks, and one real
+configuration on the shipped mini model (2 prompts, CPU)."""
+import json
+
+import pytest
+import torch
+
+from turbovid.cli import main
+from turbovid.eval import CONFIGS, clip_features, frechet_distance, run_eval
+from turbovid.train.data import ProceduralVideos
+
+
+def test_frechet_distance_is_zero_for_equal_sets_and_grows_with_a_shift():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(200, 5, generator=g, dtype=torch.float64)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+    shifted = a + torch.tensor([3.0, 0, 0, 0, 0], dtype=torch.float64)
+    assert frechet_distance(a, shifted) == pytest.approx(9.0, rel=1e-9)     # same covariance: |d|^2
+    wider = a * 2             # covariance 4S: tr(S + 4S - 2 * 2S) = tr(S), plus the means' distance |mean(a)|^2
+    expected = float(torch.cov(a.T).trace() + a.mean(0).pow(2).sum())
+    assert frechet_distance(a, wider) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="feature sets"):
+        frechet_distance(a[:1], a)
+
+
+def test_clip_features_see_colour_motion_and_sharpness():
+    data = ProceduralVideos("train", 64, 9, seed=0)
+    video, _ = data.batch([0])
+    f = clip_features(video[0])
+    assert f.shape == (28,) and torch.isfinite(f).all()
+    still = video[0, :, :1].expand_as(video[0])
+    assert clip_features(still)[6:9].abs().max() == 0                       # no motion energy
+    padded = torch.nn.functional.pad(video, (2, 2, 2, 2, 0, 0), mode="replicate")
+    blurred = torch.nn.functional.avg_pool3d(padded, (1, 5, 5), stride=1)[0]
+    assert clip_features(blurred)[9:12].sum() < f[9:12].sum()               # less spatial gradient
+
+
+def test_eval_arguments_are_checked():
+    with pytest.raises(ValueError, match="unknown eval config"):
+        run_eval(["nope"], count=2)
+    with pytest.raises(ValueError, match="not one"):
+        run_eval(["student"], model="tiny", count=2)
+    with pytest.raises(ValueError, match="--count"):
+        run_eval(["student"], count=1)
+    assert set(CONFIGS) >= {"teacher", "student", "student_sla", "student_sagesla", "student_sagesla_w8a8", "turbo"}
+
+
+def test_eval_command_on_the_shipped_model(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--configs", "student", "--count", "2", "--device", "cpu", "--out", str(out)]) == 0
+    assert "student" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    row = result["rows"][0]
+    assert row["config"] == "student" and row["count"] == 2 and len(row["seconds"]) == 2
+    assert 0 <= row["all"] <= 1 and row["frechet"] >= 0 and result["real_vs_real_frechet"] >= 0
+    assert main(["eval", "--configs", "bogus"]) == 2

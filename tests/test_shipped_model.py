@@ -1,0 +1,35 @@
+"""The embedded model: `mini` loads its shipped weights (turbovid/assets/mini) by default, picks the teacher
+for >4 steps and the INT8 file for --quant, and a missing asset is a one-line error."""
+import dataclasses
+
+import pytest
+import torch
+
+from turbovid.config import DEFAULT_MODEL, MODELS, SampleConfig
+from turbovid.pipeline import Pipeline, shipped_files
+
+
+def test_mini_is_the_default_and_ships_under_30_mb():
+    assert DEFAULT_MODEL == "mini" and not MODELS["mini"].untrained
+    files = shipped_files(MODELS["mini"])
+    from pathlib import Path
+    assert sum(Path(p).stat().st_size for p in files.values()) < 30e6
+
+
+def test_mini_loads_student_teacher_and_int8_files():
+    student = Pipeline.load("mini", device="cpu")
+    teacher = Pipeline.load("mini", device="cpu", teacher=True)
+    a, b = (p.dit.blocks[0].ffn[0].weight for p in (student, teacher))
+    assert not torch.equal(a, b)                                     # two different trained networks
+    quant = Pipeline.load("mini", device="cpu", quant=True)
+    assert any(n.endswith("int8_weight") for n, _ in quant.dit.named_buffers())
+    video = student.generate("a red circle moves to the right on a black background",
+                             SampleConfig(steps=1, num_frames=5, seed=0))
+    assert video.frames.shape == (5, 240, 240, 3) and not video.untrained
+
+
+def test_missing_shipped_weights_are_a_clear_error(monkeypatch):
+    ghost = dataclasses.replace(MODELS["mini"], name="ghost", assets="no-such-folder")
+    monkeypatch.setitem(MODELS, "ghost", ghost)
+    with pytest.raises(ValueError, match="shipped weights missing"):
+        Pipeline.load("ghost", device="cpu")

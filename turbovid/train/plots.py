@@ -1,0 +1,60 @@
+"""Training curves of a run as one PNG: every stage's logged losses against its step (log scale where the
+values span decades), smoothed with a running mean over `window` log records beside the raw points.
+
+    turbovid train plot --run-dir runs/mini --output docs/training/mini/curves.png   (needs matplotlib)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PANELS = (   # (stage, [keys], title, log y)
+    ("vae", ["l1", "l2"], "VAE: reconstruction (foreground-weighted)", True),
+    ("teacher", ["loss"], "teacher: flow-matching velocity MSE", True),
+    ("sla", ["loss"], "SLA fine-tune: MSE to the teacher's velocity", True),
+    ("rcm", ["loss_scm"], "rCM: sCM loss (x loss_scale)", False),
+    ("rcm", ["loss_dmd", "loss_fake"], "rCM: DMD loss / fake-score loss", True),
+    ("teacher", ["lr"], "teacher: learning rate", False),
+)
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_run(run_dir: str | Path, output: str | Path, window: int = 10) -> Path:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("plotting needs matplotlib: pip install 'turbovid[train]'") from None
+    run_dir, output = Path(run_dir), Path(output)
+    logs = {s: read_log(run_dir / s / "log.jsonl") for s in ("vae", "teacher", "sla", "rcm")
+            if (run_dir / s / "log.jsonl").is_file()}
+    if not logs:
+        raise ValueError(f"no stage logs (<stage>/log.jsonl) under {run_dir}")
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for ax, (stage, keys, title, log_y) in zip(axes.flat, PANELS):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(f"{stage} step")
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in logs.get(stage, []) if isinstance(r.get(key), (int, float))]
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            line, = ax.plot(xs, ys, ".", alpha=0.25, markersize=3)
+            smooth = [sum(ys[max(0, i - window + 1):i + 1]) / len(ys[max(0, i - window + 1):i + 1]) for i in range(len(ys))]
+            ax.plot(xs, smooth, "-", color=line.get_color(), label=key)
+        if ax.lines:
+            ax.legend(fontsize=8)
+            if log_y:
+                ax.set_yscale("log")
+    fig.suptitle(f"training curves: {run_dir.name}")
+    fig.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(output)
+    return output
