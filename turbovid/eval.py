@@ -12,7 +12,8 @@ seed `seed + i` for prompt i, and grades it:
   luminance), generated clips against the real clips of the same prompts rendered by the data module.
   `real_vs_real` (the real clips against an independent draw of real clips of the same prompts) is the
   floor that sampling noise alone gives.
-- wall-clock per video on the current machine: generate() alone (text encode, DiT steps, VAE decode), median.
+- wall-clock per video on the current machine: generate() alone (text encode, DiT steps, VAE decode), median;
+  and the DiT steps alone (the sampling the teacher-vs-student speed-up is about).
 
     turbovid eval --count 32 --out benchmarks/results/eval_mini_cpu.json
     turbovid eval --configs teacher,student --count 8
@@ -88,11 +89,12 @@ def evaluate_config(name: str, clips, *, model: str, device: str | None, seed: i
     kwargs, steps, what = CONFIGS[name]
     pipe = Pipeline.load(model, device=device, **kwargs)
     spec = pipe.spec
-    videos, seconds = [], []
+    videos, seconds, dit_seconds = [], [], []
     for i, clip in enumerate(clips):
         t0 = time.perf_counter()
         video = pipe.generate(clip.caption, SampleConfig(steps=steps, seed=seed + i))
         seconds.append(time.perf_counter() - t0)
+        dit_seconds.append(sum(v for k, v in video.timings.items() if k.startswith("dit_step_")))
         frames = torch.from_numpy(np.ascontiguousarray(video.frames)).permute(3, 0, 1, 2).float() / 127.5 - 1
         videos.append(frames)                                            # [3, F, H, W] in [-1, 1]
         log(f"[eval] {name}: {i + 1}/{len(clips)} ({seconds[-1]:.2f} s)")
@@ -101,6 +103,7 @@ def evaluate_config(name: str, clips, *, model: str, device: str | None, seed: i
     return {"config": name, "what": what, "steps": steps, "model": spec.name, "count": len(clips),
             **{k: scores[k] for k in ("all", "color", "shape", "direction", "speed", "size")},
             "frechet": frechet_distance(fake, real), "seconds_per_video": statistics.median(seconds),
+            "dit_seconds_per_video": statistics.median(dit_seconds),
             "seconds": seconds, "detections": scores["detections"]}
 
 
@@ -154,10 +157,11 @@ def _write(out, rows, floor, count, seed) -> None:
 
 
 def print_table(result: dict) -> None:
-    print(f"{'config':<22}{'steps':>6}{'all':>7}{'colour':>8}{'shape':>7}{'dir':>6}{'FD':>8}{'s/video':>9}")
+    print(f"{'config':<22}{'steps':>6}{'all':>7}{'colour':>8}{'shape':>7}{'dir':>6}{'FD':>8}{'s/video':>9}{'DiT s':>8}")
     for r in result["rows"]:
         print(f"{r['config']:<22}{r['steps']:>6}{r['all']:>7.3f}{r['color']:>8.2f}{r['shape']:>7.2f}"
-              f"{r['direction']:>6.2f}{r['frechet']:>8.3f}{r['seconds_per_video']:>9.2f}")
+              f"{r['direction']:>6.2f}{r['frechet']:>8.3f}{r['seconds_per_video']:>9.2f}"
+              f"{r.get('dit_seconds_per_video', float('nan')):>8.2f}")
     print(f"real vs real Fréchet distance (floor): {result['real_vs_real']:.3f}")
 
 

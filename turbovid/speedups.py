@@ -15,6 +15,8 @@ benchmarks/e2e.py measures the waterfall):
                           and per-token scales that the q/k/v, cross-q and ffn.0 GEMMs consume directly, and
                           the gated residuals (o-proj, cross o-proj, ffn.2) run in the GEMM epilogues, so
                           no standalone quantization pass is left before those GEMMs (KERNELS §7.2 K1/K2).
+   fuse_qk_norm_rope      q/k RMSNorm over the width + RoPE in one kernel (kernels/qk_norm_rope.py); part of
+                          every FusedWanBlock, also usable on plain blocks. Bit-identical to the module.
 4. enable_text_kv_cache   cross-attention K/V computed once per prompt instead of once per step.
 5. compile_blocks         torch.compile of every block (Dynamo traces one block; all blocks share the
                           graph), which fuses the remaining PyTorch glue (RoPE, q/k casts, modulation).
@@ -45,7 +47,8 @@ from turbovid.attention.sla import SparseLinearAttention
 from turbovid.kernels import fused_norm as FN
 from turbovid.kernels import int8_gemm as IG
 from turbovid.kernels import use_triton
-from turbovid.models.dit import WanBlock, WanDiT, apply_rope
+from turbovid.kernels.qk_norm_rope import qk_norm_rope
+from turbovid.models.dit import WanBlock, WanDiT
 from turbovid.quant.int8 import FastInt8Linear, Int8Linear, convert_td_to_fast_, quantize_linears_
 
 QUANT_FORMATS = ("td", "fast")
@@ -130,7 +133,7 @@ def _residual(lin, u: torch.Tensor, x: torch.Tensor, gate: torch.Tensor | None) 
 class FusedWanBlock(WanBlock):
     """A WanBlock (same parameters, same state-dict keys) whose forward runs the fused kernels.
 
-    Per block, with fast INT8 linears: norm1+mod -> int8 -> q,k,v GEMMs; RMS q/k; RoPE; attention; quant ->
+    Per block, with fast INT8 linears: norm1+mod -> int8 -> q,k,v GEMMs; RMS q/k + RoPE (one kernel each); attention; quant ->
     o GEMM + gated residual; norm3 -> int8 -> cross-q GEMM; cross-attention; quant -> cross-o GEMM + residual;
     norm2+mod -> int8 -> ffn.0 GEMM with GELU; quant -> ffn.2 GEMM + gated residual."""
 
@@ -147,8 +150,9 @@ class FusedWanBlock(WanBlock):
             z = _norm(x, self.norm1, shift=shift_msa, scale=scale_msa)
             q, k, v = sa.q(z), sa.k(z), sa.v(z)
         heads = lambda u: u.unflatten(-1, (sa.num_heads, -1))  # noqa: E731
-        q, k = heads(_norm(q, sa.norm_q, "rms")), heads(_norm(k, sa.norm_k, "rms"))
-        out = sa.attn_op(apply_rope(q, *rope), apply_rope(k, *rope), heads(v))
+        q = qk_norm_rope(q, sa.norm_q.weight, *rope, sa.num_heads, sa.norm_q.eps)   # RMSNorm + RoPE, one pass
+        k = qk_norm_rope(k, sa.norm_k.weight, *rope, sa.num_heads, sa.norm_k.eps)
+        out = sa.attn_op(q, k, heads(v))
         x = _residual(sa.o, out.flatten(2), x, gate_msa)
 
         # 2. Cross-attention over the (cached or fresh) text K/V.
@@ -164,6 +168,14 @@ class FusedWanBlock(WanBlock):
         else:
             hidden = act(ffn_in(_norm(x, self.norm2, shift=shift_mlp, scale=scale_mlp)))
         return _residual(ffn_out, hidden.view(*x.shape[:2], -1), x, gate_mlp)
+
+
+def fuse_qk_norm_rope(model: WanDiT) -> WanDiT:
+    """Self-attention q and k through kernels/qk_norm_rope.py (RMSNorm over the width + RoPE in one pass) in
+    plain blocks; FusedWanBlock always does this."""
+    for block in model.blocks:
+        block.self_attn.fused_qk = True
+    return model
 
 
 def fuse_block_norms(model: WanDiT) -> WanDiT:
@@ -228,8 +240,10 @@ def compile_blocks(model: WanDiT, *, backend: str = "inductor", mode: str | None
 # ---- all of them -----------------------------------------------------------------------------------
 
 def apply_speedups(model: WanDiT, *, attention: str | None = None, topk: float = 0.1, quant: str | None = None,
-                   fuse_norms: bool = False, cache_text_kv: bool = False, compile: bool = False) -> WanDiT:
-    """Apply the chosen accelerations in order (module docstring); returns the same model, changed in place."""
+                   fuse_norms: bool = False, cache_text_kv: bool = False, compile: bool = False,
+                   fuse_qk: bool | None = None) -> WanDiT:
+    """Apply the chosen accelerations in order (module docstring); returns the same model, changed in place.
+    fuse_qk (default: with fuse_norms) fuses the q/k RMSNorm + RoPE."""
     if attention is not None and attention not in ATTENTION_KINDS:
         raise ValueError(f"unknown attention {attention!r}; choose one of {', '.join(ATTENTION_KINDS)}")
     if quant is not None and quant not in QUANT_FORMATS:
@@ -240,6 +254,8 @@ def apply_speedups(model: WanDiT, *, attention: str | None = None, topk: float =
         quantize(model, quant)
     if fuse_norms:
         fuse_block_norms(model)
+    if fuse_norms if fuse_qk is None else fuse_qk:
+        fuse_qk_norm_rope(model)
     if cache_text_kv:
         enable_text_kv_cache(model)
     if compile:

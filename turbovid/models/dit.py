@@ -134,12 +134,18 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
         self.attn_op = AttnOp(local_attn)
+        self.fused_qk = False   # speedups.fuse_qk_norm_rope: one kernel for RMSNorm + RoPE of q and of k
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         # [B, L, d] -> [B, L, H, D]; q/k are normalised over the full width d before the split.
+        v = self.v(x).unflatten(-1, (self.num_heads, -1))
+        if self.fused_qk:
+            from turbovid.kernels.qk_norm_rope import qk_norm_rope
+            q = qk_norm_rope(self.q(x), self.norm_q.weight, *rope, self.num_heads, self.norm_q.eps)
+            k = qk_norm_rope(self.k(x), self.norm_k.weight, *rope, self.num_heads, self.norm_k.eps)
+            return self.o(self.attn_op(q, k, v).flatten(2))
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
         k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
-        v = self.v(x).unflatten(-1, (self.num_heads, -1))
         out = self.attn_op(apply_rope(q, *rope), apply_rope(k, *rope), v)
         return self.o(out.flatten(2))
 

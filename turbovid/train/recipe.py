@@ -130,16 +130,18 @@ class Recipe:
 
 
 def _mini() -> Recipe:
+    # Step counts are those of the shipped run (2026-11-22, one H200, each stage's schedule fitted to its
+    # time budget with --fit-minutes; docs/training/mini): VAE 2216 steps (6.5 steps/s), teacher 14944
+    # (14 steps/s), SLA 1301, rCM 1759 (tangent warm-up 1000). A VAE sweep at 1475 steps (lr 2e-4 / 4e-4 / 8e-4)
+    # put 4e-4 lowest; the VAE's loss was still falling when its budget ended (see README, embedded model).
     return Recipe(
         name="mini", dit=MINI_DIT, vae=MINI_VAE_UNIT, text=MINI_TEXT, size=240, frames=33,
-        # CPU probes of this VAE (dim 16, random clips): lr >= 1e-4 spiked and collapsed to a two-colour
-        # (dark / light) code for hundreds of steps; 5e-5 escaped it. Hence the low lr and many steps.
-        vae_stage=VAEStage(Schedule(steps=20000, batch=16, ckpt_every=1000),
+        vae_stage=VAEStage(Schedule(steps=2216, batch=16, ckpt_every=1000),
                            Optim(lr=4e-4, warmup=300, cosine=True, weight_decay=0.0)),
-        teacher=TeacherStage(Schedule(steps=20000, batch=32, ckpt_every=500),
+        teacher=TeacherStage(Schedule(steps=14944, batch=32, ckpt_every=500),
                              Optim(lr=2e-4, warmup=500, cosine=True)),
-        sla=SLAStage(Schedule(steps=3000, batch=16, ckpt_every=1000), Optim(lr=2e-5, warmup=100)),
-        rcm=RCMStage(Schedule(steps=6000, batch=8, ckpt_every=1000),
+        sla=SLAStage(Schedule(steps=1301, batch=16, ckpt_every=1000), Optim(lr=2e-5, warmup=100)),
+        rcm=RCMStage(Schedule(steps=1759, batch=8, ckpt_every=1000),
                      # rCM: betas (0, 0.999), no gradient clipping (NaN/inf entries are still zeroed)
                      Optim(lr=2e-5, betas=(0.0, 0.999), warmup=0, grad_clip=0.0),
                      Optim(lr=4e-6, betas=(0.0, 0.999), warmup=0, grad_clip=0.0),
