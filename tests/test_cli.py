@@ -41,7 +41,7 @@ def image_path(tmp_path):
 def test_t2v_writes_mp4_with_frames_and_size(tmp_path, capsys):
     out = tmp_path / "sub" / "t2v.mp4"
     code, stdout, err = run_cli(capsys, "generate", "--prompt", "a red circle moves left", "--output", str(out),
-                                "--steps", "2", "--frames", "5", "--quiet")
+                                "--model", "tiny", "--steps", "2", "--frames", "5", "--quiet")
     assert code == 0, err
     frames = read_video(out)
     width, height = RESOLUTIONS["128p"]["16:9"]
@@ -66,7 +66,7 @@ def test_same_seed_same_video_other_seed_differs(tmp_path, capsys):
     for i, seed in enumerate(("3", "3", "4")):
         out = tmp_path / f"s{i}.mp4"
         code, _, err = run_cli(capsys, "generate", "--prompt", "a blue square", "--output", str(out), "--steps", "1",
-                               "--frames", "1", "--seed", seed, "--quiet")
+                               "--model", "tiny", "--frames", "1", "--seed", seed, "--quiet")
         assert code == 0, err
         paths.append(read_video(out).astype(np.int32))
     assert np.abs(paths[0] - paths[1]).max() == 0
@@ -147,7 +147,7 @@ def test_adaptive_resolution_keeps_area_and_aspect():
 def test_teacher_sampler_with_cfg_runs_more_steps(tmp_path, capsys):
     out = tmp_path / "teacher.mp4"
     code, stdout, err = run_cli(capsys, "generate", "--prompt", "a green triangle", "--output", str(out),
-                                "--steps", "6", "--frames", "1", "--solver", "euler", "--quiet")
+                                "--model", "tiny", "--steps", "6", "--frames", "1", "--solver", "euler", "--quiet")
     assert code == 0, err
     assert "dit_step_6" in stdout and "dit_step_7" not in stdout
     assert read_video(out).shape[0] == 1
