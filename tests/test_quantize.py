@@ -124,7 +124,7 @@ def test_round_trip_load_and_generate(sources, tmp_path, capsys, fmt, cls, suffi
     # ... and `turbovid generate --quant --dit OUT` writes a video from it.
     video = tmp_path / "v.mp4"
     code = main(["generate", "--prompt", "a quantized fox", "--output", str(video), "--quant", "--dit", str(out),
-                 "--steps", "1", "--frames", "1", "--quiet"])
+                 "--model", "tiny", "--steps", "1", "--frames", "1", "--quiet"])
     assert code == 0, capsys.readouterr().err
     assert read_video(video).shape[0] == 1
 
@@ -151,7 +151,8 @@ def run_cmd(*argv: str) -> int:
 
 
 def test_cli_command_prints_what_it_wrote(sources, tmp_path, capsys):
-    assert run_cmd("--dit", str(sources["wan"]), "--output", str(tmp_path / "w.safetensors"), "--format", "fast") == 0
+    assert run_cmd("--dit", str(sources["wan"]), "--output", str(tmp_path / "w.safetensors"), "--format", "fast",
+                   "--model", "tiny") == 0
     assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'w.safetensors'} (fast W8A8")
 
 
