@@ -59,6 +59,28 @@ if triton is not None:
         tl.store(Y + even + 1, (a * s + b * c).to(Y.dtype.element_ty), mask=mask)
 
 
+@torch.library.custom_op("turbovid::qk_norm_rope", mutates_args=())
+def _qk_norm_rope_op(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+                     eps: float) -> torch.Tensor:
+    """The kernel (a custom op, so torch.compile traces through it). x [B, L, d] -> [B, L, H, D]."""
+    B, L, d = x.shape
+    x2 = x.reshape(B * L, d).contiguous()
+    y = torch.empty(B, L, num_heads, d // num_heads, dtype=x.dtype, device=x.device)
+    M = B * L
+    block_p = triton.next_power_of_2(d // 2)
+    block_m = max(1, min(16, 4096 // block_p))
+    _qk_norm_rope_kernel[(triton.cdiv(M, block_m),)](
+        x2, weight.contiguous(), cos.float().contiguous(), sin.float().contiguous(), y, M, L, d // num_heads // 2,
+        d // 2, 1.0 / d, eps, BLOCK_M=block_m, BLOCK_P=block_p, num_warps=4 if block_p <= 1024 else 8)
+    return y
+
+
+@_qk_norm_rope_op.register_fake
+def _(x, weight, cos, sin, num_heads, eps):
+    B, L, d = x.shape
+    return x.new_empty(B, L, num_heads, d // num_heads)
+
+
 def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  num_heads: int, eps: float) -> torch.Tensor:
     """Fused RMSNorm + RoPE: x [B, L, d] (bf16/fp16/fp32), weight [d], cos/sin [L, D/2] fp32 -> [B, L, H, D]
@@ -73,14 +95,6 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: 
         raise ValueError(f"cos/sin must be [{L}, {half_d}], got {tuple(cos.shape)} and {tuple(sin.shape)}")
     if weight.shape != (d,):
         raise ValueError(f"norm weight must be [{d}], got {tuple(weight.shape)}")
-    if not use_triton(x) or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+    if triton is None or not use_triton(x) or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return qk_norm_rope_ref(x, weight, cos, sin, num_heads, eps)
-    x2 = x.reshape(B * L, d).contiguous()
-    y = torch.empty_like(x2)
-    M = B * L
-    block_p = triton.next_power_of_2(d // 2)
-    block_m = max(1, min(16, 4096 // block_p))
-    _qk_norm_rope_kernel[(triton.cdiv(M, block_m),)](
-        x2, weight.contiguous(), cos.float().contiguous(), sin.float().contiguous(), y, M, L, half_d, d // 2,
-        1.0 / d, eps, BLOCK_M=block_m, BLOCK_P=block_p, num_warps=4 if block_p <= 1024 else 8)
-    return y.view(B, L, num_heads, 2 * half_d)
+    return _qk_norm_rope_op(x, weight, cos, sin, num_heads, eps)
