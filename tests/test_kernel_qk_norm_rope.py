@@ -53,6 +53,6 @@ def test_dit_with_fused_qk_equals_the_plain_model():
     with torch.no_grad():
         a, b = plain(x, t, ctx), fused(x, t, ctx)
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-    both = apply_speedups(fused, fuse_norms=True)               # FusedWanBlock runs the fused q/k path too
+    both = apply_speedups(fused, fuse_norms=True, fuse_qk=True)  # FusedWanBlock with the fused q/k path
     with torch.no_grad():
         torch.testing.assert_close(both(x, t, ctx), a, rtol=1e-4, atol=1e-4)

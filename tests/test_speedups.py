@@ -148,13 +148,16 @@ def test_fused_norms_within_norm_kernel_budget(models, monkeypatch):
     for attr in ("norm_modulate", "norm_modulate_ref"):
         fn = getattr(FN, attr)
         monkeypatch.setattr(FN, attr, lambda *a, _fn=fn, **k: calls.append(a[1]) or _fn(*a, **k))
+    out = run(model, x, t, c)
+    # per block: norm1 + modulation, RMS of q and k, norm3, RMS of the cross-attention q, norm2 + modulation
+    assert calls == ["layer", "rms", "rms", "layer", "rms", "layer"] * CFG.num_layers
+    # with fuse_qk_norm_rope, q and k of the self-attention go through kernels/qk_norm_rope.py instead
     qk = []
     monkeypatch.setattr(speedups, "qk_norm_rope", lambda *a, _fn=speedups.qk_norm_rope: qk.append(a[0].shape) or _fn(*a))
-    out = run(model, x, t, c)
-    # per block: norm1 + modulation, norm3, RMS of the cross-attention q, norm2 + modulation; q and k of the
-    # self-attention go through the fused RMSNorm + RoPE kernel (kernels/qk_norm_rope.py)
-    assert calls == ["layer", "layer", "rms", "layer"] * CFG.num_layers
-    assert len(qk) == 2 * CFG.num_layers
+    calls.clear()
+    out_qk = run(speedups.fuse_qk_norm_rope(model), x, t, c)
+    assert calls == ["layer", "layer", "rms", "layer"] * CFG.num_layers and len(qk) == 2 * CFG.num_layers
+    assert rel(out_qk, exact) <= 2 * rel(plain, exact)
     assert rel(out, exact) <= 2 * rel(plain, exact)
     assert rel(out, plain) <= rel(plain, exact)
 

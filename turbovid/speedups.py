@@ -15,8 +15,8 @@ benchmarks/e2e.py measures the waterfall):
                           and per-token scales that the q/k/v, cross-q and ffn.0 GEMMs consume directly, and
                           the gated residuals (o-proj, cross o-proj, ffn.2) run in the GEMM epilogues, so
                           no standalone quantization pass is left before those GEMMs (KERNELS §7.2 K1/K2).
-   fuse_qk_norm_rope      q/k RMSNorm over the width + RoPE in one kernel (kernels/qk_norm_rope.py); part of
-                          every FusedWanBlock, also usable on plain blocks. Bit-identical to the module.
+   fuse_qk_norm_rope      q/k RMSNorm over the width + RoPE in one kernel (kernels/qk_norm_rope.py), in plain
+                          and fused blocks; within an ulp of the module. Opt-in (fuse_qk): not yet run on a GPU.
 4. enable_text_kv_cache   cross-attention K/V computed once per prompt instead of once per step.
 5. compile_blocks         torch.compile of every block (Dynamo traces one block; all blocks share the
                           graph), which fuses the remaining PyTorch glue (RoPE, q/k casts, modulation).
@@ -48,7 +48,7 @@ from turbovid.kernels import fused_norm as FN
 from turbovid.kernels import int8_gemm as IG
 from turbovid.kernels import use_triton
 from turbovid.kernels.qk_norm_rope import qk_norm_rope
-from turbovid.models.dit import WanBlock, WanDiT
+from turbovid.models.dit import WanBlock, WanDiT, apply_rope
 from turbovid.quant.int8 import FastInt8Linear, Int8Linear, convert_td_to_fast_, quantize_linears_
 
 QUANT_FORMATS = ("td", "fast")
@@ -133,7 +133,8 @@ def _residual(lin, u: torch.Tensor, x: torch.Tensor, gate: torch.Tensor | None) 
 class FusedWanBlock(WanBlock):
     """A WanBlock (same parameters, same state-dict keys) whose forward runs the fused kernels.
 
-    Per block, with fast INT8 linears: norm1+mod -> int8 -> q,k,v GEMMs; RMS q/k + RoPE (one kernel each); attention; quant ->
+    Per block, with fast INT8 linears: norm1+mod -> int8 -> q,k,v GEMMs; RMS q/k; RoPE (with fuse_qk_norm_rope: one
+    kernel each); attention; quant ->
     o GEMM + gated residual; norm3 -> int8 -> cross-q GEMM; cross-attention; quant -> cross-o GEMM + residual;
     norm2+mod -> int8 -> ffn.0 GEMM with GELU; quant -> ffn.2 GEMM + gated residual."""
 
@@ -150,8 +151,12 @@ class FusedWanBlock(WanBlock):
             z = _norm(x, self.norm1, shift=shift_msa, scale=scale_msa)
             q, k, v = sa.q(z), sa.k(z), sa.v(z)
         heads = lambda u: u.unflatten(-1, (sa.num_heads, -1))  # noqa: E731
-        q = qk_norm_rope(q, sa.norm_q.weight, *rope, sa.num_heads, sa.norm_q.eps)   # RMSNorm + RoPE, one pass
-        k = qk_norm_rope(k, sa.norm_k.weight, *rope, sa.num_heads, sa.norm_k.eps)
+        if sa.fused_qk:   # RMSNorm + RoPE in one pass each (fuse_qk_norm_rope)
+            q = qk_norm_rope(q, sa.norm_q.weight, *rope, sa.num_heads, sa.norm_q.eps)
+            k = qk_norm_rope(k, sa.norm_k.weight, *rope, sa.num_heads, sa.norm_k.eps)
+        else:
+            q, k = heads(_norm(q, sa.norm_q, "rms")), heads(_norm(k, sa.norm_k, "rms"))
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = sa.attn_op(q, k, heads(v))
         x = _residual(sa.o, out.flatten(2), x, gate_msa)
 
@@ -171,8 +176,8 @@ class FusedWanBlock(WanBlock):
 
 
 def fuse_qk_norm_rope(model: WanDiT) -> WanDiT:
-    """Self-attention q and k through kernels/qk_norm_rope.py (RMSNorm over the width + RoPE in one pass) in
-    plain blocks; FusedWanBlock always does this."""
+    """Self-attention q and k through kernels/qk_norm_rope.py (RMSNorm over the width + RoPE in one pass), in plain
+    and in fused blocks. Opt-in: tested against the module under the Triton interpreter, not yet run on a GPU."""
     for block in model.blocks:
         block.self_attn.fused_qk = True
     return model
@@ -241,9 +246,9 @@ def compile_blocks(model: WanDiT, *, backend: str = "inductor", mode: str | None
 
 def apply_speedups(model: WanDiT, *, attention: str | None = None, topk: float = 0.1, quant: str | None = None,
                    fuse_norms: bool = False, cache_text_kv: bool = False, compile: bool = False,
-                   fuse_qk: bool | None = None) -> WanDiT:
+                   fuse_qk: bool = False) -> WanDiT:
     """Apply the chosen accelerations in order (module docstring); returns the same model, changed in place.
-    fuse_qk (default: with fuse_norms) fuses the q/k RMSNorm + RoPE."""
+    fuse_qk fuses the q/k RMSNorm + RoPE (opt-in until measured on a GPU)."""
     if attention is not None and attention not in ATTENTION_KINDS:
         raise ValueError(f"unknown attention {attention!r}; choose one of {', '.join(ATTENTION_KINDS)}")
     if quant is not None and quant not in QUANT_FORMATS:
@@ -254,7 +259,7 @@ def apply_speedups(model: WanDiT, *, attention: str | None = None, topk: float =
         quantize(model, quant)
     if fuse_norms:
         fuse_block_norms(model)
-    if fuse_norms if fuse_qk is None else fuse_qk:
+    if fuse_qk:
         fuse_qk_norm_rope(model)
     if cache_text_kv:
         enable_text_kv_cache(model)
