@@ -13,9 +13,9 @@ import pickle
 
 import pytest
 import torch
-from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
+from tests.diffusers_ref import tiny_diffusers_dit
 from turbovid.config import MODELS
 from turbovid.loading import (CheckpointError, detect_dit_format, diffusers_dit_to_wan, infer_dit_config,
                               load_dit, read_state_dict)
@@ -29,13 +29,7 @@ PROJ_L = ".self_attn.attn_op.local_attn.proj_l."
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("dit")
-    torch.manual_seed(0)
-    ref = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=64, in_channels=16, out_channels=16,
-                                text_dim=CFG.text_dim, freq_dim=CFG.freq_dim, ffn_dim=CFG.ffn_dim,
-                                num_layers=CFG.num_layers)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    ref = tiny_diffusers_dit()
     ref = ref.to(torch.bfloat16)
     ref.save_pretrained(root / "diffusers")
 

@@ -11,10 +11,10 @@ import argparse
 
 import pytest
 import torch
-from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file, save_file
 
 from turbovid.cli import main
+from tests.diffusers_ref import tiny_diffusers_dit
 from turbovid.config import MODELS
 from turbovid.kernels import int8_gemm as K
 from turbovid.loading import CheckpointError, detect_dit_format, diffusers_dit_to_wan, load_dit
@@ -32,13 +32,7 @@ LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_at
 def sources(tmp_path_factory):
     """{format: path} of one set of tiny weights, plus the weights themselves in Wan names ("state")."""
     root = tmp_path_factory.mktemp("src")
-    torch.manual_seed(0)
-    ref = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=64, in_channels=16, out_channels=16,
-                                text_dim=CFG.text_dim, freq_dim=CFG.freq_dim, ffn_dim=CFG.ffn_dim,
-                                num_layers=CFG.num_layers)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    ref = tiny_diffusers_dit()
     diffusers_state = {k: v.contiguous() for k, v in ref.state_dict().items()}    # fp32, like a diffusers export
     save_file(diffusers_state, str(root / "diffusers.safetensors"))
     wan = diffusers_dit_to_wan({k: v.clone() for k, v in diffusers_state.items()})

@@ -96,7 +96,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from turbovid.pipeline import Pipeline, check_prompt, check_sample
+    from turbovid.pipeline import MAX_RCM_STEPS, Pipeline, check_prompt, check_sample
     from turbovid.video import read_image, write_video
 
     out = _check_output(args.output)
@@ -117,7 +117,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         width, height = resolve_size(spec, sample)
         plan = plan_memory(spec, width, height, sample.num_frames or spec.num_frames, quant=args.quant,
                            attention=args.attention, budget_gb=args.max_memory, num_samples=sample.num_samples,
-                           cfg=sample.steps > 4)
+                           cfg=sample.steps > MAX_RCM_STEPS)
         print(plan.summary(), file=sys.stderr)
     if args.device and args.device.split(":")[0] not in ("cpu", "cuda"):
         raise UsageError(f"unknown device {args.device!r}; use cpu or cuda")
@@ -128,7 +128,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                          text_encoder=args.text_encoder, tokenizer=args.tokenizer, attention=args.attention,
                          topk=args.topk, quant=args.quant, quant_format=args.quant_format,
                          fuse=False if args.no_fuse else None, compile=args.compile, max_memory=args.max_memory,
-                         device=args.device, teacher=args.steps > 4)
+                         device=args.device, teacher=args.steps > MAX_RCM_STEPS)
     if spec.untrained and not args.dit:
         print(f"note: model {spec.name!r} has random, UNTRAINED weights — the video shows noise-like "
               "patterns, not the prompt", file=sys.stderr)

@@ -5,7 +5,9 @@ entry so that each model test runs in seconds on a CPU.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # Wan2.1 VAE latent normalisation (SPEC §3.2). TurboDiffusion builds these in bf16, so the
 # effective values are the bf16-rounded ones; the VAE module rounds them itself.
@@ -105,18 +107,25 @@ TINY_VAE = VAEConfig(dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1)
 TINY_TEXT = TextEncoderConfig(vocab_size=512, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                               text_len=16)
 
+def _shipped_latent_stats(folder: str) -> dict[str, tuple[float, ...]]:
+    """{"mean", "std"} of a shipped model's VAE latents, from the config.json `turbovid train ship` wrote beside
+    its weights (the one copy of the measured values); identity if the folder is absent (then loading its
+    weights fails anyway, with a clear error from pipeline.shipped_files)."""
+    path = Path(__file__).resolve().parent / "assets" / folder / "config.json"
+    if not path.is_file():
+        return {"mean": (0.0,) * 16, "std": (1.0,) * 16}
+    stats = json.loads(path.read_text())["vae_latent_stats"]
+    return {"mean": tuple(stats["mean"]), "std": tuple(stats["std"])}
+
+
 # The embedded model "mini" (trained here: turbovid/train, recipe "mini"; weights in turbovid/assets/mini):
 # Wan2.1 architecture at 240x240x33 frames -> latent 9 x 30 x 30 -> 2025 DiT tokens. DiT 3.5M parameters,
 # VAE dim 16 (2.6M), umT5 2 layers of 256 over a 512-piece caption SentencePiece. The VAE's latent
-# mean/std are the ones measured after its training (runs/mini/vae/latent_stats.json).
+# mean/std are the ones measured after its training, read from turbovid/assets/mini/config.json.
 MINI_DIT = DiTConfig(dim=192, ffn_dim=576, num_heads=3, num_layers=6, text_dim=256, text_len=32)
 MINI_TEXT = TextEncoderConfig(vocab_size=512, d_model=256, d_kv=32, d_ff=512, num_layers=2, num_heads=8,
                               text_len=32)
-MINI_VAE = VAEConfig(dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1,
-                     mean=(1.08277, 0.55117, 0.16419, -0.57656, -1.27717, -0.29120, -0.48876, 1.22870,
-                           -1.38189, -1.20974, -0.14956, -0.07379, -0.10728, -0.71965, -0.03847, 0.84348),
-                     std=(2.77391, 1.67554, 0.80122, 1.53295, 2.51541, 0.74062, 0.72102, 3.55266,
-                           2.58146, 2.98221, 0.73836, 0.73910, 1.73079, 1.88981, 0.93459, 2.34274))
+MINI_VAE = VAEConfig(dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1, **_shipped_latent_stats("mini"))
 
 MODELS: dict[str, ModelSpec] = {
     "Wan2.1-1.3B": ModelSpec("Wan2.1-1.3B", "t2v", WAN21_1P3B),

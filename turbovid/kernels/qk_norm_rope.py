@@ -28,11 +28,9 @@ except ImportError:
 def qk_norm_rope_ref(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      num_heads: int, eps: float) -> torch.Tensor:
     """x [B, L, d] -> [B, L, H, D]: RMSNorm over d (fp32, rounded to x's dtype), then RoPE of each head."""
-    from turbovid.models.dit import apply_rope
+    from turbovid.models.dit import apply_rope, rms_norm   # models.dit imports this module
 
-    xf = x.float()
-    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
-    return apply_rope(y.unflatten(-1, (num_heads, -1)), cos, sin)
+    return apply_rope(rms_norm(x, weight, eps).unflatten(-1, (num_heads, -1)), cos, sin)
 
 
 if triton is not None:

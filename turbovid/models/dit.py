@@ -31,6 +31,7 @@ from torch import nn
 
 from turbovid.attention import DenseAttention, make_self_attention
 from turbovid.config import DiTConfig
+from turbovid.kernels.qk_norm_rope import qk_norm_rope
 
 ROPE_THETA = 10000.0
 
@@ -88,8 +89,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm.forward: fp32 statistics and weight multiply, rounded once to x's dtype."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -140,7 +146,6 @@ class SelfAttention(nn.Module):
         # [B, L, d] -> [B, L, H, D]; q/k are normalised over the full width d before the split.
         v = self.v(x).unflatten(-1, (self.num_heads, -1))
         if self.fused_qk:
-            from turbovid.kernels.qk_norm_rope import qk_norm_rope
             q = qk_norm_rope(self.q(x), self.norm_q.weight, *rope, self.num_heads, self.norm_q.eps)
             k = qk_norm_rope(self.k(x), self.norm_k.weight, *rope, self.num_heads, self.norm_k.eps)
             return self.o(self.attn_op(q, k, v).flatten(2))

@@ -136,10 +136,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             from turbovid.train.reproduce import reproduce
             out = reproduce(recipe, run_dir, env, evaluate_models=not args.no_eval)
         if env.main:
-            stage_dir = out.name in ("vae", "teacher", "sla", "rcm")          # reproduce stopped in this stage
-            if stage_dir or (out.suffix == ".safetensors" and not out.is_file()):
-                print(f"stopped at the --max-minutes budget in {out if stage_dir else out.parent}; "
-                      "run the same command again to resume")
+            if out.suffix == ".safetensors" and not out.is_file():   # a stage stopped by --max-minutes
+                print(f"stopped at the --max-minutes budget in {out.parent}; run the same command again to resume")
             else:
                 print(f"done: {out}")
     finally:

@@ -27,14 +27,13 @@ from pathlib import Path
 
 import torch
 
-from turbovid.train.checkpoint import load_weights
 from turbovid.train.ema import PowerEMA
 from turbovid.train.inputs import LatentBatches
 from turbovid.train.loop import Env, drive, make_optimizer, optimizer_step, step_generator, step_indices, unwrap, wrap_ddp
 from turbovid.train.losses import (_b, dmd_loss, fake_score_loss, rcm_phase, sample_p_d, sample_p_g, scm_loss,
                                    scm_target, trigflow_velocity)
 from turbovid.train.recipe import Recipe
-from turbovid.train.teacher import frozen_dit, new_dit
+from turbovid.train.teacher import frozen_dit, new_dit, trained_teacher
 from turbovid.train.trigflow import denoise, guided_denoise, student_F_jvp
 
 
@@ -172,9 +171,6 @@ class RCMTrainer:
 
 
 def run_rcm(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None) -> Path:
-    teacher = Path(run_dir) / "teacher" / "final.safetensors"
-    if not teacher.is_file():
-        raise ValueError(f"{teacher} not found: run `turbovid train teacher` first")
     out = Path(run_dir) / "rcm"
-    drive(RCMTrainer(recipe, run_dir, env, load_weights(teacher, env.device)), out, env, until=until)
+    drive(RCMTrainer(recipe, run_dir, env, trained_teacher(run_dir, env)), out, env, until=until)
     return out / "final.safetensors"

@@ -13,7 +13,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from turbovid.config import MINI_DIT, MINI_TEXT, MINI_VAE, TINY_DIT, TINY_TEXT, TINY_VAE, VAEConfig
+from turbovid.config import (MINI_DIT, MINI_TEXT, MINI_VAE, TINY_DIT, TINY_TEXT, TINY_VAE, DiTConfig, TextEncoderConfig,
+                             VAEConfig)
 
 # The mini model (configs in turbovid.config). Latent statistics start at (0, 1) for VAE training and are
 # measured afterwards (the vae stage writes them next to its weights; later stages and the export use them).

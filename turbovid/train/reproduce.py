@@ -6,12 +6,13 @@ an interrupted one continues from its newest checkpoint):
 
 Each stage writes run_dir/<stage>/{log.jsonl, checkpoints/, final.safetensors}. Evaluations run on rank 0
 (held-out prompts, `turbovid.train.evaluate`) and land in run_dir/eval/*.json (+ an mp4 of 8 samples).
-export/ holds what the lead wires in as the embedded model:
-    dit.safetensors          merged rCM + SLA model (use with --attention sla|sagesla, 1-4 steps)
-    dit_rcm.safetensors      rCM student alone (dense attention, 1-4 steps)
-    dit_teacher.safetensors  the teacher (dense, 50 steps with CFG)
-    vae.safetensors, text_encoder.safetensors, spiece.model
-    config.json              DiT / VAE (with the measured latent mean/std) / text configs, eval summary
+export/ holds the release files `ship` writes (what `turbovid train ship` copies into turbovid/assets/):
+    dit.safetensors          merged rCM + SLA student, bf16 (1-4 steps; dense, sla or sagesla attention)
+    dit_int8.safetensors     the same, W8A8 INT8 (fast format)
+    dit_teacher.safetensors  the teacher, bf16 (50 steps with CFG)
+    vae.safetensors, text_encoder.safetensors (bf16), spiece.model
+    config.json              latent mean/std, steps per stage, VAE reconstruction, eval summary
+When `--max-minutes` stops a stage, `reproduce` returns that stage's (still missing) final.safetensors path.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from turbovid.train.distill import run_rcm
 from turbovid.train.evaluate import evaluate
-from turbovid.train.inputs import build_text_encoder, vae_config
+from turbovid.train.inputs import build_text_encoder
 from turbovid.train.loop import Env
 from turbovid.train.merge import merge_files
 from turbovid.train.recipe import Recipe
@@ -65,25 +66,6 @@ def _evaluate_all(recipe: Recipe, run_dir: Path, env: Env) -> dict:
     return summary
 
 
-def export(recipe: Recipe, run_dir: Path, env: Env, summary: dict) -> Path:
-    run_dir = Path(run_dir)
-    out = run_dir / "export"
-    if env.main:
-        out.mkdir(parents=True, exist_ok=True)
-        for src, dst in (("merged/model.safetensors", "dit.safetensors"), ("rcm/final.safetensors", "dit_rcm.safetensors"),
-                         ("teacher/final.safetensors", "dit_teacher.safetensors"), ("vae/final.safetensors", "vae.safetensors"),
-                         ("text_encoder.safetensors", "text_encoder.safetensors"), ("spiece.model", "spiece.model")):
-            shutil.copyfile(run_dir / src, out / dst)
-        config = {"recipe": recipe.name, "size": recipe.size, "frames": recipe.frames,
-                  "dit": dataclasses.asdict(recipe.dit), "vae": dataclasses.asdict(vae_config(recipe, run_dir)),
-                  "text": dataclasses.asdict(recipe.text), "sla_topk": recipe.sla.topk, "eval": summary}
-        tmp = out / ".config.json.tmp"
-        tmp.write_text(json.dumps(config, indent=1))
-        tmp.replace(out / "config.json")
-    env.barrier()
-    return out
-
-
 def reproduce(recipe: Recipe, run_dir: Path, env: Env, evaluate_models: bool = True) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -94,21 +76,22 @@ def reproduce(recipe: Recipe, run_dir: Path, env: Env, evaluate_models: bool = T
         if not (run_dir / name / "final.safetensors").is_file():
             stage(recipe, run_dir, env)
         if not (run_dir / name / "final.safetensors").is_file():   # stopped by --max-minutes
-            return run_dir / name
+            return run_dir / name / "final.safetensors"
     run_merge(recipe, run_dir, env)
     summary = _evaluate_all(recipe, run_dir, env) if evaluate_models else {}
-    recon = run_dir / "vae" / "reconstruction.json"
-    if recon.is_file():
-        summary["vae_reconstruction"] = json.loads(recon.read_text())
-    return export(recipe, run_dir, env, summary)
+    out = run_dir / "export"
+    if env.main:
+        ship(recipe, run_dir, out, summary)
+    env.barrier()
+    return out
 
 
 
-def ship(recipe: Recipe, run_dir: Path, dest: Path) -> Path:
+def ship(recipe: Recipe, run_dir: Path, dest: Path, summary: dict | None = None) -> Path:
     """The files the package ships for the model (turbovid/assets/<name>/, read by pipeline.shipped_files):
     teacher and merged 4-step student in bf16, the student as W8A8 INT8 (`turbovid quantize` fast format),
     VAE and frozen text encoder in bf16, the tokenizer, and config.json (latent statistics, what each stage
-    ran). Each file is written under a temporary name and renamed."""
+    ran, and `summary`: the evaluations of `reproduce`). Each file is written under a temporary name and renamed."""
     import torch
     from safetensors.torch import load_file, safe_open
 
@@ -138,6 +121,8 @@ def ship(recipe: Recipe, run_dir: Path, dest: Path) -> Path:
     recon = run_dir / "vae" / "reconstruction.json"
     if recon.is_file():
         config["vae_reconstruction"] = json.loads(recon.read_text())
+    if summary:
+        config["eval"] = summary
     tmp = dest / ".config.json.tmp"
     tmp.write_text(json.dumps(config, indent=1))
     tmp.replace(dest / "config.json")

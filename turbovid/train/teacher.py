@@ -54,8 +54,6 @@ class _VelocityStage:
         self.net = net.to(env.device).train()
         if stage_cfg.compile and env.device.type == "cuda":
             compile_blocks(self.net)             # in place, same parameter names
-            if getattr(self, "teacher", None) is not None:
-                compile_blocks(self.teacher)
         self.model = wrap_ddp(self.net, env)
         self.ema = PowerEMA(self.net, stage_cfg.ema_sigma_rel)
         self.optimizer = make_optimizer(self.net.parameters(), stage_cfg.optim, env)
@@ -121,6 +119,8 @@ class SLATrainer(_VelocityStage):
             raise ValueError(f"teacher weights do not fit the SLA student: missing {result.missing_keys[:2]}, "
                              f"unexpected {result.unexpected_keys[:2]}")
         self._setup(recipe, run_dir, env, student, recipe.sla, fixed_batch, inputs)
+        if recipe.sla.compile and env.device.type == "cuda":
+            compile_blocks(self.teacher)
 
     def train_step(self, step: int) -> dict[str, float]:
         x0, context, g = self._draws(step)
@@ -141,10 +141,15 @@ def run_teacher(recipe: Recipe, run_dir: Path, env: Env, until: int | None = Non
     return out / "final.safetensors"
 
 
-def run_sla(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None) -> Path:
+def trained_teacher(run_dir: Path, env: Env) -> dict[str, torch.Tensor]:
+    """The finished teacher's weights, which the SLA and rCM stages start from."""
     teacher = Path(run_dir) / "teacher" / "final.safetensors"
     if not teacher.is_file():
         raise ValueError(f"{teacher} not found: run `turbovid train teacher` first")
+    return load_weights(teacher, env.device)
+
+
+def run_sla(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None) -> Path:
     out = Path(run_dir) / "sla"
-    drive(SLATrainer(recipe, run_dir, env, load_weights(teacher, env.device)), out, env, until=until)
+    drive(SLATrainer(recipe, run_dir, env, trained_teacher(run_dir, env)), out, env, until=until)
     return out / "final.safetensors"
