@@ -8,8 +8,8 @@ import sentencepiece as spm
 import torch
 
 from turbovid.config import WAN_NEGATIVE_PROMPT
-from turbovid.train.data import (BACKGROUNDS, COLORS, DIRECTIONS, MIN_CONTRAST, SHAPES, ProceduralVideos, is_heldout,
-                                 parse_caption, render, sample_clip)
+from turbovid.train.data import (BACKGROUNDS, COLORS, DIRECTIONS, MIN_CONTRAST, PATH_JITTER, SHAPES, ProceduralVideos,
+                                 is_heldout, parse_caption, render, sample_clip)
 from turbovid.train.detect import ATTRIBUTES, adherence, detect
 from turbovid.train.recipe import MINI_TEXT
 from turbovid.train.tokenizer import ASSET, CORPUS_CAPTIONS, train_spiece
@@ -58,6 +58,18 @@ def test_frames_shape_range_and_content():
         ProceduralVideos("train", 40, 9)
     with pytest.raises(ValueError, match="split"):
         ProceduralVideos("val", 48, 9)
+
+
+def test_paths_stay_in_frame_and_are_centred():
+    # Every clip keeps its whole object (plus the 0.02 margin) inside the frame at both ends of its path,
+    # and the path's midpoint is the frame centre up to PATH_JITTER, so the caption fixes the trajectory.
+    for i in range(300):
+        c = sample_clip(0, "train", i)
+        end = (c.start[0] + c.displacement[0], c.start[1] + c.displacement[1])
+        for p in (c.start, end):
+            assert all(c.radius + 0.02 - 1e-9 <= v <= 1 - c.radius - 0.02 + 1e-9 for v in p), (i, c)
+        mid = [s + d / 2 for s, d in zip(c.start, c.displacement)]
+        assert all(abs(m - 0.5) <= PATH_JITTER + 1e-9 for m in mid), (i, c)
 
 
 def test_captions_name_the_attributes():
@@ -116,7 +128,7 @@ def test_detector_on_empty_and_static_videos():
     blank = torch.zeros(3, 5, 32, 32)
     assert detect(blank) == {k: "none" for k in ATTRIBUTES}
     clip = sample_clip(0, "train", 0)
-    still = render(clip, 64, 1).expand(3, 5, 64, 64)   # one frame repeated: no motion
+    still = render(clip, 128, 1).expand(3, 5, 128, 128)   # one frame repeated: no motion
     found = detect(still)
     assert found["direction"] == "none" and found["color"] == clip.color and found["shape"] == clip.shape
     with pytest.raises(ValueError):

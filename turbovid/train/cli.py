@@ -46,6 +46,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--eval-steps", type=int, help="sampling steps (default: 4 rcm, 50 teacher)")
     e.add_argument("--count", type=int, help="number of prompts")
     e.add_argument("--split", default="heldout", choices=("heldout", "train"))
+    e.add_argument("--guidance", type=float, default=5.0, help="teacher sampler: CFG scale (default 5)")
+    e.add_argument("--shift", type=float, default=5.0, help="teacher sampler: flow shift (default 5)")
     return p
 
 
@@ -125,11 +127,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             from turbovid.train.evaluate import evaluate
             dit = Path(args.dit) if args.dit else run_dir / "merged" / "model.safetensors"
             steps = args.eval_steps or (recipe.eval_teacher_steps if args.sampler == "teacher" else recipe.eval_rcm_steps)
-            out = run_dir / "eval" / f"{dit.stem}_{args.attention}_{args.sampler}{steps}_{args.split}.json"
+            cfg = f"_g{args.guidance:g}_s{args.shift:g}" if args.sampler == "teacher" else ""
+            out = run_dir / "eval" / f"{dit.stem}_{args.attention}_{args.sampler}{steps}{cfg}_{args.split}.json"
             if env.main:   # rank 0 alone, as a single process (no collectives inside)
                 from turbovid.train.loop import Env
                 result = evaluate(recipe, run_dir, Env(env.device), dit, attention=args.attention, sampler=args.sampler,
-                                  steps=steps, count=args.count, split=args.split, out=out)
+                                  steps=steps, count=args.count, split=args.split, out=out,
+                                  guidance=args.guidance, shift=args.shift)
                 print(f"adherence {result['all']:.3f}: " + ", ".join(
                     f"{k} {result[k]:.2f}" for k in ("color", "shape", "direction", "speed", "size")))
         else:

@@ -53,9 +53,10 @@ def generate_latents(net, context: torch.Tensor, negative: torch.Tensor, shape: 
 
 def evaluate(recipe: Recipe, run_dir: Path, env: Env, dit: str | Path, *, attention: str = "dense",
              sampler: str = "rcm", steps: int = 4, count: int | None = None, split: str = "heldout",
-             out: str | Path | None = None, videos: str | Path | None = None, seed: int = 0) -> dict:
+             out: str | Path | None = None, videos: str | Path | None = None, seed: int = 0,
+             guidance: float = 5.0, shift: float = 5.0) -> dict:
     """Generate `count` clips with the DiT weights at `dit`, grade them; write the scores to `out` (JSON) and
-    the first 8 clips side by side to `videos` (mp4) when given."""
+    the first 8 clips side by side to `videos` (mp4) when given. `guidance`/`shift`: the teacher sampler's."""
     count = recipe.eval_clips if count is None else count
     data_seed = recipe.data_seed if split == "heldout" else recipe.data_seed + 1
     clips = [sample_clip(data_seed, split, i) for i in range(count)]
@@ -70,11 +71,12 @@ def evaluate(recipe: Recipe, run_dir: Path, env: Env, dit: str | Path, *, attent
         batch = clips[first:first + EVAL_BATCH]
         context = text.encode([c.caption for c in batch]).float()
         z = generate_latents(net, context, negative, (len(batch), *latent), env, sampler=sampler, steps=steps,
-                             seed=seed + first)
+                             seed=seed + first, guidance=guidance, shift=shift)
         decoded.append(vae.decode_reference(z.to(vae.dtype), clamp=True).float().cpu())
     video = torch.cat(decoded)
     scores = adherence(list(video), [c.attributes() for c in clips])
     result = {"dit": str(dit), "attention": attention, "sampler": sampler, "steps": steps, "split": split,
+              **({"guidance": guidance, "shift": shift} if sampler == "teacher" else {}),
               "count": count, "seconds": time.perf_counter() - t0,
               **{k: v for k, v in scores.items() if k != "detections"},
               "clips": [{"caption": c.caption, "truth": c.attributes(), "found": d}

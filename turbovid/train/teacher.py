@@ -38,7 +38,11 @@ def new_dit(recipe: Recipe, attention: str = "dense", topk: float = 0.1, seed: i
 def frozen_dit(recipe: Recipe, weights: dict[str, torch.Tensor], env: Env, attention: str = "dense",
                topk: float = 0.1) -> WanDiT:
     net = new_dit(recipe, attention, topk)
-    net.load_state_dict(weights, strict=True)
+    missing, unexpected = net.load_state_dict(weights, strict=False)
+    if missing or unexpected:   # e.g. dense weights evaluated with SLA (whose proj_l they lack)
+        raise ValueError(f"the DiT weights do not fit a {recipe.name} DiT with {attention} attention: "
+                         f"{len(missing)} missing keys (first {missing[:1]}), {len(unexpected)} unexpected "
+                         f"(first {unexpected[:1]})")
     return net.to(env.device).eval().requires_grad_(False)
 
 
