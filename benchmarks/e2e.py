@@ -16,7 +16,8 @@ rel-L2 and cosine; random weights make sparse attention look worse than on train
   4 + SageSLA top-k 0.1                                    measured
   5 + W8A8 (fast format; activation quantization as a separate pass)
   6 + fused norms (norm -> INT8 straight into the GEMMs, gated residuals in the GEMM epilogues) + text K/V cache
-  7 + torch.compile of the blocks
+  7 + fused q/k RMSNorm + RoPE (kernels/qk_norm_rope.py)
+  8 + torch.compile of the blocks
 Rows 1-2 report the one-forward velocity error against ours instead (no 50-step latent is computed).
 
 Wan2.1-14B 720p (latent [1, 16, 21, 90, 160], L = 75600): built on the meta device and materialised in bf16
@@ -50,8 +51,8 @@ from turbovid.models.text_encoder import TextEncoder, make_umt5  # noqa: E402
 from turbovid.models.vae import WanVAE  # noqa: E402
 from turbovid.pipeline import byte_tokenizer  # noqa: E402
 from turbovid.sampling import rcm_sample, rcm_times  # noqa: E402
-from turbovid.speedups import (compile_blocks, enable_text_kv_cache, fuse_block_norms, quantize,  # noqa: E402
-                               set_attention)
+from turbovid.speedups import (compile_blocks, enable_text_kv_cache, fuse_block_norms, fuse_qk_norm_rope,  # noqa: E402
+                               quantize, set_attention)
 from turbovid.video import tile_samples, to_uint8_frames, write_video  # noqa: E402
 
 # What runs (module constants, so a CPU smoke run can shrink them).
@@ -203,9 +204,10 @@ def waterfall_1p3b(context: torch.Tensor, quick: bool, deadline: float, results:
              ("+ W8A8 (fast format)", lambda m: quantize(m, "fast")),
              ("+ fused norms/int8 emit/epilogues + text K/V cache",
               lambda m: enable_text_kv_cache(fuse_block_norms(m))),
+             ("+ fused q/k RMSNorm + RoPE", fuse_qk_norm_rope),
              ("+ torch.compile of the blocks", compile_blocks)]
     reference, ran = None, []
-    budget = [15, 20, 20, 25, 40]            # seconds a row needs at least (Triton compiles not included)
+    budget = [15, 20, 20, 25, 20, 40]        # seconds a row needs at least (Triton compiles not included)
     for (name, apply), need in zip(steps, budget):
         print(f"[{elapsed():.0f} s] {name}", flush=True)
         if time.perf_counter() - START > deadline - need:
@@ -343,14 +345,14 @@ def dit_14b(context: torch.Tensor, deadline: float) -> list[dict]:
     if time.perf_counter() - START < deadline - 45:
         set_attention(net, "sagesla", 0.1)
         quantize(net, "fast")
-        enable_text_kv_cache(fuse_block_norms(net))
+        fuse_qk_norm_rope(enable_text_kv_cache(fuse_block_norms(net)))
         torch.cuda.empty_cache()
         with torch.no_grad():
             net(x, t, context)                                   # autotune at the 14B shapes
         net.text_kv.clear()
         torch.cuda.reset_peak_memory_stats()
         _, step_s, total = video_dit(net, noise, context)
-        rows.append({"config": "14B 720p SageSLA 0.1 + W8A8 fast + fused + text K/V (no compile)",
+        rows.append({"config": "14B 720p SageSLA 0.1 + W8A8 fast + fused norms + fused q/k + text K/V (no compile)",
                      "forward_s": statistics.median(step_s), "dit_4step_s": total, "peak_gb": peak_gb(),
                      "measured": "one 4-step video", "steps_ms": [round(1e3 * v, 1) for v in step_s]})
     del net

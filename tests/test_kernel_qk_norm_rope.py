@@ -56,3 +56,36 @@ def test_dit_with_fused_qk_equals_the_plain_model():
     both = apply_speedups(fused, fuse_norms=True, fuse_qk=True)  # FusedWanBlock with the fused q/k path
     with torch.no_grad():
         torch.testing.assert_close(both(x, t, ctx), a, rtol=1e-4, atol=1e-4)
+
+
+# --- GPU, Wan shapes ------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B, grid, heads, D", [
+    (1, (21, 30, 52), 12, 128),    # Wan2.1-1.3B 480p: 32760 tokens, d 1536
+    (2, (5, 17, 23), 12, 128),     # odd token count (1955), two samples
+    (1, (21, 45, 80), 40, 128),    # Wan2.1-14B 720p: 75600 tokens, d 5120
+])
+def test_gpu_kernel_at_wan_shapes(B, grid, heads, D):
+    g = torch.Generator("cuda").manual_seed(0)
+    L, d = grid[0] * grid[1] * grid[2], heads * D
+    x = (3 * torch.randn(B, L, d, generator=g, device="cuda")).to(torch.bfloat16)
+    w = 1 + 0.1 * torch.randn(d, generator=g, device="cuda")
+    angles = rope_angles(D, grid, "cuda")
+    cos, sin = angles.cos(), angles.sin()
+    got = qk_norm_rope(x, w, cos, sin, heads, 1e-6)
+    want = qk_norm_rope_ref(x, w, cos, sin, heads, 1e-6)
+    assert ((got.float() - want.float()).abs() <= 2 ** -6 * want.float().abs().clamp_min(1)).all()
+
+
+@pytest.mark.gpu
+def test_gpu_dit_with_fused_qk_equals_the_plain_model():
+    torch.manual_seed(0)
+    plain = WanDiT(TINY_DIT).cuda().to(torch.bfloat16).eval()
+    fused = fuse_qk_norm_rope(WanDiT(TINY_DIT).cuda().to(torch.bfloat16).eval())
+    fused.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 16, 3, 8, 12, device="cuda", dtype=torch.bfloat16)
+    t, ctx = torch.tensor([700.0], device="cuda"), torch.randn(1, 16, TINY_DIT.text_dim, device="cuda")
+    with torch.no_grad():
+        a, b = plain(x, t, ctx).float(), fused(x, t, ctx).float()
+    assert ((b - a).norm() / a.norm()) < 1e-2
