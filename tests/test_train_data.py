@@ -124,6 +124,17 @@ def test_detector_fails_shuffled_attribute_control():
     assert scores["all"] < 0.2 and scores["color"] < 0.4 and scores["direction"] < 0.4
 
 
+def test_detector_on_two_blobs_far_from_their_median():
+    # Generated clips may hold two blobs in opposite corners: the per-axis medians of their pixels then pair
+    # the top blob's row with the left blob's column, an empty corner, so the window around them holds nothing.
+    # The detector must answer, not divide by zero.
+    video = -torch.ones(3, 5, 96, 96)
+    video[0, :, 4:20, 76:92] = 1.0    # top right
+    video[0, :, 76:92, 4:20] = 1.0    # bottom left
+    found = detect(video)
+    assert set(found) == set(ATTRIBUTES) and found["direction"] == "none"
+
+
 def test_detector_on_empty_and_static_videos():
     blank = torch.zeros(3, 5, 32, 32)
     assert detect(blank) == {k: "none" for k in ATTRIBUTES}

@@ -19,7 +19,7 @@ from turbovid.train.inputs import LatentBatches, encode_videos, vae_config
 from turbovid.train.loop import Env, drive
 from turbovid.train.losses import flow_matching_pair, shifted_logit_normal, velocity_loss
 from turbovid.train.recipe import RECIPES
-from turbovid.train.teacher import SLATrainer, TeacherTrainer, new_dit, run_teacher
+from turbovid.train.teacher import SLATrainer, TeacherTrainer, frozen_dit, new_dit, run_teacher
 from turbovid.train.trigflow import rf_velocity
 from turbovid.train.vae import run_vae
 
@@ -255,3 +255,13 @@ def test_cli_sla_rcm_merge_eval_and_export_load(run, capsys):
     assert result["count"] == 2 and len(result["clips"]) == 2 and 0 <= result["all"] <= 1
     with pytest.raises(ValueError, match="--steps"):
         _cli("teacher", *common, "--steps", "0")
+
+
+def test_frozen_dit_drops_sla_weights_for_dense_and_rejects_missing_ones():
+    sla_weights = new_dit(TINY, attention="sla").state_dict()
+    assert any(".proj_l." in k for k in sla_weights)
+    net = frozen_dit(TINY, sla_weights, Env(torch.device("cpu")), attention="dense")   # merged student, dense
+    assert not any(".proj_l." in k for k in net.state_dict())
+    dense_weights = new_dit(TINY).state_dict()
+    with pytest.raises(ValueError, match="do not fit a tiny DiT with sla attention: .* missing"):
+        frozen_dit(TINY, dense_weights, Env(torch.device("cpu")), attention="sla")

@@ -86,6 +86,10 @@ def detect(video: torch.Tensor) -> dict[str, str]:
         alpha[f] *= window
         sharp[f] *= window
         mass = alpha[f].sum()
+        if float(mass) <= 0 or not bool((sharp[f] > 0.5).any() or (alpha[f] > 0.5).any()):
+            # two blobs whose per-axis medians fall between them: nothing solid near the median -> no object
+            alpha[f] = 0
+            continue
         visible.append(f)
         centres.append(torch.stack([(alpha[f].sum(0) * xs).sum() / mass, (alpha[f].sum(1) * ys).sum() / mass]))
     if not visible:

@@ -134,18 +134,19 @@ class Recipe:
 
 
 def _mini() -> Recipe:
-    # Step counts are those of the shipped run (2026-11-22, one H200, each stage's schedule fitted to its
-    # time budget with --fit-minutes; docs/training/mini): VAE 2216 steps (6.5 steps/s), teacher 14944
-    # (14 steps/s), SLA 1301, rCM 1759 (tangent warm-up 1000). A VAE sweep at 1475 steps (lr 2e-4 / 4e-4 / 8e-4)
-    # put 4e-4 lowest; the VAE's loss was still falling when its budget ended (see README, embedded model).
+    # Step counts and learning rates are those of the shipped run (2026-11-22, session 3: one 4 x H200 machine,
+    # torchrun DDP, so every batch below is per GPU and the global batch is 4x; each stage's schedule fitted to
+    # its time budget with --fit-minutes; docs/training/mini): VAE 2316 steps (6.2 steps/s), teacher 4496
+    # (~11 steps/s), SLA 310, rCM 673 (tangent warm-up 500). Reproduce with `torchrun --nproc-per-node 4`.
+    # An earlier VAE sweep on one GPU (batch 16, 1475 steps, lr 2e-4 / 4e-4 / 8e-4) put 4e-4 lowest.
     return Recipe(
         name="mini", dit=MINI_DIT, vae=MINI_VAE_UNIT, text=MINI_TEXT, size=240, frames=33,
-        vae_stage=VAEStage(Schedule(steps=2216, batch=16, ckpt_every=1000),
-                           Optim(lr=4e-4, warmup=300, cosine=True, weight_decay=0.0)),
-        teacher=TeacherStage(Schedule(steps=14944, batch=32, ckpt_every=500),
-                             Optim(lr=2e-4, warmup=500, cosine=True)),
-        sla=SLAStage(Schedule(steps=1301, batch=16, ckpt_every=1000), Optim(lr=2e-5, warmup=100)),
-        rcm=RCMStage(Schedule(steps=1759, batch=8, ckpt_every=1000),
+        vae_stage=VAEStage(Schedule(steps=2316, batch=16, ckpt_every=1000),
+                           Optim(lr=5e-4, warmup=300, cosine=True, weight_decay=0.0)),
+        teacher=TeacherStage(Schedule(steps=4496, batch=32, ckpt_every=500),
+                             Optim(lr=3e-4, warmup=500, cosine=True)),
+        sla=SLAStage(Schedule(steps=310, batch=16, ckpt_every=1000), Optim(lr=2e-5, warmup=100)),
+        rcm=RCMStage(Schedule(steps=673, batch=8, ckpt_every=1000),
                      # rCM: betas (0, 0.999), no gradient clipping (NaN/inf entries are still zeroed)
                      Optim(lr=2e-5, betas=(0.0, 0.999), warmup=0, grad_clip=0.0),
                      Optim(lr=4e-6, betas=(0.0, 0.999), warmup=0, grad_clip=0.0),

@@ -38,6 +38,8 @@ def new_dit(recipe: Recipe, attention: str = "dense", topk: float = 0.1, seed: i
 def frozen_dit(recipe: Recipe, weights: dict[str, torch.Tensor], env: Env, attention: str = "dense",
                topk: float = 0.1) -> WanDiT:
     net = new_dit(recipe, attention, topk)
+    if attention in ("dense", "sage"):   # an SLA-tuned model's proj_l means nothing without SLA (as loading.py)
+        weights = {k: v for k, v in weights.items() if ".proj_l." not in k}
     missing, unexpected = net.load_state_dict(weights, strict=False)
     if missing or unexpected:   # e.g. dense weights evaluated with SLA (whose proj_l they lack)
         raise ValueError(f"the DiT weights do not fit a {recipe.name} DiT with {attention} attention: "

@@ -30,6 +30,8 @@ case "$1" in
     for g in 2 3.5 5; do
       $E --dit $RUN/teacher/final.safetensors --attention dense --sampler teacher --guidance $g 2>&1 | tee -a "$OUT/eval.log"
     done
+    # (In the recorded run this line failed: frozen_dit rejected the merged model's proj_l for dense attention,
+    # fixed since; set -e then skipped bring_back, so sla/rcm logs were recovered from their printed lines.)
     $E --attention dense 2>&1 | tee -a "$OUT/eval.log"
     $E --attention sla 2>&1 | tee -a "$OUT/eval.log"
     ;;
