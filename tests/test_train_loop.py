@@ -265,3 +265,16 @@ def test_frozen_dit_drops_sla_weights_for_dense_and_rejects_missing_ones():
     dense_weights = new_dit(TINY).state_dict()
     with pytest.raises(ValueError, match="do not fit a tiny DiT with sla attention: .* missing"):
         frozen_dit(TINY, dense_weights, Env(torch.device("cpu")), attention="sla")
+
+
+def test_teacher_init_starts_from_given_weights(run, tmp_path):
+    run_dir, inputs = run
+    final = run_dir / "teacher" / "final.safetensors"
+    trainer = TeacherTrainer(TINY, run_dir, ENV, inputs=inputs, init=final)
+    want = load_weights(final)
+    assert all(torch.equal(v, want[k]) for k, v in trainer.net.state_dict().items())
+    assert all(p.requires_grad for p in trainer.net.parameters())
+    with pytest.raises(ValueError, match="no such file"):
+        TeacherTrainer(TINY, run_dir, ENV, inputs=inputs, init=tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="do not fit"):
+        TeacherTrainer(TINY, run_dir, ENV, inputs=inputs, init=run_dir / "vae" / "final.safetensors")

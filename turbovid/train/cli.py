@@ -32,6 +32,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--fit-minutes", type=float, help="shorten a fresh stage's schedule (warm-up and decay included) "
                    "to the steps that fit in this many minutes, measured on its first steps")
     p.add_argument("--device", help="cuda | cpu (default: cuda if available)")
+    p.add_argument("--init", help="teacher: start from these DiT weights (e.g. an earlier run's "
+                                  "teacher/final.safetensors) instead of random ones")
     p.add_argument("--no-eval", action="store_true", help="reproduce: skip the final evaluations")
     g = p.add_argument_group("merge of arbitrary files (all three given: TurboDiffusion's merge_models.py)")
     g.add_argument("--base", help="rCM student checkpoint")
@@ -94,6 +96,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"wrote {plot_run(Path(args.run_dir), Path(args.output or Path(args.run_dir) / 'curves.png'))}")
         return 0
     recipe = _recipe(args)
+    if args.init is not None and args.stage != "teacher":
+        raise ValueError("--init applies to the teacher stage only")
     if args.stage == "ship":
         from turbovid.train.reproduce import ship
         dest = Path(args.output) if args.output else Path(__file__).resolve().parents[1] / "assets" / recipe.name
@@ -113,7 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             out = run_vae(recipe, run_dir, env, until=args.until)
         elif args.stage == "teacher":
             from turbovid.train.teacher import run_teacher
-            out = run_teacher(recipe, run_dir, env, until=args.until)
+            out = run_teacher(recipe, run_dir, env, until=args.until, init=args.init)
         elif args.stage == "sla":
             from turbovid.train.teacher import run_sla
             out = run_sla(recipe, run_dir, env, until=args.until)

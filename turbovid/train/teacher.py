@@ -96,8 +96,13 @@ class TeacherTrainer(_VelocityStage):
     name = "teacher"
 
     def __init__(self, recipe: Recipe, run_dir: Path, env: Env, fixed_batch: bool = False,
-                 inputs: LatentBatches | None = None):
-        self._setup(recipe, run_dir, env, new_dit(recipe), recipe.teacher, fixed_batch, inputs)
+                 inputs: LatentBatches | None = None, init: str | Path | None = None):
+        """`init`: DiT weights (e.g. an earlier run's teacher/final.safetensors) to start from instead of the
+        seeded random ones; a checkpoint of this run, when there is one, still takes precedence (drive)."""
+        if init is not None and not Path(init).is_file():
+            raise ValueError(f"--init {init}: no such file")
+        net = new_dit(recipe) if init is None else frozen_dit(recipe, load_weights(init, "cpu"), Env(torch.device("cpu")))
+        self._setup(recipe, run_dir, env, net.requires_grad_(True), recipe.teacher, fixed_batch, inputs)
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
@@ -141,9 +146,10 @@ class SLATrainer(_VelocityStage):
         return self._finish(velocity_loss(v, v_teacher), step)
 
 
-def run_teacher(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None) -> Path:
+def run_teacher(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None,
+                init: str | Path | None = None) -> Path:
     out = Path(run_dir) / "teacher"
-    drive(TeacherTrainer(recipe, run_dir, env), out, env, until=until)
+    drive(TeacherTrainer(recipe, run_dir, env, init=init), out, env, until=until)
     return out / "final.safetensors"
 
 
