@@ -278,3 +278,22 @@ def test_teacher_init_starts_from_given_weights(run, tmp_path):
         TeacherTrainer(TINY, run_dir, ENV, inputs=inputs, init=tmp_path / "missing.safetensors")
     with pytest.raises(ValueError, match="do not fit"):
         TeacherTrainer(TINY, run_dir, ENV, inputs=inputs, init=run_dir / "vae" / "final.safetensors")
+
+
+def test_object_centred_vae_crops_hold_the_object():
+    # With object_crops = 1 every 96 px crop of a 240 px clip is centred (jitter <= a quarter of the crop) on the
+    # object at one of its frames, so each crop holds object pixels, and more of them than uniform crops do.
+    from turbovid.train.vae import VAETrainer, foreground_weights
+    mini = RECIPES["mini"]
+
+    def crops(frac):
+        run = dataclasses.replace(mini.vae_stage.run, batch=4)
+        recipe = dataclasses.replace(mini, vae_stage=dataclasses.replace(mini.vae_stage, object_crops=frac, run=run))
+        out = torch.cat([VAETrainer(recipe, ENV)._crops(step) for step in range(3)])
+        assert out.shape[2:] == (33, 96, 96)
+        w = foreground_weights(out, 10.0).flatten(1)
+        return (w > w.amin(1, keepdim=True)).float().mean(1)          # object-pixel fraction per crop
+
+    centred, uniform = crops(1.0), crops(0.0)
+    assert (centred > 0).all()
+    assert centred.mean() > 1.5 * uniform.mean()
