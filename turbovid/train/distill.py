@@ -33,7 +33,7 @@ from turbovid.train.loop import Env, drive, make_optimizer, optimizer_step, step
 from turbovid.train.losses import (_b, dmd_loss, fake_score_loss, rcm_phase, sample_p_d, sample_p_g, scm_loss,
                                    scm_target, trigflow_velocity)
 from turbovid.train.recipe import Recipe
-from turbovid.train.teacher import frozen_dit, new_dit, trained_teacher
+from turbovid.train.teacher import dit_from_weights, frozen_dit, trained_teacher
 from turbovid.train.trigflow import denoise, guided_denoise, student_F_jvp
 
 
@@ -51,10 +51,8 @@ class RCMTrainer:
         self.schedule, self.fixed_batch = self.cfg.run, fixed_batch
         self.inputs = inputs or LatentBatches(recipe, run_dir, env, pool=recipe.pool_clips)
         self.teacher = frozen_dit(recipe, teacher_weights, env)
-        self.student = new_dit(recipe)
-        self.student.load_state_dict(teacher_weights, strict=True)
-        self.fake = new_dit(recipe)
-        self.fake.load_state_dict(teacher_weights, strict=True)
+        self.student = dit_from_weights(recipe, teacher_weights)
+        self.fake = dit_from_weights(recipe, teacher_weights)
         self.student.to(env.device).train()
         self.fake.to(env.device).train()
         self.student_ddp, self.fake_ddp = wrap_ddp(self.student, env), wrap_ddp(self.fake, env)

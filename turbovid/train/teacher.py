@@ -35,17 +35,28 @@ def new_dit(recipe: Recipe, attention: str = "dense", topk: float = 0.1, seed: i
         return WanDiT(recipe.dit, attention=attention, topk=topk)
 
 
-def frozen_dit(recipe: Recipe, weights: dict[str, torch.Tensor], env: Env, attention: str = "dense",
-               topk: float = 0.1) -> WanDiT:
+def dit_from_weights(recipe: Recipe, weights: dict[str, torch.Tensor], attention: str = "dense",
+                     topk: float = 0.1, new_proj_l: bool = False) -> WanDiT:
+    """A DiT of the recipe holding `weights`. SLA's `proj_l` is dropped for dense / sage attention (it means
+    nothing without SLA, as in loading.py); with `new_proj_l` weights that lack it get its zero init (zero
+    proj_l = pure block-sparse attention: how the SLA student starts from the teacher). Anything else that
+    does not fit is a one-line ValueError."""
     net = new_dit(recipe, attention, topk)
-    if attention in ("dense", "sage"):   # an SLA-tuned model's proj_l means nothing without SLA (as loading.py)
+    if attention in ("dense", "sage"):
         weights = {k: v for k, v in weights.items() if ".proj_l." not in k}
     missing, unexpected = net.load_state_dict(weights, strict=False)
-    if missing or unexpected:   # e.g. dense weights evaluated with SLA (whose proj_l they lack)
+    if new_proj_l:
+        missing = [k for k in missing if ".proj_l." not in k]
+    if missing or unexpected:
         raise ValueError(f"the DiT weights do not fit a {recipe.name} DiT with {attention} attention: "
                          f"{len(missing)} missing keys (first {missing[:1]}), {len(unexpected)} unexpected "
                          f"(first {unexpected[:1]})")
-    return net.to(env.device).eval().requires_grad_(False)
+    return net
+
+
+def frozen_dit(recipe: Recipe, weights: dict[str, torch.Tensor], env: Env, attention: str = "dense",
+               topk: float = 0.1) -> WanDiT:
+    return dit_from_weights(recipe, weights, attention, topk).to(env.device).eval().requires_grad_(False)
 
 
 class _VelocityStage:
@@ -101,8 +112,8 @@ class TeacherTrainer(_VelocityStage):
         seeded random ones; a checkpoint of this run, when there is one, still takes precedence (drive)."""
         if init is not None and not Path(init).is_file():
             raise ValueError(f"--init {init}: no such file")
-        net = new_dit(recipe) if init is None else frozen_dit(recipe, load_weights(init, "cpu"), Env(torch.device("cpu")))
-        self._setup(recipe, run_dir, env, net.requires_grad_(True), recipe.teacher, fixed_batch, inputs)
+        net = new_dit(recipe) if init is None else dit_from_weights(recipe, load_weights(init, "cpu"))
+        self._setup(recipe, run_dir, env, net, recipe.teacher, fixed_batch, inputs)
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
@@ -124,11 +135,7 @@ class SLATrainer(_VelocityStage):
     def __init__(self, recipe: Recipe, run_dir: Path, env: Env, teacher_weights: dict[str, torch.Tensor],
                  fixed_batch: bool = False, inputs: LatentBatches | None = None):
         self.teacher = frozen_dit(recipe, teacher_weights, env)
-        student = new_dit(recipe, attention="sla", topk=recipe.sla.topk)
-        result = student.load_state_dict(teacher_weights, strict=False)
-        if result.unexpected_keys or any("proj_l" not in k for k in result.missing_keys):
-            raise ValueError(f"teacher weights do not fit the SLA student: missing {result.missing_keys[:2]}, "
-                             f"unexpected {result.unexpected_keys[:2]}")
+        student = dit_from_weights(recipe, teacher_weights, "sla", recipe.sla.topk, new_proj_l=True)
         self._setup(recipe, run_dir, env, student, recipe.sla, fixed_batch, inputs)
         if recipe.sla.compile and env.device.type == "cuda":
             compile_blocks(self.teacher)
