@@ -112,7 +112,7 @@ def run_eval(configs: list[str], *, model: str = "mini", count: int = 32, seed: 
     from dataclasses import replace
 
     from turbovid.config import MODELS
-    from turbovid.train.data import sample_clip
+    from turbovid.train.data import path_start, sample_clip
 
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
@@ -128,10 +128,9 @@ def run_eval(configs: list[str], *, model: str = "mini", count: int = 32, seed: 
         raise ValueError(f"{model}: the procedural clips are square, the model's default size is {width}x{height}")
     clips = [sample_clip(0, "heldout", i) for i in range(count)]
     real = _real_features(clips, width, spec.num_frames)
-    # The same prompts drawn again: every attribute kept, a new start position (the free parameter).
+    # The same prompts drawn again: every attribute kept, a new start position drawn as the data module does.
     rng = np.random.default_rng(seed + 1)
-    other = [replace(c, start=tuple(float(rng.uniform(c.radius + 0.02 - min(0.0, d), 1 - c.radius - 0.02 - max(0.0, d)))
-                                    for d in c.displacement)) for c in clips]
+    other = [replace(c, start=path_start(rng, c.radius, c.displacement)) for c in clips]
     floor = frechet_distance(_real_features(other, width, spec.num_frames), real)
     rows = []
     for name in configs:

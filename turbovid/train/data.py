@@ -159,6 +159,20 @@ def make_caption(rng: np.random.Generator, color: str, shape: str, direction: st
     return " ".join(words)
 
 
+def path_start(rng: np.random.Generator, radius: float, displacement: tuple[float, float]) -> tuple[float, float]:
+    """Centre of the object at the first frame: the path is centred on the frame up to +-PATH_JITTER per axis,
+    kept inside it (object plus a 0.02 margin) for the whole clip. Centred paths make the caption nearly
+    determine the trajectory: with starts drawn anywhere in the frame, the first mini teacher (3.5M parameters,
+    480k samples) learnt colour but ignored the direction words entirely (held-out and training prompts both
+    at chance), since the noisy frames themselves reveal the motion wherever the text would have helped."""
+    margin, start = 0.02, []
+    for d in displacement:
+        low, high = radius + margin - min(0.0, d), 1 - radius - margin - max(0.0, d)
+        centred = 0.5 - d / 2 + float(rng.uniform(-PATH_JITTER, PATH_JITTER))
+        start.append(min(max(centred, low), high))
+    return start[0], start[1]
+
+
 def sample_clip(seed: int, split: str, index: int) -> Clip:
     """Clip `index` of `split`: attributes, continuous parameters and caption, a pure function of the inputs."""
     rng = clip_rng(seed, split, index)
@@ -180,18 +194,7 @@ def sample_clip(seed: int, split: str, index: int) -> Clip:
     norm = math.hypot(dx, dy)
     length = SPEEDS[speed] * float(rng.uniform(0.9, 1.1))
     disp = (length * dx / norm, length * dy / norm)
-    # The path is centred on the frame up to +-PATH_JITTER, kept inside it (object plus a margin) for the
-    # whole clip. Centred paths make the caption nearly determine the trajectory: with starts drawn
-    # anywhere in the frame, the first mini teacher (3.5M parameters, 480k samples) learnt colour but
-    # ignored the direction words entirely (held-out and training prompts both at chance), since the
-    # noisy frames themselves reveal the motion wherever the text would have helped.
-    margin = 0.02
-    start = []
-    for d in disp:
-        low, high = radius + margin - min(0.0, d), 1 - radius - margin - max(0.0, d)
-        centred = 0.5 - d / 2 + float(rng.uniform(-PATH_JITTER, PATH_JITTER))
-        start.append(min(max(centred, low), high))
-    start = tuple(start)
+    start = path_start(rng, radius, disp)
     caption = make_caption(rng, color, shape, direction, speed, size, background)
     return Clip(caption, color, shape, direction, speed, size, background, rgb, bg_rgb, gradient, radius, start, disp)
 
