@@ -8,7 +8,7 @@ Deterministic, no learned parts, so it can grade generated videos against their 
    (robust to anti-aliased or blurred edges) -> nearest palette colour.
 3. Soft coverage alpha = (distance to background - NOISE_FLOOR) / (object-background distance -
    NOISE_FLOOR), clipped to [0, 1]; the floor keeps background gradients out of the centroids.
-   Per frame: only a window around the median position of alpha > 0.5 is kept (stray blobs of a
+   Per frame: only a window around the median position of alpha > 0.5 (snapped to the nearest such pixel) is kept (stray blobs of a
    generated video elsewhere are ignored); alpha-weighted centroid. Shape and size use the same alpha
    computed from the unsmoothed distance (smoothing would round off small shapes).
 4. Motion = least-squares line through the centroids; its total displacement gives the direction
@@ -81,15 +81,15 @@ def detect(video: torch.Tensor) -> dict[str, str]:
         if len(solid) < MIN_PIXELS:
             alpha[f] = 0
             continue
-        my, mx = ys[solid[:, 0]].median(), xs[solid[:, 1]].median()
+        py, px = ys[solid[:, 0]], xs[solid[:, 1]]
+        # Centre the window on the solid pixel nearest the per-axis medians: the medians alone may pair one
+        # blob's row with another's column (an empty corner), the nearest solid pixel is always inside.
+        near = int(((py - py.median()).abs() + (px - px.median()).abs()).argmin())
+        my, mx = py[near], px[near]
         window = (((ys - my).abs() < WINDOW)[:, None] & ((xs - mx).abs() < WINDOW)[None, :]).float()
         alpha[f] *= window
         sharp[f] *= window
         mass = alpha[f].sum()
-        if float(mass) <= 0 or not bool((sharp[f] > 0.5).any() or (alpha[f] > 0.5).any()):
-            # two blobs whose per-axis medians fall between them: nothing solid near the median -> no object
-            alpha[f] = 0
-            continue
         visible.append(f)
         centres.append(torch.stack([(alpha[f].sum(0) * xs).sum() / mass, (alpha[f].sum(1) * ys).sum() / mass]))
     if not visible:
