@@ -260,7 +260,9 @@ def apply_speedups(model: WanDiT, *, attention: str | None = None, topk: float =
         quantize(model, quant)
     if fuse_norms:
         fuse_block_norms(model)
-    if fuse_norms if fuse_qk is None else fuse_qk:
+    if fuse_qk is None:
+        fuse_qk = fuse_norms
+    if fuse_qk:
         fuse_qk_norm_rope(model)
     if cache_text_kv:
         enable_text_kv_cache(model)
