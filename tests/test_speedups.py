@@ -21,7 +21,6 @@ from turbovid.config import MODELS, DiTConfig
 from turbovid import speedups
 from turbovid.kernels import fused_norm as FN
 from turbovid.kernels import int8_gemm as IG
-from turbovid.models import dit as dit_module
 from turbovid.models.dit import WanDiT
 from turbovid.quant.int8 import FastInt8Linear, Int8Linear, swap_block_linears
 from turbovid.speedups import (FusedWanBlock, TextKVCache, apply_speedups, compile_blocks, enable_text_kv_cache,
@@ -154,7 +153,7 @@ def test_fused_norms_within_norm_kernel_budget(models, monkeypatch):
     assert calls == ["layer", "rms", "rms", "layer", "rms", "layer"] * CFG.num_layers
     # with fuse_qk_norm_rope, q and k of the self-attention go through kernels/qk_norm_rope.py instead
     qk = []
-    monkeypatch.setattr(dit_module, "qk_norm_rope", lambda *a, _fn=dit_module.qk_norm_rope: qk.append(a[0].shape) or _fn(*a))
+    monkeypatch.setattr(speedups, "qk_norm_rope", lambda *a, _fn=speedups.qk_norm_rope: qk.append(a[0].shape) or _fn(*a))
     calls.clear()
     out_qk = run(speedups.fuse_qk_norm_rope(model), x, t, c)
     assert calls == ["layer", "layer", "rms", "layer"] * CFG.num_layers and len(qk) == 2 * CFG.num_layers

@@ -51,7 +51,8 @@ from turbovid.attention.sla import SparseLinearAttention
 from turbovid.kernels import fused_norm as FN
 from turbovid.kernels import int8_gemm as IG
 from turbovid.kernels import use_triton
-from turbovid.models.dit import WanBlock, WanDiT
+from turbovid.kernels.qk_norm_rope import qk_norm_rope
+from turbovid.models.dit import WanBlock, WanDiT, apply_rope
 from turbovid.quant.int8 import FastInt8Linear, Int8Linear, convert_td_to_fast_, quantize_linears_
 
 QUANT_FORMATS = ("td", "fast")
@@ -100,10 +101,6 @@ def _norm(x: torch.Tensor, norm, kind: str = "layer", shift=None, scale=None) ->
     """x [B, L, D] -> norm(x) (* (1 + scale) + shift) in x.dtype; shift/scale [B, D] fp32."""
     fn = FN.norm_modulate if use_triton(x) else FN.norm_modulate_ref
     return fn(x, kind, norm.weight, getattr(norm, "bias", None), shift, scale, norm.eps)
-
-
-def _rms(x: torch.Tensor, norm) -> torch.Tensor:
-    return _norm(x, norm, "rms")
 
 
 def _norm_int8(x: torch.Tensor, norm, shift=None, scale=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,12 +154,18 @@ class FusedWanBlock(WanBlock):
         else:
             z = _norm(x, self.norm1, shift=shift_msa, scale=scale_msa)
             q, k, v = sa.q(z), sa.k(z), sa.v(z)
-        q, k = sa.norm_rope(q, k, rope, rms=_rms)   # one kernel each with fuse_qk_norm_rope
-        out = sa.attn_op(q, k, v.unflatten(-1, (sa.num_heads, -1)))
+        heads = lambda u: u.unflatten(-1, (sa.num_heads, -1))  # noqa: E731
+        if sa.fused_qk:   # RMSNorm + RoPE in one pass each (fuse_qk_norm_rope)
+            q = qk_norm_rope(q, sa.norm_q.weight, *rope, sa.num_heads, sa.norm_q.eps)
+            k = qk_norm_rope(k, sa.norm_k.weight, *rope, sa.num_heads, sa.norm_k.eps)
+        else:
+            q, k = heads(_norm(q, sa.norm_q, "rms")), heads(_norm(k, sa.norm_k, "rms"))
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = sa.attn_op(q, k, heads(v))
         x = _residual(sa.o, out.flatten(2), x, gate_msa)
 
         # 2. Cross-attention over the (cached or fresh) text K/V.
-        q = ca.heads(_rms(_project(ca.q, x, self.norm3), ca.norm_q))
+        q = ca.heads(_norm(_project(ca.q, x, self.norm3), ca.norm_q, "rms"))
         out = ca.attn_op(q, *kv)
         if kv_img is not None:
             out = out + ca.attn_op(q, *kv_img)

@@ -143,21 +143,16 @@ class SelfAttention(nn.Module):
         self.fused_qk = False   # speedups.fuse_qk_norm_rope: one kernel for RMSNorm + RoPE of q and of k
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        q, k = self.norm_rope(self.q(x), self.k(x), rope)
-        out = self.attn_op(q, k, self.v(x).unflatten(-1, (self.num_heads, -1)))
-        return self.o(out.flatten(2))
-
-    def norm_rope(self, q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                  rms=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """q/k projections [B, L, d] -> RMSNorm over the full width d, split into heads, RoPE: [B, L, H, D].
-        With `fused_qk` one kernel does all of it per tensor; else `rms(u, norm_module)` (default: the module)."""
+        # [B, L, d] -> [B, L, H, D]; q/k are normalised over the full width d before the split.
+        v = self.v(x).unflatten(-1, (self.num_heads, -1))
         if self.fused_qk:
-            return (qk_norm_rope(q, self.norm_q.weight, *rope, self.num_heads, self.norm_q.eps),
-                    qk_norm_rope(k, self.norm_k.weight, *rope, self.num_heads, self.norm_k.eps))
-        rms = rms or (lambda u, norm: norm(u))
-        q = rms(q, self.norm_q).unflatten(-1, (self.num_heads, -1))
-        k = rms(k, self.norm_k).unflatten(-1, (self.num_heads, -1))
-        return apply_rope(q, *rope), apply_rope(k, *rope)
+            q = qk_norm_rope(self.q(x), self.norm_q.weight, *rope, self.num_heads, self.norm_q.eps)
+            k = qk_norm_rope(self.k(x), self.norm_k.weight, *rope, self.num_heads, self.norm_k.eps)
+            return self.o(self.attn_op(q, k, v).flatten(2))
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
+        k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
+        out = self.attn_op(apply_rope(q, *rope), apply_rope(k, *rope), v)
+        return self.o(out.flatten(2))
 
 
 class CrossAttention(nn.Module):
