@@ -53,12 +53,36 @@ def wall(fn, warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
+def profile(fn, steps: int = 5) -> None:
+    """Print the CUDA kernels of `steps` calls of fn, busiest first, and the GPU-busy share of the wall time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    wall_s = time.perf_counter() - t0
+    events = prof.key_averages()
+    busy_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    print(events.table(sort_by="self_cuda_time_total", row_limit=30), flush=True)
+    print(f"profile: {steps} steps in {wall_s * 1e3:.1f} ms wall (with profiler), GPU kernels busy "
+          f"{busy_us / 1e3:.1f} ms ({100 * busy_us / 1e6 / wall_s:.0f}%)", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="mini", choices=sorted(RECIPES))
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--out", help="results folder (default benchmarks/results)")
     ap.add_argument("--rows", default="all", help="all | dit: only the teacher and SLA steps, eager and compiled")
+    ap.add_argument("--batches", default="", help="dit rows: comma-separated per-GPU batches to time the teacher "
+                    "step at besides the recipe's (e.g. 64,128)")
+    ap.add_argument("--profile", action="store_true", help="dit rows: print the CUDA kernels of 5 eager teacher "
+                    "steps, busiest first (torch.profiler)")
     args = ap.parse_args()
     recipe = RECIPES[args.recipe]
     env = Env(torch.device("cuda" if torch.cuda.is_available() else "cpu"))   # CPU: a smoke run (tiny recipe)
@@ -87,7 +111,9 @@ def main() -> int:
             add("vae train step", wall(lambda: vae_t.train_step(next(step)), 2, args.iters), recipe.vae_stage.run.batch)
             del vae_t
 
-        inputs = LatentBatches(recipe, run_dir, env, pool=0)
+        # The DiT stages train on pre-encoded latents (recipe.pool_clips): time them on a small pool so that
+        # no VAE encode is inside the step (the full rows also time the on-the-fly path the pool replaces).
+        inputs = LatentBatches(recipe, run_dir, env, pool=0 if full else 256)
         if full:
             videos, _ = data.batch(list(range(32)), env.device)
             add("vae encode (pool)", wall(lambda: encode_videos(inputs.vae, videos), 1, args.iters), 32, "batch")
@@ -99,6 +125,11 @@ def main() -> int:
                                     sla=dataclasses.replace(recipe.sla, compile=comp))
             teacher = TeacherTrainer(r, run_dir, env, inputs=inputs)
             add("teacher step" + tag, wall(lambda: teacher.train_step(next(step)), 3, args.iters), r.teacher.run.batch)
+            if args.profile and not comp and env.device.type == "cuda":
+                profile(lambda: teacher.train_step(next(step)))
+            for batch in (int(b) for b in args.batches.split(",") if b):
+                teacher.schedule = dataclasses.replace(teacher.schedule, batch=batch)
+                add(f"teacher step b{batch}" + tag, wall(lambda: teacher.train_step(next(step)), 3, args.iters), batch)
             weights = {k: v.detach().clone() for k, v in teacher.net.state_dict().items()}
             del teacher
             sla = SLATrainer(r, run_dir, env, weights, inputs=inputs)

@@ -297,3 +297,15 @@ def test_object_centred_vae_crops_hold_the_object():
     centred, uniform = crops(1.0), crops(0.0)
     assert (centred > 0).all()
     assert centred.mean() > 1.5 * uniform.mean()
+
+
+def test_cli_overrides_reach_the_stage_recipe():
+    from turbovid.train.cli import _recipe
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "teacher", "--compile", "--batch", "64", "--lr", "1e-4", "--steps", "10"])
+    teacher = _recipe(args).teacher
+    assert teacher.compile and teacher.run.batch == 64 and teacher.optim.lr == 1e-4 and teacher.run.steps == 10
+    assert not _recipe(parser.parse_args(["train", "teacher"])).teacher.compile
+    sla = _recipe(parser.parse_args(["train", "reproduce", "--compile"]))
+    assert sla.teacher.compile and sla.sla.compile

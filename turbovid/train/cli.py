@@ -32,6 +32,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--fit-minutes", type=float, help="shorten a fresh stage's schedule (warm-up and decay included) "
                    "to the steps that fit in this many minutes, measured on its first steps")
     p.add_argument("--device", help="cuda | cpu (default: cuda if available)")
+    p.add_argument("--compile", action="store_true", help="teacher / sla: torch.compile the DiT blocks (CUDA only)")
     p.add_argument("--init", help="teacher: start from these DiT weights (e.g. an earlier run's "
                                   "teacher/final.safetensors) instead of random ones")
     p.add_argument("--no-eval", action="store_true", help="reproduce: skip the final evaluations")
@@ -74,7 +75,8 @@ def _recipe(args):
             if not args.lr > 0:
                 raise ValueError(f"--lr must be positive, got {args.lr}")
             optim = dataclasses.replace(optim, lr=args.lr)
-        recipe = dataclasses.replace(recipe, **{name: dataclasses.replace(cfg, run=run, optim=optim)})
+        extra = {"compile": True} if args.compile and name in ("teacher", "sla") else {}
+        recipe = dataclasses.replace(recipe, **{name: dataclasses.replace(cfg, run=run, optim=optim, **extra)})
     return recipe
 
 
