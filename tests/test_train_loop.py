@@ -309,3 +309,38 @@ def test_cli_overrides_reach_the_stage_recipe():
     assert not _recipe(parser.parse_args(["train", "teacher"])).teacher.compile
     sla = _recipe(parser.parse_args(["train", "reproduce", "--compile"]))
     assert sla.teacher.compile and sla.sla.compile
+
+
+def test_teacher_rounds_chain_their_weights_and_logs(run, tmp_path):
+    from turbovid.train.plots import teacher_log
+    from turbovid.train.recipe import Optim, Schedule, TeacherStage
+    from turbovid.train.teacher import teacher_dirs
+    src, _ = run
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("vae", "spiece.model", "text_encoder.safetensors"):
+        (shutil.copytree if (src / name).is_dir() else shutil.copyfile)(src / name, run_dir / name)
+    # round 2 at a negligible learning rate: its weights stay round 1's, so "starts from round 1" is checkable
+    still = TeacherStage(Schedule(steps=3, batch=2, log_every=1, ckpt_every=3), Optim(lr=1e-12, warmup=0))
+    recipe = dataclasses.replace(TINY, teacher_rounds=(still,))
+    assert teacher_dirs(recipe) == ["teacher_round1", "teacher"]
+    out = run_teacher(recipe, run_dir, ENV)
+    assert out == run_dir / "teacher" / "final.safetensors"
+    first, second = load_weights(run_dir / "teacher_round1" / "final.safetensors"), load_weights(out)
+    assert all(torch.allclose(second[k], v, atol=1e-6) for k, v in first.items())
+    assert not torch.equal(first["head.head.weight"], new_dit(TINY).state_dict()["head.head.weight"])
+    steps = [r["step"] for r in teacher_log(run_dir)]
+    assert steps == list(range(TINY.teacher.run.steps + 3))   # round 2's steps counted on after round 1's
+    assert run_teacher(recipe, run_dir, ENV) == out          # finished rounds are skipped
+
+
+def test_for_world_keeps_the_global_batch():
+    from turbovid.train.recipe import for_world
+    mini = RECIPES["mini"]
+    assert mini.teacher.run.gpus == 4 and mini.teacher_rounds[0].run.gpus == 1
+    one = for_world(mini, 1)
+    assert (one.teacher.run.batch, one.vae_stage.run.batch, one.teacher_rounds[0].run.batch) == (128, 64, 32)
+    four = for_world(mini, 4)
+    assert (four.teacher.run.batch, four.rcm.run.batch) == (32, 2)
+    with pytest.raises(ValueError, match="does not split over 3 GPUs"):
+        for_world(mini, 3)

@@ -36,7 +36,7 @@ from turbovid.config import SampleConfig
 CONFIGS: dict[str, tuple[dict, int, str]] = {
     "teacher": ({"teacher": True}, 50, "teacher, 50 steps UniPC + CFG 5, dense attention"),
     "teacher_4step": ({"teacher": True}, 4, "teacher with the 4-step rCM sampler (no distillation)"),
-    "student": ({}, 4, "4-step student (merged rCM + SLA weights), dense attention"),
+    "student": ({}, 4, "4-step student (the shipped dit file), dense attention"),
     "student_sla": ({"attention": "sla"}, 4, "+ SLA (top-k 0.1)"),
     "student_sagesla": ({"attention": "sagesla"}, 4, "+ SageSLA (INT8 QK, FP8 PV)"),
     "student_sagesla_w8a8": ({"attention": "sagesla", "quant": True}, 4, "+ W8A8 INT8 linears (shipped INT8 file)"),

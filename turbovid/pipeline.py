@@ -145,8 +145,8 @@ class Pipeline:
              device: str | None = None, dtype: torch.dtype | None = None, teacher: bool = False) -> "Pipeline":
         """Build a pipeline from checkpoint paths; a model marked `untrained` (the tiny configs) may
         omit them and then gets seeded random weights; a model that ships weights (`mini`) fills every
-        path left out from turbovid/assets: the 4-step student (merged rCM + SLA; its INT8 file with
-        `quant`), or with `teacher` the 50-step teacher.
+        path left out from turbovid/assets: the 4-step student (its config.json says which: merged rCM + SLA,
+        or the rCM student; its INT8 file with `quant`), or with `teacher` the 50-step teacher.
 
         Accelerations (turbovid.speedups): `quant` makes the block linears W8A8 INT8 — `quant_format`
         "fast" (per-channel weights, per-token activations; TurboDiffusion -quant files are converted)

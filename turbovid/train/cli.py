@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
 STAGES = ("vae", "teacher", "sla", "rcm", "merge", "eval", "reproduce", "tokenizer", "ship", "plot")
@@ -23,8 +24,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("stage", choices=STAGES)
     p.add_argument("--run-dir", default="runs/mini", help="folder for checkpoints, logs and results")
     p.add_argument("--recipe", default="mini", choices=sorted(RECIPES), help="model size and hyper-parameters")
-    p.add_argument("--steps", type=int, help="override the stage's number of steps")
-    p.add_argument("--batch", type=int, help="override the stage's batch per process")
+    p.add_argument("--steps", type=int, help="override the stage's number of steps (teacher: one round of this "
+                   "many steps instead of the recipe's rounds)")
+    p.add_argument("--batch", type=int, help="override the stage's batch per process (default: the recipe's global "
+                   "batch split over the GPUs)")
     p.add_argument("--lr", type=float, help="override the stage's learning rate")
     p.add_argument("--until", type=int, help="stop after this many steps (resume later)")
     p.add_argument("--max-minutes", type=float, help="wall-clock budget: checkpoint and stop when it is spent "
@@ -33,7 +36,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    "to the steps that fit in this many minutes, measured on its first steps")
     p.add_argument("--device", help="cuda | cpu (default: cuda if available)")
     p.add_argument("--compile", action="store_true", help="teacher / sla: torch.compile the DiT blocks (CUDA only)")
-    p.add_argument("--init", help="teacher: start from these DiT weights (e.g. an earlier run's "
+    p.add_argument("--init", help="teacher: start the first round from these DiT weights (e.g. an earlier run's "
                                   "teacher/final.safetensors) instead of random ones")
     p.add_argument("--no-eval", action="store_true", help="reproduce: skip the final evaluations")
     g = p.add_argument_group("merge of arbitrary files (all three given: TurboDiffusion's merge_models.py)")
@@ -54,12 +57,19 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _recipe(args):
-    from turbovid.train.recipe import RECIPES
+def _recipe(args, world: int = 1):
+    """The named recipe for `world` GPUs (recipe.for_world) with the command line's overrides. An explicit
+    --steps or --lr for the teacher replaces its recorded rounds by one round; --compile applies to all."""
+    from turbovid.train.recipe import RECIPES, for_world
 
-    recipe = RECIPES[args.recipe]
     stage_field = {"vae": "vae_stage", "teacher": "teacher", "sla": "sla", "rcm": "rcm"}.get(args.stage)
     fields = [stage_field] if stage_field else ["vae_stage", "teacher", "sla", "rcm"]
+    recipe = for_world(RECIPES[args.recipe], world, () if args.batch is not None else tuple(fields))
+    if "teacher" in fields and (args.steps is not None or args.lr is not None):
+        recipe = dataclasses.replace(recipe, teacher_rounds=())
+    if args.compile:
+        recipe = dataclasses.replace(recipe, teacher_rounds=tuple(
+            dataclasses.replace(r, compile=True) for r in recipe.teacher_rounds))
     for name in fields:
         cfg = getattr(recipe, name)
         run, optim = cfg.run, cfg.optim
@@ -97,7 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from turbovid.train.plots import plot_run
         print(f"wrote {plot_run(Path(args.run_dir), Path(args.output or Path(args.run_dir) / 'curves.png'))}")
         return 0
-    recipe = _recipe(args)
+    recipe = _recipe(args, int(os.environ.get("WORLD_SIZE", "1")))   # torchrun sets WORLD_SIZE
     if args.init is not None and args.stage != "teacher":
         raise ValueError("--init applies to the teacher stage only")
     if args.stage == "ship":

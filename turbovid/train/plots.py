@@ -22,6 +22,18 @@ def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def teacher_log(run_dir: Path) -> list[dict]:
+    """The teacher rounds' logs (teacher_round1/, teacher_round2/, ..., teacher/) as one log, steps counted on."""
+    folders = sorted(run_dir.glob("teacher_round*"), key=lambda p: int(p.name.removeprefix("teacher_round") or 0))
+    records, offset = [], 0
+    for folder in [*folders, run_dir / "teacher"]:
+        if (folder / "log.jsonl").is_file():
+            rows = read_log(folder / "log.jsonl")
+            records += [{**r, "step": r["step"] + offset} for r in rows]
+            offset += rows[-1]["step"] + 1 if rows else 0
+    return records
+
+
 def plot_run(run_dir: str | Path, output: str | Path, window: int = 10) -> Path:
     try:
         import matplotlib
@@ -30,14 +42,15 @@ def plot_run(run_dir: str | Path, output: str | Path, window: int = 10) -> Path:
     except ImportError:
         raise ValueError("plotting needs matplotlib: pip install 'turbovid[train]'") from None
     run_dir, output = Path(run_dir), Path(output)
-    logs = {s: read_log(run_dir / s / "log.jsonl") for s in ("vae", "teacher", "sla", "rcm")
-            if (run_dir / s / "log.jsonl").is_file()}
+    logs = {s: read_log(run_dir / s / "log.jsonl") for s in ("vae", "sla", "rcm") if (run_dir / s / "log.jsonl").is_file()}
+    if teacher := teacher_log(run_dir):
+        logs["teacher"] = teacher
     if not logs:
         raise ValueError(f"no stage logs (<stage>/log.jsonl) under {run_dir}")
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     for ax, (stage, keys, title, log_y) in zip(axes.flat, PANELS):
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel(f"{stage} step")
+        ax.set_xlabel(f"{stage} step" + (" (all rounds)" if stage == "teacher" else ""))
         for key in keys:
             pts = [(r["step"], r[key]) for r in logs.get(stage, []) if isinstance(r.get(key), (int, float))]
             if not pts:

@@ -7,7 +7,7 @@ an interrupted one continues from its newest checkpoint):
 Each stage writes run_dir/<stage>/{log.jsonl, checkpoints/, final.safetensors}. Evaluations run on rank 0
 (held-out prompts, `turbovid.train.evaluate`) and land in run_dir/eval/*.json (+ an mp4 of 8 samples).
 export/ holds the release files `ship` writes (what `turbovid train ship` copies into turbovid/assets/):
-    dit.safetensors          merged rCM + SLA student, bf16 (1-4 steps; dense, sla or sagesla attention)
+    dit.safetensors          the 4-step student, bf16 (recipe.ship_student: merged rCM + SLA, or the rCM student)
     dit_int8.safetensors     the same, W8A8 INT8 (fast format)
     dit_teacher.safetensors  the teacher, bf16 (50 steps with CFG)
     vae.safetensors, text_encoder.safetensors (bf16), spiece.model
@@ -27,7 +27,7 @@ from turbovid.train.inputs import build_text_encoder
 from turbovid.train.loop import Env
 from turbovid.train.merge import merge_files
 from turbovid.train.recipe import Recipe
-from turbovid.train.teacher import run_sla, run_teacher
+from turbovid.train.teacher import run_sla, run_teacher, teacher_dirs
 from turbovid.train.vae import run_vae
 
 
@@ -99,7 +99,10 @@ def ship(recipe: Recipe, run_dir: Path, dest: Path, summary: dict | None = None)
     from turbovid.train.checkpoint import save_weights
 
     run_dir, dest = Path(run_dir), Path(dest)
-    sources = {"dit_teacher": run_dir / "teacher" / "final.safetensors", "dit": run_dir / "merged" / "model.safetensors",
+    students = {"merged": run_dir / "merged" / "model.safetensors", "rcm": run_dir / "rcm" / "final.safetensors"}
+    if recipe.ship_student not in students:
+        raise ValueError(f"ship_student must be one of {', '.join(students)}, got {recipe.ship_student!r}")
+    sources = {"dit_teacher": run_dir / "teacher" / "final.safetensors", "dit": students[recipe.ship_student],
                "vae": run_dir / "vae" / "final.safetensors", "text_encoder": run_dir / "text_encoder.safetensors"}
     missing = [str(p) for p in sources.values() if not p.is_file()]
     if missing:
@@ -111,13 +114,18 @@ def ship(recipe: Recipe, run_dir: Path, dest: Path, summary: dict | None = None)
     quantize_checkpoint(dest / "dit.safetensors", dest / "dit_int8.safetensors", model=recipe.name, fmt="fast")
     shutil.copyfile(run_dir / "spiece.model", dest / ".spiece.model.tmp")
     (dest / ".spiece.model.tmp").replace(dest / "spiece.model")
-    stages = {}
-    for stage in ("vae", "teacher", "sla", "rcm"):
-        with safe_open(str(run_dir / stage / "final.safetensors"), "pt") as f:
-            stages[stage] = {"steps": int((f.metadata() or {}).get("steps", 0))}
+    def steps(folder: str) -> int:
+        path = run_dir / folder / "final.safetensors"
+        if not path.is_file():
+            return 0
+        with safe_open(str(path), "pt") as f:
+            return int((f.metadata() or {}).get("steps", 0))
+    stages = {stage: {"steps": steps(stage)} for stage in ("vae", "sla", "rcm")}
+    rounds = [steps(name) for name in teacher_dirs(recipe)]
+    stages["teacher"] = {"steps": sum(rounds), "rounds": rounds}
     config = {"recipe": recipe.name, "size": recipe.size, "frames": recipe.frames, "stages": stages,
               "vae_latent_stats": json.loads((run_dir / "vae" / "latent_stats.json").read_text()),
-              "sla_topk": recipe.sla.topk, "merge_weight": recipe.merge_weight}
+              "student": recipe.ship_student, "sla_topk": recipe.sla.topk, "merge_weight": recipe.merge_weight}
     recon = run_dir / "vae" / "reconstruction.json"
     if recon.is_file():
         config["vae_reconstruction"] = json.loads(recon.read_text())

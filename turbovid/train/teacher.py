@@ -25,7 +25,7 @@ from turbovid.train.inputs import LatentBatches
 from turbovid.train.loop import (Env, drive, make_optimizer, optimizer_step, step_generator, step_indices, unwrap,
                                  wrap_ddp)
 from turbovid.train.losses import flow_matching_pair, lognormal_rf, shifted_logit_normal, velocity_loss
-from turbovid.train.recipe import Recipe
+from turbovid.train.recipe import Recipe, TeacherStage
 from turbovid.train.trigflow import rf_velocity
 
 
@@ -107,13 +107,15 @@ class TeacherTrainer(_VelocityStage):
     name = "teacher"
 
     def __init__(self, recipe: Recipe, run_dir: Path, env: Env, fixed_batch: bool = False,
-                 inputs: LatentBatches | None = None, init: str | Path | None = None):
+                 inputs: LatentBatches | None = None, init: str | Path | None = None,
+                 stage: TeacherStage | None = None):
         """`init`: DiT weights (e.g. an earlier run's teacher/final.safetensors) to start from instead of the
-        seeded random ones; a checkpoint of this run, when there is one, still takes precedence (drive)."""
+        seeded random ones; a checkpoint of this run, when there is one, still takes precedence (drive).
+        `stage`: one of recipe.teacher_stages (default the first)."""
         if init is not None and not Path(init).is_file():
             raise ValueError(f"--init {init}: no such file")
         net = new_dit(recipe) if init is None else dit_from_weights(recipe, load_weights(init, "cpu"))
-        self._setup(recipe, run_dir, env, net, recipe.teacher, fixed_batch, inputs)
+        self._setup(recipe, run_dir, env, net, stage or recipe.teacher, fixed_batch, inputs)
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
@@ -153,10 +155,25 @@ class SLATrainer(_VelocityStage):
         return self._finish(velocity_loss(v, v_teacher), step)
 
 
+def teacher_dirs(recipe: Recipe) -> list[str]:
+    """Run-directory folders of the teacher rounds: teacher_round1, ..., and `teacher` for the last one (the
+    weights every later stage reads)."""
+    n = len(recipe.teacher_stages)
+    return [f"teacher_round{i + 1}" for i in range(n - 1)] + ["teacher"]
+
+
 def run_teacher(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None,
                 init: str | Path | None = None) -> Path:
-    out = Path(run_dir) / "teacher"
-    drive(TeacherTrainer(recipe, run_dir, env, init=init), out, env, until=until)
+    """Every teacher round in turn (`until` counts steps of the round being run). Round i > 0 starts from round
+    i-1's exported EMA weights with a fresh optimizer; finished rounds are skipped, an interrupted one resumes.
+    Returns the last round's weights path (still missing when `--max-minutes` stopped a round)."""
+    for stage, name in zip(recipe.teacher_stages, teacher_dirs(recipe)):
+        out = Path(run_dir) / name
+        if not (out / "final.safetensors").is_file():
+            drive(TeacherTrainer(recipe, run_dir, env, init=init, stage=stage), out, env, until=until)
+            if not (out / "final.safetensors").is_file():
+                break
+        init = out / "final.safetensors"
     return out / "final.safetensors"
 
 

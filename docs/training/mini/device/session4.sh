@@ -4,7 +4,8 @@
 # encoder and tokenizer, teacher started from the session-3 teacher's EMA weights (--init), ~8x the optimizer
 # steps that run gave the teacher (one GPU at batch 32 takes about as many steps per second as four did).
 #   machine A: a1 step-time probe (+ profile) and teacher start, a2 teacher, a3 teacher end + SLA + GPU eval
-#   machine B: b1 rCM, b2 rCM end + merge + ship + GPU evals
+#   machine B: b1 rCM, b2 rCM end + merge + ship + GPU evals (in the recorded run the SLA weights did not fit in
+#   the 64 MiB carried to machine B, so b2 ran rCM only and merge / ship / evals ran on the CPU afterwards)
 # The run directory stays on a machine between its commands; each command sends the run's small files back
 # ($OUT/run.tar.part-*). Machine B starts from what a3 sent back (carried as runs/next).
 set -euo pipefail
@@ -50,11 +51,11 @@ a3) $T teacher --run-dir $RUN --lr 3e-4 --steps 200000 $(teacher_flags) --max-mi
       gpu_eval --dit $RUN/teacher/final.safetensors --attention dense --sampler teacher --split train
     fi
     ;;
-b1) # rCM distillation fitted to ~12 minutes of this machine (pool building included), spread over b1..b2
-    $T rcm --run-dir $RUN --steps 100000 --fit-minutes 12 --max-minutes "$(minutes_left 30)" 2>&1 | tee "$OUT/rcm.log"
+b1) # rCM distillation fitted to ~13 minutes of this machine (pool building included), spread over b1..b2
+    $T rcm --run-dir $RUN --steps 100000 --fit-minutes 13 --max-minutes "$(minutes_left 30)" 2>&1 | tee "$OUT/rcm.log"
     ;;
 b2) $T rcm --run-dir $RUN --steps 100000 --max-minutes "$(minutes_left 180)" 2>&1 | tee "$OUT/rcm.log"
-    if [ -f $RUN/rcm/final.safetensors ]; then
+    if [ -f $RUN/rcm/final.safetensors ] && [ -f $RUN/sla/final.safetensors ]; then   # # SLA weights carried?
       $T merge --run-dir $RUN 2>&1 | tee -a "$OUT/rcm.log"
       $T ship --run-dir $RUN 2>&1 | tee -a "$OUT/rcm.log"
       tar cf - turbovid/assets/mini | split -b 15m - "$OUT/assets.tar.part-"
