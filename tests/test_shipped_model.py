@@ -33,3 +33,13 @@ def test_missing_shipped_weights_are_a_clear_error(monkeypatch):
     monkeypatch.setitem(MODELS, "ghost", ghost)
     with pytest.raises(ValueError, match="shipped weights missing"):
         Pipeline.load("ghost", device="cpu")
+
+
+def test_demo_prompt_renders_what_it_says():
+    # `make demo` (the default pipeline, 4 steps, seed 0): the detector that grades `turbovid eval` reads the
+    # prompt's colour, shape and direction back from the frames of the shipped student's video.
+    from turbovid.train.detect import detect
+    video = Pipeline.load(device="cpu").generate("a red circle moves to the right on a dark background")
+    frames = torch.from_numpy(video.frames).permute(3, 0, 1, 2).float() / 127.5 - 1   # [3, F, H, W] in [-1, 1]
+    seen = detect(frames)
+    assert (seen["color"], seen["shape"], seen["direction"]) == ("red", "circle", "right")
