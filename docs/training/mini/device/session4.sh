@@ -5,7 +5,8 @@
 # steps that run gave the teacher (one GPU at batch 32 takes about as many steps per second as four did).
 #   machine A: a1 step-time probe (+ profile) and teacher start, a2 teacher, a3 teacher end + SLA + GPU eval
 #   machine B: b1 rCM, b2 rCM end + merge + ship + GPU evals (in the recorded run the SLA weights did not fit in
-#   the 64 MiB carried to machine B, so b2 ran rCM only and merge / ship / evals ran on the CPU afterwards)
+#   the 64 MiB carried to machine B; b1 finished rCM on the round-2 teacher, b2 was not run, and c1 / c2 trained a
+#   third teacher round, SLA and rCM in runs/next2: the shipped run; merge / ship / eval then ran on the CPU)
 # The run directory stays on a machine between its commands; each command sends the run's small files back
 # ($OUT/run.tar.part-*). Machine B starts from what a3 sent back (carried as runs/next).
 set -euo pipefail
@@ -64,6 +65,20 @@ b2) $T rcm --run-dir $RUN --steps 100000 --max-minutes "$(minutes_left 180)" 2>&
       gpu_eval --attention sla
     fi
     ;;
-*)  echo "usage: session4.sh a1|a2|a3|b1|b2"; exit 2 ;;
+c1) # (typed out on machine B after b1, recorded here as run) teacher round 3 in runs/next2, sharing next's files
+    R=runs/next2; mkdir -p $R && for f in vae pool spiece.model text_encoder.safetensors; do ln -sfn ../next/$f $R/$f; done
+    $T teacher --run-dir $R --init runs/next/teacher/final.safetensors --lr 1e-4 --steps 200000 --compile \
+       --fit-minutes 7.6 --max-minutes 7.9 2>&1 | tee $OUT/teacher2.log
+    ;;
+c2) # round 3's last steps, its GPU check, SLA and rCM on it (merge, ship and `turbovid eval` then ran on a CPU)
+    R=runs/next2; E="$T eval --run-dir $R --count 24"
+    $T teacher --run-dir $R --lr 1e-4 --steps 200000 --compile 2>&1 | tail -2 | tee $OUT/teacher2b.log
+    $E --dit $R/teacher/final.safetensors --sampler teacher --attention dense 2>&1 | tail -2 | tee $OUT/eval2.log
+    $T sla --run-dir $R --steps 100000 --fit-minutes 1.0 --max-minutes 1.3 2>&1 | tail -2 | tee $OUT/sla2.log
+    $T rcm --run-dir $R --steps 100000 --fit-minutes 3.6 --max-minutes 3.9 2>&1 | tee $OUT/rcm2.log | tail -2
+    $E --dit $R/rcm/final.safetensors --attention dense 2>&1 | tail -2 | tee -a $OUT/eval2.log
+    RUN=$R
+    ;;
+*)  echo "usage: session4.sh a1|a2|a3|b1|b2|c1|c2"; exit 2 ;;
 esac
 bring_back
