@@ -39,7 +39,7 @@ def test_demo_prompt_renders_what_it_says():
     # `make demo` (the default pipeline, 4 steps, seed 0): the detector that grades `turbovid eval` reads the
     # prompt's colour, shape and direction back from the frames of the shipped student's video.
     from turbovid.train.detect import detect
+    from turbovid.video import from_uint8_frames
     video = Pipeline.load(device="cpu").generate("a red circle moves to the right on a dark background")
-    frames = torch.from_numpy(video.frames).permute(3, 0, 1, 2).float() / 127.5 - 1   # [3, F, H, W] in [-1, 1]
-    seen = detect(frames)
+    seen = detect(from_uint8_frames(video.frames))
     assert (seen["color"], seen["shape"], seen["direction"]) == ("red", "circle", "right")

@@ -329,7 +329,7 @@ def test_teacher_rounds_chain_their_weights_and_logs(run, tmp_path):
     first, second = load_weights(run_dir / "teacher_round1" / "final.safetensors"), load_weights(out)
     assert all(torch.allclose(second[k], v, atol=1e-6) for k, v in first.items())
     assert not torch.equal(first["head.head.weight"], new_dit(TINY).state_dict()["head.head.weight"])
-    steps = [r["step"] for r in teacher_log(run_dir)]
+    steps = [r["step"] for r in teacher_log(run_dir, recipe)]
     assert steps == list(range(TINY.teacher.run.steps + 3))   # round 2's steps counted on after round 1's
     assert run_teacher(recipe, run_dir, ENV) == out          # finished rounds are skipped
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from turbovid.config import SampleConfig
+from turbovid.video import from_uint8_frames
 
 # name -> (Pipeline.load keyword arguments, sampling steps, what it is)
 CONFIGS: dict[str, tuple[dict, int, str]] = {
@@ -95,8 +96,7 @@ def evaluate_config(name: str, clips, *, model: str, device: str | None, seed: i
         video = pipe.generate(clip.caption, SampleConfig(steps=steps, seed=seed + i))
         seconds.append(time.perf_counter() - t0)
         dit_seconds.append(sum(v for k, v in video.timings.items() if k.startswith("dit_step_")))
-        frames = torch.from_numpy(np.ascontiguousarray(video.frames)).permute(3, 0, 1, 2).float() / 127.5 - 1
-        videos.append(frames)                                            # [3, F, H, W] in [-1, 1]
+        videos.append(from_uint8_frames(video.frames))                   # [3, F, H, W] in [-1, 1]
         log(f"[eval] {name}: {i + 1}/{len(clips)} ({seconds[-1]:.2f} s)")
     scores = adherence(videos, [c.attributes() for c in clips])
     fake = torch.stack([clip_features(v) for v in videos])

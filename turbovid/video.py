@@ -22,6 +22,11 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     return v.permute(1, 2, 3, 0).cpu().numpy()
 
 
+def from_uint8_frames(frames: np.ndarray) -> torch.Tensor:
+    """uint8 [F, H, W, 3] -> [3, F, H, W] fp32 in [-1, 1] (the inverse of to_uint8_frames up to rounding)."""
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float() / 127.5 - 1
+
+
 def tile_samples(videos: torch.Tensor) -> torch.Tensor:
     """[N, 3, F, H, W] -> [3, F, H, N·W]: several samples side by side in one video (SPEC §5.1.7)."""
     return torch.cat(list(videos), dim=-1)

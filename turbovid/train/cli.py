@@ -17,6 +17,7 @@ STAGES = ("vae", "teacher", "sla", "rcm", "merge", "eval", "reproduce", "tokeniz
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    from turbovid.config import SampleConfig
     from turbovid.train.recipe import RECIPES
 
     p = subparsers.add_parser("train", help="train the embedded model (VAE, teacher, SLA, rCM, merge)",
@@ -52,8 +53,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--eval-steps", type=int, help="sampling steps (default: 4 rcm, 50 teacher)")
     e.add_argument("--count", type=int, help="number of prompts")
     e.add_argument("--split", default="heldout", choices=("heldout", "train"))
-    e.add_argument("--guidance", type=float, default=5.0, help="teacher sampler: CFG scale (default 5)")
-    e.add_argument("--shift", type=float, default=5.0, help="teacher sampler: flow shift (default 5)")
+    e.add_argument("--guidance", type=float, default=SampleConfig.guidance,
+                   help=f"teacher sampler: CFG scale (default {SampleConfig.guidance:g})")
+    e.add_argument("--shift", type=float, default=SampleConfig.shift,
+                   help=f"teacher sampler: flow shift (default {SampleConfig.shift:g})")
     return p
 
 
@@ -67,9 +70,6 @@ def _recipe(args, world: int = 1):
     recipe = for_world(RECIPES[args.recipe], world, () if args.batch is not None else tuple(fields))
     if "teacher" in fields and (args.steps is not None or args.lr is not None):
         recipe = dataclasses.replace(recipe, teacher_rounds=())
-    if args.compile:
-        recipe = dataclasses.replace(recipe, teacher_rounds=tuple(
-            dataclasses.replace(r, compile=True) for r in recipe.teacher_rounds))
     for name in fields:
         cfg = getattr(recipe, name)
         run, optim = cfg.run, cfg.optim
@@ -85,8 +85,11 @@ def _recipe(args, world: int = 1):
             if not args.lr > 0:
                 raise ValueError(f"--lr must be positive, got {args.lr}")
             optim = dataclasses.replace(optim, lr=args.lr)
-        extra = {"compile": True} if args.compile and name in ("teacher", "sla") else {}
-        recipe = dataclasses.replace(recipe, **{name: dataclasses.replace(cfg, run=run, optim=optim, **extra)})
+        recipe = dataclasses.replace(recipe, **{name: dataclasses.replace(cfg, run=run, optim=optim)})
+    if args.compile:   # every DiT stage that trains with velocity regression (the teacher's rounds too)
+        compiled = lambda cfg: dataclasses.replace(cfg, compile=True)  # noqa: E731
+        recipe = dataclasses.replace(recipe, teacher=compiled(recipe.teacher), sla=compiled(recipe.sla),
+                                     teacher_rounds=tuple(map(compiled, recipe.teacher_rounds)))
     return recipe
 
 
@@ -105,7 +108,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     if args.stage == "plot":
         from turbovid.train.plots import plot_run
-        print(f"wrote {plot_run(Path(args.run_dir), Path(args.output or Path(args.run_dir) / 'curves.png'))}")
+        from turbovid.train.recipe import RECIPES
+        out = plot_run(Path(args.run_dir), Path(args.output or Path(args.run_dir) / "curves.png"), RECIPES[args.recipe])
+        print(f"wrote {out}")
         return 0
     recipe = _recipe(args, int(os.environ.get("WORLD_SIZE", "1")))   # torchrun sets WORLD_SIZE
     if args.init is not None and args.stage != "teacher":

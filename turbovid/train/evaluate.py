@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from turbovid.config import WAN_NEGATIVE_PROMPT
+from turbovid.config import WAN_NEGATIVE_PROMPT, SampleConfig
 from turbovid.sampling import cfg_velocity, flow_times, rcm_sample, rcm_times, unipc_sample
 from turbovid.train.checkpoint import load_weights
 from turbovid.train.data import sample_clip
@@ -29,7 +29,8 @@ EVAL_BATCH = 8
 
 @torch.no_grad()
 def generate_latents(net, context: torch.Tensor, negative: torch.Tensor, shape: tuple[int, ...], env: Env, *,
-                     sampler: str, steps: int, seed: int, guidance: float = 5.0, shift: float = 5.0,
+                     sampler: str, steps: int, seed: int, guidance: float = SampleConfig.guidance,
+                     shift: float = SampleConfig.shift,
                      sigma_max: float = 80.0) -> torch.Tensor:
     """Latents [B, 16, T, h, w] fp32 for the prompts embedded in `context` [B, text_len, text_dim]."""
     generator = torch.Generator(env.device).manual_seed(seed)
@@ -54,7 +55,7 @@ def generate_latents(net, context: torch.Tensor, negative: torch.Tensor, shape: 
 def evaluate(recipe: Recipe, run_dir: Path, env: Env, dit: str | Path, *, attention: str = "dense",
              sampler: str = "rcm", steps: int = 4, count: int | None = None, split: str = "heldout",
              out: str | Path | None = None, videos: str | Path | None = None, seed: int = 0,
-             guidance: float = 5.0, shift: float = 5.0) -> dict:
+             guidance: float = SampleConfig.guidance, shift: float = SampleConfig.shift) -> dict:
     """Generate `count` clips with the DiT weights at `dit`, grade them; write the scores to `out` (JSON) and
     the first 8 clips side by side to `videos` (mp4) when given. `guidance`/`shift`: the teacher sampler's."""
     count = recipe.eval_clips if count is None else count

@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from turbovid.train.recipe import Recipe
+from turbovid.train.teacher import teacher_dirs
+
 PANELS = (   # (stage, [keys], title, log y)
     ("vae", ["l1", "l2"], "VAE: reconstruction (foreground-weighted)", True),
     ("teacher", ["loss"], "teacher: flow-matching velocity MSE", True),
@@ -22,19 +25,18 @@ def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def teacher_log(run_dir: Path) -> list[dict]:
-    """The teacher rounds' logs (teacher_round1/, teacher_round2/, ..., teacher/) as one log, steps counted on."""
-    folders = sorted(run_dir.glob("teacher_round*"), key=lambda p: int(p.name.removeprefix("teacher_round") or 0))
+def teacher_log(run_dir: Path, recipe: Recipe) -> list[dict]:
+    """The recipe's teacher rounds' logs (teacher.teacher_dirs) as one log, steps counted on."""
     records, offset = [], 0
-    for folder in [*folders, run_dir / "teacher"]:
-        if (folder / "log.jsonl").is_file():
-            rows = read_log(folder / "log.jsonl")
+    for name in teacher_dirs(recipe):
+        if (run_dir / name / "log.jsonl").is_file():
+            rows = read_log(run_dir / name / "log.jsonl")
             records += [{**r, "step": r["step"] + offset} for r in rows]
             offset += rows[-1]["step"] + 1 if rows else 0
     return records
 
 
-def plot_run(run_dir: str | Path, output: str | Path, window: int = 10) -> Path:
+def plot_run(run_dir: str | Path, output: str | Path, recipe: Recipe, window: int = 10) -> Path:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -43,7 +45,7 @@ def plot_run(run_dir: str | Path, output: str | Path, window: int = 10) -> Path:
         raise ValueError("plotting needs matplotlib: pip install 'turbovid[train]'") from None
     run_dir, output = Path(run_dir), Path(output)
     logs = {s: read_log(run_dir / s / "log.jsonl") for s in ("vae", "sla", "rcm") if (run_dir / s / "log.jsonl").is_file()}
-    if teacher := teacher_log(run_dir):
+    if teacher := teacher_log(run_dir, recipe):
         logs["teacher"] = teacher
     if not logs:
         raise ValueError(f"no stage logs (<stage>/log.jsonl) under {run_dir}")

@@ -167,10 +167,13 @@ def run_teacher(recipe: Recipe, run_dir: Path, env: Env, until: int | None = Non
     """Every teacher round in turn (`until` counts steps of the round being run). Round i > 0 starts from round
     i-1's exported EMA weights with a fresh optimizer; finished rounds are skipped, an interrupted one resumes.
     Returns the last round's weights path (still missing when `--max-minutes` stopped a round)."""
+    inputs = None   # built by the first round that runs, shared by the later ones (one pool load)
     for stage, name in zip(recipe.teacher_stages, teacher_dirs(recipe)):
         out = Path(run_dir) / name
         if not (out / "final.safetensors").is_file():
-            drive(TeacherTrainer(recipe, run_dir, env, init=init, stage=stage), out, env, until=until)
+            trainer = TeacherTrainer(recipe, run_dir, env, init=init, stage=stage, inputs=inputs)
+            inputs = trainer.inputs
+            drive(trainer, out, env, until=until)
             if not (out / "final.safetensors").is_file():
                 break
         init = out / "final.safetensors"
