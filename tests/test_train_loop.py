@@ -196,6 +196,58 @@ def test_sla_stage_tunes_student_against_frozen_teacher(run, tmp_path):
     assert all(torch.equal(v, teacher[k]) for k, v in trainer.teacher.state_dict().items())
 
 
+def test_sla_on_the_rcm_student_trains_on_its_own_sampling_states(run, tmp_path):
+    from turbovid.config import MODELS
+    from turbovid.sampling import network_time, rcm_times
+    from turbovid.train.reproduce import ship
+
+    run_dir, inputs = run
+    student = load_weights(run_dir / "teacher" / "final.safetensors")   # stands in for an rCM student
+    sla = dataclasses.replace(TINY.sla, base="rcm", run=dataclasses.replace(TINY.sla.run, steps=6, batch=4),
+                              optim=dataclasses.replace(TINY.sla.optim, lr=1e-5))
+    # 128 px x 9 frames: 192 DiT tokens = 3 key blocks, of which SLA keeps one (tiny's own clips fit in one block)
+    recipe = dataclasses.replace(TINY, sla=sla, ship_student="sla", size=128, frames=9)
+    trainer = SLATrainer(recipe, run_dir, ENV, student, fixed_batch=True)
+    assert trainer.inputs.pool_latents is None                   # captions only: nothing encoded
+    x, t_net, v, context = trainer._trajectory(0)
+    steps = recipe.eval_rcm_steps
+    assert x.shape[0] == t_net.shape[0] == v.shape[0] == context.shape[0] == 4      # 2 captions x 2 steps
+    times = rcm_times(steps, MODELS["tiny"].sigma_max)[:-1]
+    assert torch.equal(t_net, torch.cat([network_time(s, 2) for s in times]))
+    with torch.no_grad():
+        assert torch.allclose(v, trainer.teacher(x, t_net, context).float(), atol=1e-5)
+    # the first state of each trajectory is the scaled initial noise, the second is not
+    assert x[:2].std() > 0.9 * times[0] and not torch.allclose(x[:2], x[2:])
+    records = drive(trainer, tmp_path / "sla", ENV, quiet=True)
+    losses = [r["loss"] for r in records]
+    assert losses[0] > 0 and losses[-1] < 0.85 * losses[0]      # block-sparse at first, then fitting
+    assert all(math.isfinite(v) for v in losses)
+    # run_sla on this recipe wants the rCM student; ship takes the SLA-tuned student as the 4-step dit
+    from turbovid.train.teacher import run_sla
+    with pytest.raises(ValueError, match="SLA-tunes the rCM student"):
+        run_sla(recipe, tmp_path / "empty", ENV)
+    for name in ("vae", "teacher"):
+        shutil.copytree(run_dir / name, tmp_path / name)
+    for name in ("text_encoder.safetensors", "spiece.model"):
+        shutil.copyfile(run_dir / name, tmp_path / name)
+    dest = ship(recipe, tmp_path, tmp_path / "export")
+    key = "blocks.0.self_attn.attn_op.local_attn.proj_l.weight"
+    shipped = load_weights(dest / "dit.safetensors")
+    assert torch.equal(shipped[key], load_weights(tmp_path / "sla" / "final.safetensors")[key].to(torch.bfloat16))
+    assert json.loads((dest / "config.json").read_text())["student"] == "sla"
+
+
+def test_recipe_rejects_a_student_its_sla_stage_does_not_make():
+    with pytest.raises(ValueError, match="sla.base"):
+        dataclasses.replace(TINY, sla=dataclasses.replace(TINY.sla, base="fake"))
+    with pytest.raises(ValueError, match="needs sla.base='rcm'"):
+        dataclasses.replace(TINY, ship_student="sla")
+    with pytest.raises(ValueError, match="needs sla.base='teacher'"):
+        dataclasses.replace(TINY, sla=dataclasses.replace(TINY.sla, base="rcm"))
+    with pytest.raises(ValueError, match="ship_student must be"):
+        dataclasses.replace(TINY, ship_student="best")
+
+
 def test_rcm_stage_runs_scm_dmd_critic_and_resumes_exactly(run, tmp_path):
     run_dir, inputs = run
     teacher = load_weights(run_dir / "teacher" / "final.safetensors")

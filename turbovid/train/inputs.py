@@ -128,6 +128,11 @@ class LatentBatches:
             self._perm = (epoch, torch.randperm(size, generator=g))
         return int(self._perm[1][index % size])
 
+    def captions(self, indices: list[int]) -> tuple[torch.Tensor, list[Clip]]:
+        """(context [B, text_len, text_dim] fp32, clips) of the clips at `indices`, nothing rendered."""
+        clips = [self.data.clip(i) for i in indices]
+        return self.text.encode([c.caption for c in clips]).float(), clips
+
     def get(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[Clip]]:
         """(latents [B, 16, T, h, w] fp32, context [B, text_len, text_dim] fp32, clips)."""
         if self.pool_latents is not None:

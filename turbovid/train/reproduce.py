@@ -1,13 +1,16 @@
 """The whole recipe from scratch, in order, with one command (resumable: finished stages are skipped,
 an interrupted one continues from its newest checkpoint):
 
-    tokenizer + frozen text encoder -> VAE -> teacher -> SLA fine-tune -> rCM distillation -> merge
+    tokenizer + frozen text encoder -> VAE -> teacher -> rCM distillation -> SLA fine-tune -> merge
     -> evaluation of teacher / rCM / merged -> export/
+(SLA tunes the teacher and the merge adds its change to the rCM student, SPEC §10.1; with recipe.sla.base =
+"rcm" SLA tunes the rCM student itself and there is no merge.)
 
 Each stage writes run_dir/<stage>/{log.jsonl, checkpoints/, final.safetensors}. Evaluations run on rank 0
 (held-out prompts, `turbovid.train.evaluate`) and land in run_dir/eval/*.json (+ an mp4 of 8 samples).
 export/ holds the release files `ship` writes (what `turbovid train ship` copies into turbovid/assets/):
-    dit.safetensors          the 4-step student, bf16 (recipe.ship_student: merged rCM + SLA, or the rCM student)
+    dit.safetensors          the 4-step student, bf16 (recipe.ship_student: merged rCM + SLA, the rCM student, or
+                             the SLA-tuned rCM student)
     dit_int8.safetensors     the same, W8A8 INT8 (fast format)
     dit_teacher.safetensors  the teacher, bf16 (50 steps with CFG)
     vae.safetensors, text_encoder.safetensors (bf16), spiece.model
@@ -32,6 +35,8 @@ from turbovid.train.vae import run_vae
 
 
 def run_merge(recipe: Recipe, run_dir: Path, env: Env) -> Path:
+    if not recipe.merges:
+        raise ValueError(f"recipe {recipe.name} SLA-tunes the rCM student (sla.base = rcm): there is nothing to merge")
     run_dir = Path(run_dir)
     out = run_dir / "merged" / "model.safetensors"
     parts = [run_dir / stage / "final.safetensors" for stage in ("rcm", "teacher", "sla")]
@@ -51,8 +56,11 @@ def _evaluate_all(recipe: Recipe, run_dir: Path, env: Env) -> dict:
         "teacher": (run_dir / "teacher" / "final.safetensors", "dense", "teacher", recipe.eval_teacher_steps),
         "teacher_4step": (run_dir / "teacher" / "final.safetensors", "dense", "rcm", recipe.eval_rcm_steps),
         "rcm": (run_dir / "rcm" / "final.safetensors", "dense", "rcm", recipe.eval_rcm_steps),
-        "merged_sla": (run_dir / "merged" / "model.safetensors", "sla", "rcm", recipe.eval_rcm_steps),
     }
+    if recipe.merges:
+        jobs["merged_sla"] = (run_dir / "merged" / "model.safetensors", "sla", "rcm", recipe.eval_rcm_steps)
+    else:
+        jobs["rcm_sla"] = (run_dir / "sla" / "final.safetensors", "sla", "rcm", recipe.eval_rcm_steps)
     summary = {}
     if env.main:
         local = Env(env.device)   # rank 0 alone: no collective calls may happen in here
@@ -72,12 +80,13 @@ def reproduce(recipe: Recipe, run_dir: Path, env: Env, evaluate_models: bool = T
     if env.main:
         (run_dir / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=1, default=str))
     build_text_encoder(recipe, run_dir, env)   # writes spiece.model and the frozen text encoder once
-    for stage, name in ((run_vae, "vae"), (run_teacher, "teacher"), (run_sla, "sla"), (run_rcm, "rcm")):
+    for stage, name in ((run_vae, "vae"), (run_teacher, "teacher"), (run_rcm, "rcm"), (run_sla, "sla")):
         if not (run_dir / name / "final.safetensors").is_file():
             stage(recipe, run_dir, env)
         if not (run_dir / name / "final.safetensors").is_file():   # stopped by --max-minutes
             return run_dir / name / "final.safetensors"
-    run_merge(recipe, run_dir, env)
+    if recipe.merges:
+        run_merge(recipe, run_dir, env)
     summary = _evaluate_all(recipe, run_dir, env) if evaluate_models else {}
     out = run_dir / "export"
     if env.main:
@@ -99,9 +108,8 @@ def ship(recipe: Recipe, run_dir: Path, dest: Path, summary: dict | None = None)
     from turbovid.train.checkpoint import save_weights
 
     run_dir, dest = Path(run_dir), Path(dest)
-    students = {"merged": run_dir / "merged" / "model.safetensors", "rcm": run_dir / "rcm" / "final.safetensors"}
-    if recipe.ship_student not in students:
-        raise ValueError(f"ship_student must be one of {', '.join(students)}, got {recipe.ship_student!r}")
+    students = {"merged": run_dir / "merged" / "model.safetensors", "rcm": run_dir / "rcm" / "final.safetensors",
+                "sla": run_dir / "sla" / "final.safetensors"}
     sources = {"dit_teacher": run_dir / "teacher" / "final.safetensors", "dit": students[recipe.ship_student],
                "vae": run_dir / "vae" / "final.safetensors", "text_encoder": run_dir / "text_encoder.safetensors"}
     missing = [str(p) for p in sources.values() if not p.is_file()]

@@ -10,6 +10,12 @@ SLA fine-tuning (SPEC §10.2): student = the teacher's weights with every self-a
 (topk 0.1; `proj_l` starts at zero so the student starts as block-sparse attention), all parameters
 trainable; loss = MSE between student and frozen full-attention teacher velocities at the same x_s,
 s = sigma / (1 + sigma), sigma ~ LogNormal(1.5, 1.6), caption-conditioned only.
+
+With `recipe.sla.base == "rcm"` (ours, not TurboDiffusion's) the frozen full-attention network is the rCM
+student instead, and the inputs are the states that student visits when it samples: each step runs the
+frozen student's own few-step rCM sampler (SDE, sigma_max of the model) from fresh noise for batch / steps
+captions, and every (x, time) it is called with is one training input, its output the target. Same loss.
+The 1-3-step schedules use a prefix of the 4-step times, so the 4-step trajectory covers them.
 """
 from __future__ import annotations
 
@@ -17,7 +23,9 @@ from pathlib import Path
 
 import torch
 
+from turbovid.config import MODELS
 from turbovid.models.dit import WanDiT
+from turbovid.sampling import rcm_sample, rcm_times
 from turbovid.speedups import compile_blocks
 from turbovid.train.checkpoint import load_weights
 from turbovid.train.ema import PowerEMA
@@ -134,15 +142,49 @@ class TeacherTrainer(_VelocityStage):
 class SLATrainer(_VelocityStage):
     name = "sla"
 
-    def __init__(self, recipe: Recipe, run_dir: Path, env: Env, teacher_weights: dict[str, torch.Tensor],
+    def __init__(self, recipe: Recipe, run_dir: Path, env: Env, base_weights: dict[str, torch.Tensor],
                  fixed_batch: bool = False, inputs: LatentBatches | None = None):
-        self.teacher = frozen_dit(recipe, teacher_weights, env)
-        student = dit_from_weights(recipe, teacher_weights, "sla", recipe.sla.topk, new_proj_l=True)
-        self._setup(recipe, run_dir, env, student, recipe.sla, fixed_batch, inputs)
-        if recipe.sla.compile and env.device.type == "cuda":
+        """`base_weights`: the frozen full-attention network and the student's start (the teacher, or the rCM
+        student when recipe.sla.base is "rcm")."""
+        cfg = recipe.sla
+        self.teacher = frozen_dit(recipe, base_weights, env)
+        student = dit_from_weights(recipe, base_weights, "sla", cfg.topk, new_proj_l=True)
+        if cfg.base == "rcm" and inputs is None:
+            inputs = LatentBatches(recipe, run_dir, env)     # captions only: no latent pool to build
+        self._setup(recipe, run_dir, env, student, cfg, fixed_batch, inputs)
+        if cfg.compile and env.device.type == "cuda":
             compile_blocks(self.teacher)
 
+    def _trajectory(self, step: int):
+        """(x, network time, frozen output, context) at every step of the frozen student's rCM sampling of
+        batch / steps captions, concatenated: batch training inputs."""
+        steps = self.recipe.eval_rcm_steps
+        clips = max(1, self.schedule.batch // steps)
+        data_step = 0 if self.fixed_batch else step
+        context, _ = self.inputs.captions(step_indices(data_step, self.env, clips))
+        g = step_generator(self.recipe.seed, data_step, self.env.rank, self.env.device)
+        r, tf = self.recipe.vae.spatial_factor, self.recipe.vae.temporal_factor
+        shape = (clips, self.recipe.vae.z_dim, (self.recipe.frames - 1) // tf + 1, self.recipe.size // r,
+                 self.recipe.size // r)
+        noise = torch.randn(shape, generator=g, device=self.env.device)
+        xs, ts, vs = [], [], []
+
+        def velocity(x, t_net, i, s_cur):
+            with torch.no_grad(), self.env.autocast():
+                v = self.teacher(x.float(), t_net, context).float()
+            xs.append(x.float())
+            ts.append(t_net)
+            vs.append(v)
+            return v
+        rcm_sample(velocity, noise, rcm_times(steps, MODELS[self.recipe.name].sigma_max), g)
+        return torch.cat(xs), torch.cat(ts), torch.cat(vs), context.repeat(steps, 1, 1)
+
     def train_step(self, step: int) -> dict[str, float]:
+        if self.cfg.base == "rcm":
+            x, t_net, v_target, context = self._trajectory(step)
+            with self.env.autocast():
+                v = self.model(x, t_net, context).float()
+            return self._finish(velocity_loss(v, v_target), step)
         x0, context, g = self._draws(step)
         B, dev = x0.shape[0], x0.device
         s = lognormal_rf(B, g, self.cfg.p_mean, self.cfg.p_std, dev)
@@ -189,6 +231,14 @@ def trained_teacher(run_dir: Path, env: Env) -> dict[str, torch.Tensor]:
 
 
 def run_sla(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None) -> Path:
+    """SLA fine-tune of the teacher (SPEC) or, with recipe.sla.base == "rcm", of the finished rCM student."""
     out = Path(run_dir) / "sla"
-    drive(SLATrainer(recipe, run_dir, env, trained_teacher(run_dir, env)), out, env, until=until)
+    if recipe.sla.base == "rcm":
+        path = Path(run_dir) / "rcm" / "final.safetensors"
+        if not path.is_file():
+            raise ValueError(f"{path} not found: this recipe SLA-tunes the rCM student; run `turbovid train rcm` first")
+        base = load_weights(path, env.device)
+    else:
+        base = trained_teacher(run_dir, env)
+    drive(SLATrainer(recipe, run_dir, env, base), out, env, until=until)
     return out / "final.safetensors"
