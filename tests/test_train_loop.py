@@ -237,6 +237,23 @@ def test_sla_on_the_rcm_student_trains_on_its_own_sampling_states(run, tmp_path)
     assert json.loads((dest / "config.json").read_text())["student"] == "sla"
 
 
+def test_sla_dense_weight_also_fits_the_dense_output(run, tmp_path):
+    from turbovid.train.teacher import dense_attention
+
+    run_dir, _ = run
+    weights = load_weights(run_dir / "teacher" / "final.safetensors")
+    recipe = dataclasses.replace(TINY, sla=dataclasses.replace(TINY.sla, dense_weight=0.5), size=128, frames=9)
+    trainer = SLATrainer(recipe, run_dir, ENV, weights, fixed_batch=True)   # 128 px clips: 3 key blocks
+    sla_ops = [b.self_attn.attn_op.local_attn for b in trainer.net.blocks]
+    with dense_attention(trainer.net):
+        assert all(type(b.self_attn.attn_op.local_attn).__name__ == "DenseAttention" for b in trainer.net.blocks)
+    assert [b.self_attn.attn_op.local_attn for b in trainer.net.blocks] == sla_ops   # put back
+    record = trainer.train_step(0)
+    # at step 0 the student is the teacher: its dense output is the target, the SLA one is not
+    assert record["loss_dense"] < 1e-10 < record["loss_sla"]
+    assert record["loss"] == pytest.approx(record["loss_sla"] + 0.5 * record["loss_dense"], rel=1e-6)
+
+
 def test_recipe_rejects_a_student_its_sla_stage_does_not_make():
     with pytest.raises(ValueError, match="sla.base"):
         dataclasses.replace(TINY, sla=dataclasses.replace(TINY.sla, base="fake"))

@@ -84,6 +84,7 @@ class SLAStage:
     topk: float = 0.1            # (TD)
     base: str = "teacher"        # what is SLA-tuned: "teacher" (TD; shipped via the merge) or "rcm" (the rCM
                                  # student, on the states of its own 4-step sampling; shipped as is: teacher.py)
+    dense_weight: float = 0.0    # > 0: also fit the student's dense-attention output, with this weight (ours)
     p_mean: float = 1.5          # RF time s = sigma / (1 + sigma), sigma ~ LogNormal(p_mean, p_std)  (TD)
     p_std: float = 1.6
     ema_sigma_rel: float = 0.1
@@ -183,7 +184,7 @@ def _mini() -> Recipe:
         # SLA tunes the rCM student on its own 4-step sampling states (base="rcm"; session 5, one H100, fitted to
         # ~6.5 minutes). The TD route (SLA-tune the teacher, 478 steps at lr 2e-5, then merge) measured worse, below.
         sla=SLAStage(Schedule(steps=4000, batch=16, ckpt_every=1000), Optim(lr=5e-5, warmup=200, cosine=True),
-                     base="rcm"),
+                     topk=0.25, base="rcm", dense_weight=1.0),
         rcm=RCMStage(Schedule(steps=1003, batch=8, ckpt_every=1000),
                      # rCM: betas (0, 0.999), no gradient clipping (NaN/inf entries are still zeroed)
                      Optim(lr=2e-5, betas=(0.0, 0.999), warmup=0, grad_clip=0.0),

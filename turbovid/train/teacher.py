@@ -16,13 +16,17 @@ student instead, and the inputs are the states that student visits when it sampl
 frozen student's own few-step rCM sampler (SDE, sigma_max of the model) from fresh noise for batch / steps
 captions, and every (x, time) it is called with is one training input, its output the target. Same loss.
 The 1-3-step schedules use a prefix of the 4-step times, so the 4-step trajectory covers them.
+`recipe.sla.dense_weight` > 0 (ours) adds that weight times the same loss for the student run with dense
+attention: the one released file serves every --attention, and SLA tuning alone moves its dense output away.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from turbovid.attention import DenseAttention
 from turbovid.config import MODELS
 from turbovid.models.dit import WanDiT
 from turbovid.sampling import rcm_sample, rcm_times
@@ -182,19 +186,38 @@ class SLATrainer(_VelocityStage):
     def train_step(self, step: int) -> dict[str, float]:
         if self.cfg.base == "rcm":
             x, t_net, v_target, context = self._trajectory(step)
-            with self.env.autocast():
-                v = self.model(x, t_net, context).float()
-            return self._finish(velocity_loss(v, v_target), step)
-        x0, context, g = self._draws(step)
-        B, dev = x0.shape[0], x0.device
-        s = lognormal_rf(B, g, self.cfg.p_mean, self.cfg.p_std, dev)
-        noise = torch.randn(x0.shape, generator=g, device=dev)
-        x_s, _ = flow_matching_pair(x0, noise, s)
+        else:
+            x0, context, g = self._draws(step)
+            B, dev = x0.shape[0], x0.device
+            s = lognormal_rf(B, g, self.cfg.p_mean, self.cfg.p_std, dev)
+            noise = torch.randn(x0.shape, generator=g, device=dev)
+            x, _ = flow_matching_pair(x0, noise, s)
+            t_net = (1000 * s).float()
+            with torch.no_grad(), self.env.autocast():
+                v_target = self.teacher(x, t_net, context).float()
         with self.env.autocast():
-            with torch.no_grad():
-                v_teacher = rf_velocity(self.teacher, x_s, s, context)
-            v = rf_velocity(self.model, x_s, s, context)
-        return self._finish(velocity_loss(v, v_teacher), step)
+            loss = velocity_loss(self.model(x, t_net, context).float(), v_target)
+        if not self.cfg.dense_weight:
+            return self._finish(loss, step)
+        with dense_attention(self.net), self.env.autocast():
+            loss_dense = velocity_loss(self.model(x, t_net, context).float(), v_target)
+        logs = self._finish(loss + self.cfg.dense_weight * loss_dense, step)
+        return {**logs, "loss_sla": loss.item(), "loss_dense": loss_dense.item()}
+
+
+@contextmanager
+def dense_attention(net: WanDiT):
+    """Run every SLA self-attention of `net` as dense attention (same q, k, v; proj_l unused) inside the block."""
+    swapped = []
+    for block in net.blocks:
+        op = block.self_attn.attn_op
+        swapped.append((op, op.local_attn))
+        op.local_attn = DenseAttention()
+    try:
+        yield net
+    finally:
+        for op, original in swapped:
+            op.local_attn = original
 
 
 def teacher_dirs(recipe: Recipe) -> list[str]:
