@@ -202,3 +202,19 @@ def test_gpu_full_size_fast_decode():
     # approximate by design (border padding, per-tile attention): runs, and stays near on average
     assert tiled.shape == want.shape and tiled.isfinite().all()
     assert ((tiled.float() - want).abs().sum() / want.abs().sum()).item() < 0.5
+
+
+@pytest.mark.parametrize("fast,chunk,tile", [(True, 2, None), (False, None, None), (True, 1, 2)])
+def test_decode_stream_chunks_make_up_decode(vae, fast, chunk, tile):
+    z = _latent(5)
+    want = vae.decode(z, clamp=True, fast=fast, chunk=chunk, tile=tile)
+    torch.set_grad_enabled(True)
+    chunks = []
+    for c in vae.decode_stream(z, clamp=True, fast=fast, chunk=chunk, tile=tile):
+        assert torch.is_grad_enabled()          # the generator's no_grad does not leak into the consumer
+        chunks.append(c)
+    # one chunk per pass: 5 latent frames in passes of 2 -> 3 chunks (1 + 8 + 8 pixel frames); tiled: whole video
+    expected = 1 if tile else (3 if chunk == 2 else 5)
+    assert len(chunks) == expected
+    assert torch.equal(torch.cat(chunks, dim=2), want)
+    assert not any(c.requires_grad for c in chunks)

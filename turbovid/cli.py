@@ -28,7 +28,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-encoder", help="umT5 encoder (models_t5_umt5-xxl-enc-bf16.pth or an HF folder)")
     g.add_argument("--tokenizer", help="umT5 tokenizer folder or spiece.model")
     g.add_argument("--attention", default="dense", help="dense | sage | sla | sagesla (default dense)")
-    g.add_argument("--topk", type=float, default=0.1, help="SLA key-block ratio kept per query block (default 0.1)")
+    g.add_argument("--topk", type=float, help="SLA key-block ratio kept per query block (default: the one the "
+                   "model was SLA-tuned at, 0.25 for mini; else 0.1)")
     g.add_argument("--quant", action="store_true", help="W8A8 INT8 block linears (loads -quant files, "
                                                         "quantizes bf16 ones on the fly)")
     g.add_argument("--quant-format", default="fast", help="fast: per-channel/per-token INT8 (default; -quant "
@@ -97,7 +98,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from turbovid.pipeline import MAX_RCM_STEPS, Pipeline, check_prompt, check_sample
-    from turbovid.video import read_image, write_video
+    from turbovid.video import VideoWriter, read_image
 
     out = _check_output(args.output)
     if args.model not in MODELS:
@@ -143,11 +144,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             bar = tqdm(total=total, desc="denoise", unit="step", file=sys.stderr)
         bar.update(done - bar.n)
 
-    video = pipe.generate(args.prompt, sample, image=image, progress=progress)
-    if bar is not None:
-        bar.close()
-    t0 = time.perf_counter()
-    write_video(out, video.frames)
+    # The mp4 is encoded by a thread while the VAE decodes; "write" is what is left of it after the decode.
+    with VideoWriter(out) as writer:
+        video = pipe.generate(args.prompt, sample, image=image, progress=progress, writer=writer)
+        if bar is not None:
+            bar.close()
+        t0 = time.perf_counter()
     video.timings["write"] = time.perf_counter() - t0
 
     total = sum(video.timings.values())

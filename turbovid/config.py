@@ -142,6 +142,7 @@ MODELS: dict[str, ModelSpec] = {
                           sigma_max=200.0, resolution="128p", num_frames=9, untrained=True),
 }
 DEFAULT_MODEL = "mini"
+DEFAULT_TOPK = 0.1      # SLA key blocks kept per query block (TurboDiffusion's --sla_topk default)
 
 # (width, height) per resolution and aspect ratio W:H (SPEC §11.3), plus small sizes of our own
 # for CPU models ("128p", "240p"). Every size is a multiple of 16 (VAE 8x * patch 2x).

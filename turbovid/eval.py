@@ -38,7 +38,7 @@ CONFIGS: dict[str, tuple[dict, int, str]] = {
     "teacher": ({"teacher": True}, 50, "teacher, 50 steps UniPC + CFG 5, dense attention"),
     "teacher_4step": ({"teacher": True}, 4, "teacher with the 4-step rCM sampler (no distillation)"),
     "student": ({}, 4, "4-step student (the shipped dit file), dense attention"),
-    "student_sla": ({"attention": "sla"}, 4, "+ SLA (top-k 0.1)"),
+    "student_sla": ({"attention": "sla"}, 4, "+ SLA (the model's top-k, 0.25 for mini)"),
     "student_sagesla": ({"attention": "sagesla"}, 4, "+ SageSLA (INT8 QK, FP8 PV)"),
     "student_sagesla_w8a8": ({"attention": "sagesla", "quant": True}, 4, "+ W8A8 INT8 linears (shipped INT8 file)"),
     "turbo": ({"attention": "sagesla", "quant": True, "fuse": True}, 4, "full stack: + fused norms/quant"),
@@ -100,7 +100,7 @@ def evaluate_config(name: str, clips, *, model: str, device: str | None, seed: i
         log(f"[eval] {name}: {i + 1}/{len(clips)} ({seconds[-1]:.2f} s)")
     scores = adherence(videos, [c.attributes() for c in clips])
     fake = torch.stack([clip_features(v) for v in videos])
-    return {"config": name, "what": what, "steps": steps, "model": spec.name, "count": len(clips),
+    return {"config": name, "what": what, "steps": steps, "topk": pipe.topk, "model": spec.name, "count": len(clips),
             **{k: scores[k] for k in ("all", "color", "shape", "direction", "speed", "size")},
             "frechet": frechet_distance(fake, real), "seconds_per_video": statistics.median(seconds),
             "dit_seconds_per_video": statistics.median(dit_seconds),

@@ -6,6 +6,7 @@ matching sampler with classifier-free guidance against the Wan negative prompt.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from contextlib import contextmanager
@@ -17,7 +18,8 @@ import numpy as np
 import torch
 
 from turbovid.attention import ATTENTION_KINDS
-from turbovid.config import DEFAULT_MODEL, MODELS, RESOLUTIONS, WAN_NEGATIVE_PROMPT, ModelSpec, SampleConfig
+from turbovid.config import (DEFAULT_MODEL, DEFAULT_TOPK, MODELS, RESOLUTIONS, WAN_NEGATIVE_PROMPT, ModelSpec,
+                             SampleConfig)
 from turbovid.loading import load_dit, load_text_encoder, load_vae
 from turbovid.memory import MemoryPlan, activate_expert, plan_memory, prepare_stage, track_peak
 from turbovid.models.dit import WanDiT
@@ -26,7 +28,7 @@ from turbovid.models.vae import WanVAE
 from turbovid.sampling import (cfg_velocity, euler_sample, expert_for_step, flow_times, rcm_sample, rcm_times,
                                unipc_sample)
 from turbovid.speedups import QUANT_FORMATS, apply_speedups
-from turbovid.video import image_to_tensor, tile_samples, to_uint8_frames
+from turbovid.video import VideoWriter, image_to_tensor, tile_samples, to_uint8_frames
 
 MAX_RCM_STEPS = 4
 MAX_PROMPT_CHARS = 4000
@@ -110,6 +112,15 @@ SHIPPED = {"dit": "dit.safetensors", "dit_int8": "dit_int8.safetensors", "dit_te
            "vae": "vae.safetensors", "text_encoder": "text_encoder.safetensors", "tokenizer": "spiece.model"}
 
 
+def default_topk(spec: ModelSpec) -> float:
+    """SLA top-k when none is given: the one a shipped model was SLA-tuned at (its config.json), else 0.1 (TD)."""
+    if spec.assets:
+        config = Path(__file__).resolve().parent / "assets" / str(spec.assets) / "config.json"
+        if config.is_file():
+            return float(json.loads(config.read_text()).get("sla_topk", DEFAULT_TOPK))
+    return DEFAULT_TOPK
+
+
 def shipped_files(spec: ModelSpec) -> dict[str, str]:
     """Paths of the weights a model ships in turbovid/assets/<spec.assets>/ (`turbovid train ship` writes them)."""
     folder = Path(__file__).resolve().parent / "assets" / str(spec.assets)
@@ -131,7 +142,7 @@ class Pipeline:
         # Memory plan (turbovid.memory): with a budget, models live on the CPU and each stage brings in
         # what it needs; without one, everything stays resident on `device`.
         self.max_memory: float | None = None
-        self.quant, self.attention = False, "dense"
+        self.quant, self.attention, self.topk = False, "dense", DEFAULT_TOPK
         self.reuse_text_encoder = False      # the server keeps the encoder between requests
         self._plan: MemoryPlan | None = None
 
@@ -140,7 +151,7 @@ class Pipeline:
     @classmethod
     def load(cls, model: str = DEFAULT_MODEL, *, dit: str | None = None, dit_low: str | None = None,
              vae: str | None = None, text_encoder: str | None = None, tokenizer: str | None = None,
-             attention: str = "dense", topk: float = 0.1, quant: bool = False, quant_format: str = "fast",
+             attention: str = "dense", topk: float | None = None, quant: bool = False, quant_format: str = "fast",
              fuse: bool | None = None, compile: bool = False, max_memory: float | None = None,
              device: str | None = None, dtype: torch.dtype | None = None, teacher: bool = False) -> "Pipeline":
         """Build a pipeline from checkpoint paths; a model marked `untrained` (the tiny configs) may
@@ -148,7 +159,8 @@ class Pipeline:
         path left out from turbovid/assets: the 4-step student (its config.json says which: merged rCM + SLA,
         or the rCM student; its INT8 file with `quant`), or with `teacher` the 50-step teacher.
 
-        Accelerations (turbovid.speedups): `quant` makes the block linears W8A8 INT8 — `quant_format`
+        Accelerations (turbovid.speedups): `topk` is SLA's kept key-block ratio (default: `default_topk`,
+        i.e. the shipped model's own, else 0.1); `quant` makes the block linears W8A8 INT8 — `quant_format`
         "fast" (per-channel weights, per-token activations; TurboDiffusion -quant files are converted)
         or "td" (TurboDiffusion's exact 128x128-tile format); `fuse` (default: on CUDA) fuses norm +
         modulation (+ INT8 emit) and GEMM epilogues; `compile` compiles the blocks. Text K/V caching
@@ -158,11 +170,12 @@ class Pipeline:
             raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
         if attention not in ATTENTION_KINDS:
             raise ValueError(f"unknown attention {attention!r}; choose one of {', '.join(ATTENTION_KINDS)}")
-        if not 0.0 < topk <= 1.0:
-            raise ValueError(f"--topk must be in (0, 1], got {topk}")
         if quant_format not in QUANT_FORMATS:
             raise ValueError(f"unknown --quant-format {quant_format!r}; choose one of {', '.join(QUANT_FORMATS)}")
         spec = MODELS[model]
+        topk = default_topk(spec) if topk is None else topk
+        if not 0.0 < topk <= 1.0:
+            raise ValueError(f"--topk must be in (0, 1], got {topk}")
         if spec.assets:
             files = shipped_files(spec)
             role = "dit_teacher" if teacher else ("dit_int8" if quant and quant_format == "fast" else "dit")
@@ -210,6 +223,7 @@ class Pipeline:
         low = make_dit(dit_low, seed=4) if spec.two_experts else None
         pipe = cls(spec, encoder, vae_net.eval().requires_grad_(False), high, low, device=dev)
         pipe.max_memory, pipe.quant, pipe.attention = (max_memory if planned else None), quant, attention
+        pipe.topk = topk
         return pipe
 
     @property
@@ -285,14 +299,20 @@ class Pipeline:
         solve = unipc_sample if sample.solver == "unipc" else euler_sample
         return solve(guided, noise, times)
 
-    @torch.no_grad()
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """Latent [B, 16, T, h, w] -> video [B, 3, F, H, W] in [-1, 1] (the VAE dtype)."""
+    def decode_frames(self, latent: torch.Tensor, writer: VideoWriter | None = None) -> np.ndarray:
+        """Latent [B, 16, T, h, w] -> uint8 frames [F, H, B*W, 3] (samples side by side). With `writer` each
+        decoder pass's frames go to the mp4 encoder thread as soon as they exist, so encoding overlaps decoding."""
         plan = self._plan
         tiling = dict(chunk=plan.vae_chunk, tile=plan.vae_tile, overlap=plan.vae_overlap) if plan else {}
         # The fast decoder, channels-last, on every device (the VAE's own CPU default is TurboDiffusion's
         # frame-by-frame path; the fast one is 3.4x quicker for the mini model on a 2-core CPU).
-        return self.vae.decode(latent.to(self.dtype), clamp=True, fast=True, channels_last=True, **tiling)
+        chunks = []
+        for video in self.vae.decode_stream(latent.to(self.dtype), clamp=True, fast=True, channels_last=True,
+                                            **tiling):
+            chunks.append(to_uint8_frames(tile_samples(video)))
+            if writer is not None:
+                writer.append(chunks[-1])
+        return np.concatenate(chunks)
 
     # -- the whole job -----------------------------------------------------------------------------
 
@@ -309,7 +329,9 @@ class Pipeline:
             timings[name] = time.perf_counter() - t0
 
     def generate(self, prompt: str, sample: SampleConfig = SampleConfig(), image=None,
-                 progress: ProgressFn | None = None) -> Video:
+                 progress: ProgressFn | None = None, writer: VideoWriter | None = None) -> Video:
+        """One video. `writer` (a turbovid.video.VideoWriter) receives the frames while the VAE decodes; the
+        caller closes it (`with VideoWriter(path) as w: pipe.generate(..., writer=w)`)."""
         check_prompt(prompt)
         check_sample(self.spec, sample, image is not None)
         frames = sample.num_frames or self.spec.num_frames
@@ -348,6 +370,6 @@ class Pipeline:
         if progress:
             progress("vae_decode", 0, 1)
         with self._stage("vae_decode", timings, peaks):
-            frames_u8 = to_uint8_frames(tile_samples(self.decode(latent)))
+            frames_u8 = self.decode_frames(latent, writer)
         return Video(frames_u8, timings, width, height, sample.seed, prompt, untrained=self.spec.untrained,
                      peak_memory_gb=peaks)

@@ -32,30 +32,111 @@ def tile_samples(videos: torch.Tensor) -> torch.Tensor:
     return torch.cat(list(videos), dim=-1)
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: int = FPS) -> Path:
-    """Write uint8 [F, H, W, 3] frames as an H.264 mp4, atomically."""
-    import imageio.v2 as imageio
+class VideoWriter:
+    """An mp4 written while frames are still being made: `append` hands uint8 [F, H, W, 3] chunks to an encoder
+    thread (a queue of `depth` chunks) and returns at once, so encoding overlaps the GPU work that makes the next
+    chunk. Atomic: the file appears under `path` only when the `with` block ends without an exception; otherwise
+    the partial file is removed. An encoder error is raised by the next `append` or by `close`.
 
-    path = Path(path)
+    backend "ffmpeg": H.264 (libx264) through imageio-ffmpeg, quality 5 as TurboDiffusion; "opencv": OpenCV's
+    MPEG-4 part 2 (mp4v), for machines without imageio-ffmpeg (the GPU benchmark machine)."""
+
+    def __init__(self, path: str | Path, fps: int = FPS, backend: str = "ffmpeg", depth: int = 4):
+        import queue
+        import threading
+
+        if backend not in ("ffmpeg", "opencv"):
+            raise ValueError(f"unknown video backend {backend!r}; choose ffmpeg or opencv")
+        self.path, self.fps, self.backend = Path(path), fps, backend
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=self.path.suffix or ".mp4", prefix=".partial-", dir=self.path.parent)
+        os.close(fd)
+        self._tmp, self._size, self._error, self._closed = Path(tmp), None, None, False
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._encode, name="turbovid-mp4", daemon=True)
+        self._thread.start()
+
+    def _open(self, height: int, width: int):
+        if self.backend == "opencv":
+            import cv2
+
+            writer = cv2.VideoWriter(str(self._tmp), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (width, height))
+            if not writer.isOpened():
+                raise RuntimeError(f"OpenCV cannot write {self._tmp}")
+            return (lambda frame: writer.write(frame[:, :, ::-1])), writer.release
+        import imageio.v2 as imageio
+
+        # macro_block_size=1 keeps sizes that are not multiples of 16 (quality 5 as TurboDiffusion).
+        writer = imageio.get_writer(str(self._tmp), fps=self.fps, quality=5, macro_block_size=1, codec="libx264",
+                                    format="FFMPEG", ffmpeg_log_level="error")
+        return writer.append_data, writer.close
+
+    def _encode(self) -> None:
+        put = close = None
+        try:
+            while (frames := self._queue.get()) is not None:
+                if put is None:
+                    put, close = self._open(*frames.shape[1:3])
+                for frame in frames:
+                    put(np.ascontiguousarray(frame))
+        except BaseException as e:   # kept for the caller; keep draining so append never blocks forever
+            self._error = e
+            while self._queue.get() is not None:
+                pass
+        finally:
+            if close is not None:
+                try:
+                    close()
+                except BaseException as e:
+                    self._error = self._error or e
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"writing {self.path} failed: {self._error}") from self._error
+
+    def append(self, frames: np.ndarray) -> None:
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"expected uint8 frames [F, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
+        if self._size is None:
+            self._size = frames.shape[1:3]
+        elif frames.shape[1:3] != self._size:
+            raise ValueError(f"frame size changed from {self._size} to {frames.shape[1:3]}")
+        if self._closed:
+            raise ValueError("the video is already closed")
+        self._raise()
+        self._queue.put(frames)
+
+    def close(self, commit: bool = True) -> Path:
+        """Wait for the encoder; with `commit` (and at least one frame, no error) rename the file into place,
+        else remove it."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            self._thread.join()
+        try:
+            if commit:
+                if self._size is None:
+                    raise ValueError(f"no frames were written to {self.path}")
+                self._raise()
+                os.replace(self._tmp, self.path)
+        finally:
+            self._tmp.unlink(missing_ok=True)
+        return self.path
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(commit=exc_type is None)
+
+
+def write_video(path: str | Path, frames: np.ndarray, fps: int = FPS, backend: str = "ffmpeg") -> Path:
+    """Write uint8 [F, H, W, 3] frames as an mp4 (H.264 by default), atomically."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"expected uint8 frames [F, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=path.suffix or ".mp4", prefix=".partial-", dir=path.parent)
-    os.close(fd)
-    try:
-        # macro_block_size=1 keeps sizes that are not multiples of 16 (quality 5 as TurboDiffusion).
-        writer = imageio.get_writer(tmp, fps=fps, quality=5, macro_block_size=1, codec="libx264",
-                                    format="FFMPEG", ffmpeg_log_level="error")
-        try:
-            for frame in frames:
-                writer.append_data(frame)
-        finally:
-            writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with VideoWriter(path, fps, backend) as writer:
+        writer.append(frames)
+    return Path(path)
 
 
 def read_video(path: str | Path) -> np.ndarray:

@@ -528,7 +528,31 @@ class WanVAE(nn.Module):
         with torch.no_grad() if fast else contextlib.nullcontext():
             return self._decode(latent, clamp, fast, chunk, tile, overlap, channels_last)
 
-    def _decode(self, latent, clamp, fast, chunk, tile, overlap, channels_last) -> torch.Tensor:
+    def decode_stream(self, latent: torch.Tensor, clamp: bool = False, *, fast: bool | None = None,
+                      chunk: int | None = None, tile: int | None = None, overlap: int = DEFAULT_TILE_OVERLAP,
+                      channels_last: bool | None = None):
+        """`decode` as consecutive pixel-frame chunks [B, 3, f, H, W] (one per decoder pass, in order), so a
+        consumer such as the mp4 writer starts before the last pass; their concatenation is `decode`'s video.
+        With spatial tiles the whole video comes as one chunk. Always without autograd."""
+        fast = latent.is_cuda if fast is None else fast
+        with torch.no_grad():   # entered per step: a `with` around a yield would leak into the caller
+            passes, z, rows, cols, _ = self._plan(latent, fast, chunk, tile, overlap, channels_last)
+            tiled = len(rows) > 1 or len(cols) > 1
+            steps = iter([(0, self._decode(latent, clamp, fast, chunk, tile, overlap, channels_last))] if tiled
+                         else passes(z))
+        while True:
+            with torch.no_grad():
+                item = next(steps, None)
+                if item is None:
+                    return
+                y = item[1].to(latent.dtype, copy=True)   # the fast decoder reuses its output buffers
+                if clamp:
+                    y.clamp_(-1.0, 1.0)
+            yield y
+
+    def _plan(self, latent, fast, chunk, tile, overlap, channels_last):
+        """(passes, decoder input z, row tiles, column tiles, video shape); passes(region of z) yields
+        (first pixel frame, pixels) for each pass of `chunk` latent frames."""
         z = self._decoder_input(latent)
         b, _, t, h, w = z.shape
         channels_last = z.is_cuda if channels_last is None else channels_last
@@ -543,14 +567,17 @@ class WanVAE(nn.Module):
         shape = (b, 3, 1 + tf * (t - 1), s * h, s * w)
 
         def passes(region: torch.Tensor):
-            """(first pixel frame, pixels) for each pass of `chunk` latent frames over a region of z."""
             run = FastDecoder(self.decoder, channels_last) if fast else self.decoder
             cache = None
             for t0 in range(0, t, chunk):
                 y, cache = run(region[:, :, t0:t0 + chunk], cache)
                 yield (0 if t0 == 0 else 1 + tf * (t0 - 1)), y
                 del y
+        return passes, z, rows, cols, shape
 
+    def _decode(self, latent, clamp, fast, chunk, tile, overlap, channels_last) -> torch.Tensor:
+        passes, z, rows, cols, shape = self._plan(latent, fast, chunk, tile, overlap, channels_last)
+        s = self.cfg.spatial_factor
         if len(rows) == len(cols) == 1:
             video = torch.empty(shape, dtype=latent.dtype, device=z.device)
             for p0, y in passes(z):

@@ -71,7 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "not the prompt", file=sys.stderr)
     if args.tui:
         from turbovid.serve.tui import run_tui
-        info = {"model": spec.name, "task": spec.task, "attention": args.attention, "topk": args.topk,
+        info = {"model": spec.name, "task": spec.task, "attention": args.attention, "topk": pipe.topk,
                 "quant": args.quant, "device": str(pipe.device)}
         return run_tui(pipe, explicit_sample(defaults, spec), info, image=args.image)
 

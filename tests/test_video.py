@@ -1,0 +1,60 @@
+"""turbovid.video: atomic mp4 writing, one shot and streamed through the encoder thread (VideoWriter)."""
+import numpy as np
+import pytest
+
+from turbovid.video import VideoWriter, read_video, write_video
+
+
+def _frames(n=9, h=48, w=64, seed=0):
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (1, h, w, 3), dtype=np.uint8)
+    return np.concatenate([np.roll(base, 2 * i, axis=2) for i in range(n)])   # a moving pattern
+
+
+@pytest.mark.parametrize("backend", ["ffmpeg", "opencv"])
+def test_streamed_chunks_equal_one_shot_write(tmp_path, backend):
+    if backend == "opencv":
+        pytest.importorskip("cv2")
+    frames = _frames()
+    one = write_video(tmp_path / "one.mp4", frames, backend=backend)
+    with VideoWriter(tmp_path / "streamed.mp4", backend=backend) as writer:
+        for chunk in (frames[:1], frames[1:5], frames[5:]):
+            writer.append(chunk)
+    a, b = read_video(one), read_video(tmp_path / "streamed.mp4")
+    assert a.shape == b.shape == frames.shape and np.array_equal(a, b)
+    assert np.abs(a.astype(int) - frames).mean() < 20          # lossy, but the same pictures
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.mp4", "streamed.mp4"]
+
+
+def test_an_error_in_the_block_leaves_no_file(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with VideoWriter(tmp_path / "v.mp4") as writer:
+            writer.append(_frames(3))
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_encoder_error_is_raised_and_leaves_no_file(tmp_path, monkeypatch):
+    def broken(self, h, w):
+        raise OSError("disk full")
+    monkeypatch.setattr(VideoWriter, "_open", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        with VideoWriter(tmp_path / "v.mp4", depth=1) as writer:
+            for _ in range(5):                   # the queue keeps draining: append never blocks for good
+                writer.append(_frames(2))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_frames_and_empty_videos_are_one_line_errors(tmp_path):
+    with pytest.raises(ValueError, match="uint8 frames"):
+        write_video(tmp_path / "v.mp4", np.zeros((2, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match="size changed"):
+        with VideoWriter(tmp_path / "v.mp4") as writer:
+            writer.append(_frames(2, 16, 16))
+            writer.append(_frames(2, 16, 32))
+    with pytest.raises(ValueError, match="no frames"):
+        with VideoWriter(tmp_path / "v.mp4"):
+            pass
+    with pytest.raises(ValueError, match="unknown video backend"):
+        VideoWriter(tmp_path / "v.mp4", backend="gif")
+    assert list(tmp_path.iterdir()) == []
