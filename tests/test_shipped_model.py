@@ -43,3 +43,19 @@ def test_demo_prompt_renders_what_it_says():
     video = Pipeline.load(device="cpu").generate("a red circle moves to the right on a dark background")
     seen = detect(from_uint8_frames(video.frames))
     assert (seen["color"], seen["shape"], seen["direction"]) == ("red", "circle", "right")
+
+
+def test_sla_runs_at_the_top_k_the_shipped_student_was_tuned_at():
+    import json
+
+    from turbovid.pipeline import default_topk
+    config = json.loads((__import__("pathlib").Path(shipped_files(MODELS["mini"])["dit"]).parent / "config.json")
+                        .read_text())
+    assert default_topk(MODELS["mini"]) == config["sla_topk"] == 0.25
+    assert default_topk(MODELS["tiny"]) == 0.1                         # no shipped config: TurboDiffusion's 0.1
+    pipe = Pipeline.load("mini", device="cpu", attention="sla")
+    assert pipe.topk == 0.25 and pipe.dit.blocks[0].self_attn.attn_op.local_attn.topk == 0.25
+    assert pipe.dit.blocks[0].self_attn.attn_op.local_attn.proj_l.weight.abs().sum() > 0   # trained, not zero-filled
+    assert Pipeline.load("mini", device="cpu", attention="sla", topk=0.1).topk == 0.1
+    with pytest.raises(ValueError, match="--topk must be in"):
+        Pipeline.load("mini", device="cpu", attention="sla", topk=1.5)

@@ -198,6 +198,9 @@ def test_gpu_full_size_fast_decode():
         got = vae16.decode(z.bfloat16(), fast=True, **kwargs)
         assert got.shape == want.shape and not got.isnan().any()
         assert _rel(got, want) < 2 * budget, kwargs
+    # streamed (what generate does with an mp4 writer): the same passes, the same video
+    streamed = torch.cat(list(vae16.decode_stream(z.bfloat16(), clamp=True, fast=True, chunk=1)), dim=2)
+    assert torch.equal(streamed, vae16.decode(z.bfloat16(), clamp=True, fast=True, chunk=1))
     tiled = vae16.decode(z.bfloat16(), fast=True, tile=24, overlap=8)
     # approximate by design (border padding, per-tile attention): runs, and stays near on average
     assert tiled.shape == want.shape and tiled.isfinite().all()
@@ -207,10 +210,11 @@ def test_gpu_full_size_fast_decode():
 @pytest.mark.parametrize("fast,chunk,tile", [(True, 2, None), (False, None, None), (True, 1, 2)])
 def test_decode_stream_chunks_make_up_decode(vae, fast, chunk, tile):
     z = _latent(5)
-    want = vae.decode(z, clamp=True, fast=fast, chunk=chunk, tile=tile)
+    tiling = dict(tile=tile, overlap=1) if tile else {}
+    want = vae.decode(z, clamp=True, fast=fast, chunk=chunk, **tiling)
     torch.set_grad_enabled(True)
     chunks = []
-    for c in vae.decode_stream(z, clamp=True, fast=fast, chunk=chunk, tile=tile):
+    for c in vae.decode_stream(z, clamp=True, fast=fast, chunk=chunk, **tiling):
         assert torch.is_grad_enabled()          # the generator's no_grad does not leak into the consumer
         chunks.append(c)
     # one chunk per pass: 5 latent frames in passes of 2 -> 3 chunks (1 + 8 + 8 pixel frames); tiled: whole video

@@ -156,8 +156,8 @@ class Pipeline:
              device: str | None = None, dtype: torch.dtype | None = None, teacher: bool = False) -> "Pipeline":
         """Build a pipeline from checkpoint paths; a model marked `untrained` (the tiny configs) may
         omit them and then gets seeded random weights; a model that ships weights (`mini`) fills every
-        path left out from turbovid/assets: the 4-step student (its config.json says which: merged rCM + SLA,
-        or the rCM student; its INT8 file with `quant`), or with `teacher` the 50-step teacher.
+        path left out from turbovid/assets: the 4-step student (its config.json says which: merged rCM + SLA, the
+        SLA-tuned rCM student or the rCM student; its INT8 file with `quant`), or with `teacher` the 50-step teacher.
 
         Accelerations (turbovid.speedups): `topk` is SLA's kept key-block ratio (default: `default_topk`,
         i.e. the shipped model's own, else 0.1); `quant` makes the block linears W8A8 INT8 — `quant_format`
