@@ -3,7 +3,9 @@
 Providers, side by side per shape (M tokens × K -> N):
   cublas_bf16      torch.matmul in bf16 (the baseline)
   int_mm           torch._int_mm (cuBLASLt int8 -> int32), GEMM only, no scaling
-  fast_gemm        ours, per-token × per-channel, GEMM + epilogue only (activations already int8)
+  fast_gemm        ours, per-token × per-channel, GEMM + epilogue only (activations already int8): TMA tile
+                   loads + persistent grid (the default main loop)
+  fast_gemm_ptr    the same with pointer loads, one program per tile (TURBOVID_GEMM=ptr)
   fast_total       ours, per-token activation quantization + GEMM (what a standalone Linear pays)
   td_gemm          ours, TurboDiffusion 128×128 block-scaled format, GEMM only
   td_total         ours, TD activation quantization + GEMM
@@ -41,6 +43,17 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return (torch.linalg.vector_norm((a.float() - b.float())) / torch.linalg.vector_norm(b.float())).item()
 
 
+def _loop(loop: str, fn):
+    """fn run with gemm_fast's main loop set to `loop` ("tma" or "ptr", int8_gemm.GEMM_LOOP)."""
+    def run():
+        old, K.GEMM_LOOP = K.GEMM_LOOP, loop
+        try:
+            return fn()
+        finally:
+            K.GEMM_LOOP = old
+    return run
+
+
 def bench(quick: bool = False) -> list[dict]:
     rows = []
     iters = 5 if quick else 10
@@ -58,7 +71,8 @@ def bench(quick: bool = False) -> list[dict]:
             providers = {
                 "cublas_bf16": (lambda: torch.matmul(x, w.T), None),
                 "int_mm": (lambda: torch._int_mm(qx_f, qw_f.T), None),
-                "fast_gemm": (lambda: K.gemm_fast(qx_f, sx_f, qw_f, sw_f), None),
+                "fast_gemm_ptr": (_loop("ptr", lambda: K.gemm_fast(qx_f, sx_f, qw_f, sw_f)), None),
+                "fast_gemm": (_loop("tma", lambda: K.gemm_fast(qx_f, sx_f, qw_f, sw_f)), None),
                 "fast_total": (lambda: K.gemm_fast(*K.quant_per_token(x), qw_f, sw_f), "fast"),
                 "td_gemm": (lambda: K.gemm_td(qx_t, sx_t, qw_t, sw_t, torch.bfloat16), None),
                 "td_total": (lambda: K.gemm_td(*K.quant_td(x), qw_t, sw_t, torch.bfloat16), "td"),
@@ -75,8 +89,10 @@ def bench(quick: bool = False) -> list[dict]:
                        "tops": flops / ms / 1e9, "speedup": base_ms / ms}
                 if check is not None:
                     row["rel_err"] = _rel(fn(), y_ref)
-                if name == "fast_gemm":
+                if name == "fast_gemm_ptr":
                     row["note"] = str(K._gemm_fast_tuned.best_config)
+                if name == "fast_gemm":
+                    row["note"] = str(K._gemm_fast_tma_tuned.best_config)
                 if name == "td_gemm":
                     row["note"] = str(K._gemm_td_tuned.best_config)
                 rows.append(row)

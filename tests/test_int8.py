@@ -136,7 +136,9 @@ def test_activation_tiles_straddle_samples(kernel, monkeypatch):
 # --- fast format ----------------------------------------------------------------------------------
 
 @needs_kernels
-def test_fast_gemm_int32_part_exact():
+@pytest.mark.parametrize("loop", ["tma", "ptr"])
+def test_fast_gemm_int32_part_exact(loop, monkeypatch):
+    monkeypatch.setattr(K, "GEMM_LOOP", loop)       # TMA descriptors + persistent grid, or pointer loads
     g = torch.Generator().manual_seed(4)
     qx = torch.randint(-127, 128, (150, 320), generator=g, dtype=torch.int8)
     qw = torch.randint(-127, 128, (90, 320), generator=g, dtype=torch.int8)
@@ -149,8 +151,11 @@ def test_fast_gemm_int32_part_exact():
 @needs_kernels
 @pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("gated", [False, True])
-def test_fast_gemm_epilogue(gelu, gated):
-    B, L, K_, N = 2, 75, 200, 136           # K % 64 != 0: masked K tail; M, N not multiples of the tile
+@pytest.mark.parametrize("K_", [200, 208])
+def test_fast_gemm_epilogue(gelu, gated, K_):
+    # K % 64 != 0: a K tail (200: K % 16 != 0, pointer loop with a masked tail; 208: TMA loop, the descriptor
+    # reads the tail as zeros); M, N not multiples of the tile
+    B, L, N = 2, 75, 136
     x, w = _activations(B * L, K_, outlier=4.0), _activations(N, K_, seed=5) * 0.05
     (qx, sx), (qw, sw) = K.quant_per_token_ref(x), K.quant_per_token_ref(w)
     bias = torch.randn(N).to(torch.bfloat16)
@@ -356,8 +361,10 @@ def test_gpu_td_bit_exact(k, n):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("loop", ["tma", "ptr"])
 @pytest.mark.parametrize("k,n", [(1536, 1536), (8960, 1536), (5120, 13824)])
-def test_gpu_fast_kernels_vs_ref(k, n):
+def test_gpu_fast_kernels_vs_ref(k, n, loop, monkeypatch):
+    monkeypatch.setattr(K, "GEMM_LOOP", loop)
     M, L = 32760, 16380
     x = _activations(M, k, outlier=3.0, device="cuda")
     got, ref = K.quant_per_token(x), K.quant_per_token_ref(x)

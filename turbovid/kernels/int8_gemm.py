@@ -40,11 +40,13 @@ block-scaled kernel runs 590–754 TOPS (≈ cuBLAS bf16), as KERNELS §4.4 pred
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 TD_TILE = 128          # TD scale granularity (rows and K)
 TD_QMAX = 128.0        # TD's multiplier (saturates to 127)
@@ -207,9 +209,8 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, ROWS: tl.constexpr, BLOCK_K: t
 
 
 @triton.jit
-def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     # Grouped rasterisation: GROUP_M row-tiles share each weight column-tile while it is in L2.
-    pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_n
@@ -225,7 +226,7 @@ def _gemm_td_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K, KT
                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     GROUP_M: tl.constexpr):
     BLOCK_K: tl.constexpr = 128  # = the scale tile: one scale product per (tile, K block)
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M).to(tl.int64)
@@ -260,7 +261,7 @@ def _gemm_fast_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, bias_ptr, res_ptr, gate_ptr,
                       HAS_BIAS: tl.constexpr, GELU: tl.constexpr, GATED: tl.constexpr,
                       EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Wrapped indices keep every load in bounds without masks; the store is masked.
@@ -281,7 +282,16 @@ def _gemm_fast_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, bias_ptr, res_ptr, gate_ptr,
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
-    # Epilogue: dequantize, bias, GELU, gated residual; one rounding.
+    _fast_epilogue(acc, offs_m, offs_n, sx_ptr, sw_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr, M, N, L,
+                   HAS_BIAS, GELU, GATED)
+
+
+@triton.jit
+def _fast_epilogue(acc, offs_m, offs_n, sx_ptr, sw_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr, M, N, L,
+                   HAS_BIAS: tl.constexpr, GELU: tl.constexpr, GATED: tl.constexpr):
+    """Dequantize, bias, GELU, gated residual; one rounding. Row/column indices wrap, so loads need no mask."""
+    rm = (offs_m % M).to(tl.int64)
+    rn = (offs_n % N).to(tl.int64)
     sx = tl.load(sx_ptr + rm)
     sw = tl.load(sw_ptr + rn)
     y = acc.to(tl.float32) * sx[:, None] * sw[None, :]
@@ -300,6 +310,29 @@ def _gemm_fast_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, bias_ptr, res_ptr, gate_ptr,
     tl.store(out_ptr + offs, _to_out(y, out_ptr.dtype.element_ty), mask=omask)
 
 
+@triton.jit
+def _gemm_fast_tma_kernel(x_desc, w_desc, sx_ptr, sw_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr,
+                          M, N, K, L,
+                          HAS_BIAS: tl.constexpr, GELU: tl.constexpr, GATED: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr):
+    """The same GEMM as _gemm_fast_kernel with TMA tile loads (tensor descriptors; out-of-range rows and the
+    K tail read as zeros) and a persistent grid: NUM_SMS programs walk the tiles in grouped order."""
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in range(tl.program_id(0), num_tiles, NUM_SMS):
+        pid_m, pid_n = _tile_ids(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        for kk in range(k_tiles):
+            a = x_desc.load([off_m, kk * BLOCK_K])            # [BM, BK]
+            b = w_desc.load([off_n, kk * BLOCK_K])            # [BN, BK], K-major as int8 wgmma requires
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        _fast_epilogue(acc, off_m + tl.arange(0, BLOCK_M), off_n + tl.arange(0, BLOCK_N), sx_ptr, sw_ptr,
+                       bias_ptr, res_ptr, gate_ptr, out_ptr, M, N, L, HAS_BIAS, GELU, GATED)
+
+
 def _fast_configs():
     # KERNELS §4.4 / §7.2 K2: 128×256×128 or 256×128×128, 8 warps, 3 stages measured best.
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
@@ -314,7 +347,25 @@ def _td_configs():
             for s in (3, 4)]
 
 
+def _tma_block_shapes(nargs):
+    """Autotune pre-hook: the descriptors' block shapes follow the config being tried."""
+    nargs["x_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+def _tma_configs():
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s,
+                          pre_hook=_tma_block_shapes)
+            for bm, bn, bk, w, s in [(128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 256, 128, 8, 4),
+                                     (128, 128, 128, 8, 4), (128, 256, 64, 8, 4)]]
+
+
 _gemm_fast_tuned = triton.autotune(_fast_configs(), key=["M", "N", "K", "GELU", "GATED"])(_gemm_fast_kernel)
+_gemm_fast_tma_tuned = triton.autotune(_tma_configs(), key=["M", "N", "K", "GELU", "GATED"])(_gemm_fast_tma_kernel)
+
+# Which main loop gemm_fast runs on a GPU: "tma" (tensor-descriptor loads, persistent grid) or "ptr" (pointer
+# loads, one program per tile). TURBOVID_GEMM overrides; TMA needs K % 16 == 0 (16-byte row strides).
+GEMM_LOOP = os.environ.get("TURBOVID_GEMM", "tma")
 _gemm_td_tuned = triton.autotune(_td_configs(), key=["M", "N", "K"])(_gemm_td_kernel)
 
 
@@ -426,9 +477,19 @@ def gemm_fast(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Te
             residual.contiguous() if gated else dummy, gate.float().contiguous() if gated else dummy, out,
             M, N, K, tokens_per_sample if gated else 1)
     flags = dict(HAS_BIAS=bias is not None, GELU=gelu, GATED=gated)
-    if qx.is_cuda:
+    tma = GEMM_LOOP == "tma" and K % 16 == 0
+    if qx.is_cuda and tma:
+        sms = torch.cuda.get_device_properties(qx.device).multi_processor_count
+        descs = (TensorDescriptor.from_tensor(qx, [1, 16]), TensorDescriptor.from_tensor(qw, [1, 16]))  # pre-hook sets
+        grid = lambda meta: (min(sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+        _gemm_fast_tma_tuned[grid](*descs, *args[2:], NUM_SMS=sms, **flags)
+    elif qx.is_cuda:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
         _gemm_fast_tuned[grid](*args, EVEN_K=K % 128 == 0, **flags)
+    elif tma:   # interpreter: small tiles, 3 "SMs" so that programs walk several tiles
+        descs = (TensorDescriptor.from_tensor(qx, [64, 64]), TensorDescriptor.from_tensor(qw, [64, 64]))
+        _gemm_fast_tma_kernel[(3,)](*descs, *args[2:], BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, NUM_SMS=3,
+                                    **flags)
     else:
         bk = 64  # small tiles keep the interpreter quick; BLOCK_K < K exercises the K loop
         grid = (triton.cdiv(M, 64) * triton.cdiv(N, 64),)
