@@ -32,8 +32,13 @@ are < 2^21 so an fp32 matmul of int8 values is exact; the fast whole-K sums can 
 reference uses fp64). Rounding to the nearest even integer is done with the 1.5·2^23 trick
 (exact for |v| < 2^22), which needs no libdevice and so also runs under TRITON_INTERPRET=1.
 
-Measured (H100, Triton 3.6, CUDA-graph timing, benchmarks/results/gemm_h100_*.json): fast GEMM alone
-822–1151 TOPS = 1.08–1.64× cuBLAS bf16 (best 128×256×128 / 256×128×128, 8 warps, 3 stages); with the
+Main loop (fast format, CUDA): tiles come in through TMA tensor descriptors (`desc.load`, out-of-range rows
+and the K tail read as zeros) and a persistent grid of one program per SM walks the tiles in grouped order;
+the pointer-load loop (one program per tile) remains for K % 16 != 0 and as TURBOVID_GEMM=ptr.
+
+Measured (H100, Triton 3.6, CUDA-graph timing, benchmarks/results/gemm_h100_*.json): fast GEMM alone with
+TMA 904–1227 TOPS = 1.19–1.77× cuBLAS bf16 at M = 32760 (the pointer loop 1.12–1.56× in the same run, _run2);
+earlier pointer-loop run 822–1151 TOPS = 1.08–1.64× (best 128×256×128 / 256×128×128, 8 warps, 3 stages); with the
 standalone per-token quantization pass 0.83–1.45× (the pass is memory-bound: 3 B/element). The TD
 block-scaled kernel runs 590–754 TOPS (≈ cuBLAS bf16), as KERNELS §4.4 predicts for in-loop promotion.
 """
