@@ -52,7 +52,7 @@ from turbovid.loading import load_dit  # noqa: E402
 from turbovid.models.dit import WanDiT  # noqa: E402
 from turbovid.models.text_encoder import TextEncoder, make_umt5  # noqa: E402
 from turbovid.models.vae import WanVAE  # noqa: E402
-from turbovid.pipeline import byte_tokenizer  # noqa: E402
+from turbovid.pipeline import byte_tokenizer, decode_to_frames  # noqa: E402
 from turbovid.sampling import rcm_sample, rcm_times  # noqa: E402
 from turbovid.speedups import (compile_blocks, enable_text_kv_cache, fuse_block_norms, fuse_qk_norm_rope,  # noqa: E402
                                quantize, set_attention)
@@ -325,7 +325,7 @@ def mp4_stage(video: torch.Tensor) -> dict:
 
 def decode_write_stage(vae: WanVAE, latent: torch.Tensor) -> dict:
     """What `turbovid generate` does after the DiT: the VAE decodes pass by pass and every pass's frames go to the
-    mp4 encoder thread at once (Pipeline.decode_frames + VideoWriter), so the two overlap. Until the file is closed."""
+    mp4 encoder thread at once (pipeline.decode_to_frames + VideoWriter), so the two overlap. Until the file is closed."""
     backend, how = video_backend()
     z = latent.to(torch.bfloat16)
     torch.cuda.reset_peak_memory_stats()
@@ -333,8 +333,7 @@ def decode_write_stage(vae: WanVAE, latent: torch.Tensor) -> dict:
         sync()
         t0 = time.perf_counter()
         with VideoWriter(Path(tmp) / "video.mp4", backend=backend) as writer:
-            for chunk in vae.decode_stream(z, clamp=True):
-                writer.append(to_uint8_frames(tile_samples(chunk)))
+            decode_to_frames(vae, z, writer)
         seconds = time.perf_counter() - t0
     return {"stage": "vae_decode_and_mp4", "s": seconds, "peak_gb": peak_gb(),
             "note": f"decode passes streamed into the mp4 encoder thread ({how}); replaces the two rows above"}

@@ -148,8 +148,7 @@ def main() -> int:
             del rcm
 
             net = new_dit(recipe).to(env.device).eval().requires_grad_(False)
-            s, tf = recipe.vae.spatial_factor, recipe.vae.temporal_factor
-            shape = (8, z, (recipe.frames - 1) // tf + 1, recipe.size // s, recipe.size // s)
+            shape = (8, *recipe.latent_shape)
             context = inputs.text.encode(["a red circle moves to the left on a black background"] * 8).float()
 
             def sample(sampler, steps):

@@ -238,14 +238,16 @@ def test_sla_on_the_rcm_student_trains_on_its_own_sampling_states(run, tmp_path)
 
 
 def test_sla_dense_weight_also_fits_the_dense_output(run, tmp_path):
-    from turbovid.train.teacher import dense_attention
+    from turbovid.attention import DenseAttention
+    from turbovid.attention.sla import SparseLinearAttention
+    from turbovid.train.trigflow import swap_attention
 
     run_dir, _ = run
     weights = load_weights(run_dir / "teacher" / "final.safetensors")
     recipe = dataclasses.replace(TINY, sla=dataclasses.replace(TINY.sla, dense_weight=0.5), size=128, frames=9)
     trainer = SLATrainer(recipe, run_dir, ENV, weights, fixed_batch=True)   # 128 px clips: 3 key blocks
     sla_ops = [b.self_attn.attn_op.local_attn for b in trainer.net.blocks]
-    with dense_attention(trainer.net):
+    with swap_attention(trainer.net, SparseLinearAttention, DenseAttention):
         assert all(type(b.self_attn.attn_op.local_attn).__name__ == "DenseAttention" for b in trainer.net.blocks)
     assert [b.self_attn.attn_op.local_attn for b in trainer.net.blocks] == sla_ops   # put back
     record = trainer.train_step(0)

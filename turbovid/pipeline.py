@@ -112,6 +112,18 @@ SHIPPED = {"dit": "dit.safetensors", "dit_int8": "dit_int8.safetensors", "dit_te
            "vae": "vae.safetensors", "text_encoder": "text_encoder.safetensors", "tokenizer": "spiece.model"}
 
 
+def decode_to_frames(vae: WanVAE, latent: torch.Tensor, writer: VideoWriter | None = None,
+                     **decode: object) -> np.ndarray:
+    """VAE decode pass by pass (`WanVAE.decode_stream`, clamped) -> uint8 frames [F, H, B*W, 3], samples side by
+    side; each pass's frames go to `writer` (the mp4 encoder thread) as soon as they exist."""
+    chunks = []
+    for video in vae.decode_stream(latent, clamp=True, **decode):
+        chunks.append(to_uint8_frames(tile_samples(video)))
+        if writer is not None:
+            writer.append(chunks[-1])
+    return np.concatenate(chunks)
+
+
 def default_topk(spec: ModelSpec) -> float:
     """SLA top-k when none is given: the one a shipped model was SLA-tuned at (its config.json), else 0.1 (TD)."""
     if spec.assets:
@@ -306,13 +318,7 @@ class Pipeline:
         tiling = dict(chunk=plan.vae_chunk, tile=plan.vae_tile, overlap=plan.vae_overlap) if plan else {}
         # The fast decoder, channels-last, on every device (the VAE's own CPU default is TurboDiffusion's
         # frame-by-frame path; the fast one is 3.4x quicker for the mini model on a 2-core CPU).
-        chunks = []
-        for video in self.vae.decode_stream(latent.to(self.dtype), clamp=True, fast=True, channels_last=True,
-                                            **tiling):
-            chunks.append(to_uint8_frames(tile_samples(video)))
-            if writer is not None:
-                writer.append(chunks[-1])
-        return np.concatenate(chunks)
+        return decode_to_frames(self.vae, latent.to(self.dtype), writer, fast=True, channels_last=True, **tiling)
 
     # -- the whole job -----------------------------------------------------------------------------
 

@@ -59,8 +59,7 @@ class RCMTrainer:
         self.ema = PowerEMA(self.student, self.cfg.ema_sigma_rel)
         self.opt_student = make_optimizer(self.student.parameters(), self.cfg.optim, env)
         self.opt_fake = make_optimizer(self.fake.parameters(), self.cfg.fake_optim, env)
-        latent_frames = (recipe.frames - 1) // recipe.vae.temporal_factor + 1
-        self.noise_multiplier = math.sqrt(latent_frames)   # rCM's adjust_video_noise: sigma * sqrt(state_t)
+        self.noise_multiplier = math.sqrt(recipe.latent_shape[1])   # rCM's adjust_video_noise: sigma * sqrt(state_t)
 
     # -- pieces ------------------------------------------------------------------------------------
 

@@ -65,8 +65,7 @@ def evaluate(recipe: Recipe, run_dir: Path, env: Env, dit: str | Path, *, attent
     text = build_text_encoder(recipe, run_dir, env)
     negative = text.encode([WAN_NEGATIVE_PROMPT]).float()
     net = frozen_dit(recipe, load_weights(dit, env.device), env, attention=attention, topk=recipe.sla.topk)
-    s, tf = recipe.vae.spatial_factor, recipe.vae.temporal_factor
-    latent = (recipe.vae.z_dim, (recipe.frames - 1) // tf + 1, recipe.size // s, recipe.size // s)
+    latent = recipe.latent_shape
     decoded, t0 = [], time.perf_counter()
     for first in range(0, count, EVAL_BATCH):
         batch = clips[first:first + EVAL_BATCH]

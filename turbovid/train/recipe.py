@@ -153,10 +153,16 @@ class Recipe:
         return (self.teacher, *self.teacher_rounds)
 
     @property
-    def latent_tokens(self) -> int:
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        """(channels, T, h, w) of one clip's latent."""
         s, t = self.vae.spatial_factor, self.vae.temporal_factor
+        return self.vae.z_dim, (self.frames - 1) // t + 1, self.size // s, self.size // s
+
+    @property
+    def latent_tokens(self) -> int:
+        _, T, h, w = self.latent_shape
         pt, ph, pw = self.dit.patch_size
-        return ((self.frames - 1) // t + 1) // pt * (self.size // s // ph) * (self.size // s // pw)
+        return T // pt * (h // ph) * (w // pw)
 
 
 def _mini() -> Recipe:

@@ -21,12 +21,12 @@ attention: the one released file serves every --attention, and SLA tuning alone 
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from turbovid.attention import DenseAttention
+from turbovid.attention.sla import SparseLinearAttention
 from turbovid.config import MODELS
 from turbovid.models.dit import WanDiT
 from turbovid.sampling import rcm_sample, rcm_times
@@ -38,7 +38,7 @@ from turbovid.train.loop import (Env, drive, make_optimizer, optimizer_step, ste
                                  wrap_ddp)
 from turbovid.train.losses import flow_matching_pair, lognormal_rf, shifted_logit_normal, velocity_loss
 from turbovid.train.recipe import Recipe, TeacherStage
-from turbovid.train.trigflow import rf_velocity
+from turbovid.train.trigflow import rf_velocity, swap_attention
 
 
 def new_dit(recipe: Recipe, attention: str = "dense", topk: float = 0.1, seed: int | None = None) -> WanDiT:
@@ -167,10 +167,7 @@ class SLATrainer(_VelocityStage):
         data_step = 0 if self.fixed_batch else step
         context, _ = self.inputs.captions(step_indices(data_step, self.env, clips))
         g = step_generator(self.recipe.seed, data_step, self.env.rank, self.env.device)
-        r, tf = self.recipe.vae.spatial_factor, self.recipe.vae.temporal_factor
-        shape = (clips, self.recipe.vae.z_dim, (self.recipe.frames - 1) // tf + 1, self.recipe.size // r,
-                 self.recipe.size // r)
-        noise = torch.randn(shape, generator=g, device=self.env.device)
+        noise = torch.randn((clips, *self.recipe.latent_shape), generator=g, device=self.env.device)
         xs, ts, vs = [], [], []
 
         def velocity(x, t_net, i, s_cur):
@@ -199,25 +196,10 @@ class SLATrainer(_VelocityStage):
             loss = velocity_loss(self.model(x, t_net, context).float(), v_target)
         if not self.cfg.dense_weight:
             return self._finish(loss, step)
-        with dense_attention(self.net), self.env.autocast():
+        with swap_attention(self.net, SparseLinearAttention, DenseAttention), self.env.autocast():
             loss_dense = velocity_loss(self.model(x, t_net, context).float(), v_target)
         logs = self._finish(loss + self.cfg.dense_weight * loss_dense, step)
         return {**logs, "loss_sla": loss.item(), "loss_dense": loss_dense.item()}
-
-
-@contextmanager
-def dense_attention(net: WanDiT):
-    """Run every SLA self-attention of `net` as dense attention (same q, k, v; proj_l unused) inside the block."""
-    swapped = []
-    for block in net.blocks:
-        op = block.self_attn.attn_op
-        swapped.append((op, op.local_attn))
-        op.local_attn = DenseAttention()
-    try:
-        yield net
-    finally:
-        for op, original in swapped:
-            op.local_attn = original
 
 
 def teacher_dirs(recipe: Recipe) -> list[str]:

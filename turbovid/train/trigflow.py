@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from typing import Callable
 
 import torch
 import torch.nn.functional as F_
@@ -36,18 +37,23 @@ class MathAttention(nn.Module):
 
 
 @contextmanager
-def math_attention(net: nn.Module):
-    """Temporarily replace every DenseAttention `local_attn` of `net` (self and cross) by MathAttention."""
+def swap_attention(net: nn.Module, kind: type, make: Callable[[], nn.Module]):
+    """Temporarily replace every `local_attn` of type `kind` in `net` (self and cross attention) by `make()`."""
     swapped = []
     for module in net.modules():
-        if isinstance(module, AttnOp) and isinstance(module.local_attn, DenseAttention):
+        if isinstance(module, AttnOp) and isinstance(module.local_attn, kind):
             swapped.append((module, module.local_attn))
-            module.local_attn = MathAttention()
+            module.local_attn = make()
     try:
         yield net
     finally:
         for module, original in swapped:
             module.local_attn = original
+
+
+def math_attention(net: nn.Module):
+    """Every DenseAttention of `net` (self and cross) as MathAttention, for the duration of a `with`."""
+    return swap_attention(net, DenseAttention, MathAttention)
 
 
 def rf_velocity(net: nn.Module, x: torch.Tensor, s: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
