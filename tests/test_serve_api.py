@@ -31,7 +31,7 @@ class Gated:
         self.gate.set()
         self.calls: list[tuple[str, SampleConfig]] = []
 
-    def generate(self, prompt, sample, image=None, progress=None):
+    def generate(self, prompt, sample, image=None, progress=None, writer=None):
         self.calls.append((prompt, sample))
 
         def gated(stage, done, total):

@@ -60,7 +60,7 @@ class HoldOnRequest:
     def __init__(self, pipe):
         self.pipe, self.spec = pipe, pipe.spec
 
-    def generate(self, prompt, sample, image=None, progress=None):
+    def generate(self, prompt, sample, image=None, progress=None, writer=None):
         def held(stage, done, total):
             progress(stage, done, total)
             deadline = time.monotonic() + 60

@@ -64,7 +64,7 @@ class FastPipeline:
         self.gate = threading.Event()
         self.calls: list[str] = []
 
-    def generate(self, prompt, sample, image=None, progress=None):
+    def generate(self, prompt, sample, image=None, progress=None, writer=None):
         progress("text_encode", 0, 1)
         assert self.gate.wait(60)
         self.calls.append(prompt)

@@ -24,6 +24,7 @@ def test_streamed_chunks_equal_one_shot_write(tmp_path, backend):
     with VideoWriter(tmp_path / "streamed.mp4", backend=backend) as writer:
         for chunk in (frames[:1], frames[1:5], frames[5:]):
             writer.append(chunk)
+    assert writer.frames == len(frames)
     a, b = read_video(one), read_video(tmp_path / "streamed.mp4")
     assert a.shape == b.shape == frames.shape and np.array_equal(a, b)
     assert np.abs(a.astype(int) - frames).mean() < 20          # lossy, but the same pictures

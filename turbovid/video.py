@@ -52,6 +52,7 @@ class VideoWriter:
         fd, tmp = tempfile.mkstemp(suffix=self.path.suffix or ".mp4", prefix=".partial-", dir=self.path.parent)
         os.close(fd)
         self._tmp, self._size, self._error, self._closed = Path(tmp), None, None, False
+        self.frames = 0                  # frames appended so far
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._thread = threading.Thread(target=self._encode, name="turbovid-mp4", daemon=True)
         self._thread.start()
@@ -105,6 +106,7 @@ class VideoWriter:
             raise ValueError("the video is already closed")
         self._raise()
         self._queue.put(frames)
+        self.frames += len(frames)
 
     def close(self, commit: bool = True) -> Path:
         """Wait for the encoder; with `commit` (and at least one frame, no error) rename the file into place,

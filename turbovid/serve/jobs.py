@@ -6,8 +6,9 @@ gets a fast "try later" instead of unbounded memory and latency; the history of 
 bounded too (oldest finished job forgotten first; its video file stays on disk).
 
 `generate` is injected — `Pipeline.generate` in the server, a small function in tests — with the
-signature generate(prompt, sample, image, progress) -> object with `.frames` (uint8 [F, H, W, 3])
-and `.timings` (dict of seconds). Cancelling a running job raises from inside its progress
+signature generate(prompt, sample, image, progress, writer=None) -> object with `.frames` (uint8 [F, H, W, 3])
+and `.timings` (dict of seconds); `writer` (a turbovid.video.VideoWriter) may receive the frames while they
+are decoded. Cancelling a running job raises from inside its progress
 callback, which is how the pipeline lets a caller abort between steps.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from turbovid.config import ModelSpec, SampleConfig
-from turbovid.video import read_image, write_video
+from turbovid.video import VideoWriter, read_image
 
 log = logging.getLogger("turbovid.serve")
 
@@ -245,10 +246,14 @@ class JobQueue:
 
         try:
             image = read_image(job.image_path) if job.image_path is not None else None
-            video = self.generate(job.prompt, job.sample, image, progress)
-            progress("write", 0, 1)          # a cancel during the decode still lands here
             out = self.output_dir / f"{job.id}.mp4"
-            write_video(out, video.frames)
+            # The mp4 is encoded while the VAE decodes (a generate that does not stream leaves the writer empty,
+            # and its frames are written after); leaving the block by an exception leaves no file behind.
+            with VideoWriter(out) as writer:
+                video = self.generate(job.prompt, job.sample, image, progress, writer=writer)
+                progress("write", 0, 1)          # a cancel during the decode still lands here
+                if writer.frames == 0:
+                    writer.append(video.frames)
             job.output, job.timings = out, dict(video.timings)
             return "completed", None
         except Cancelled:

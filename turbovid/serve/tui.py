@@ -14,7 +14,7 @@ from typing import Callable
 
 from turbovid.config import SampleConfig
 from turbovid.pipeline import MAX_RCM_STEPS
-from turbovid.video import read_image, write_video
+from turbovid.video import VideoWriter, read_image
 
 DEFAULT_OUTPUT = "output/generated_video.mp4"
 # /set name -> SampleConfig field; num_steps and num_frames are the official server's names.
@@ -127,8 +127,8 @@ def run_tui(pipe, launch: SampleConfig, launch_info: dict[str, object], *, image
         def progress(stage: str, done: int, total: int) -> None:
             if stage == "denoise":
                 say(f"  step {done}/{total}")
-        video = pipe.generate(prompt, runtime, image=picture, progress=progress)
-        write_video(target, video.frames)
+        with VideoWriter(target) as writer:               # encoded while the VAE decodes
+            video = pipe.generate(prompt, runtime, image=picture, progress=progress, writer=writer)
         frames, height, width = video.frames.shape[:3]
         say(f"saved {target} ({frames} frames, {width}x{height}, {sum(video.timings.values()):.2f} s)")
 
