@@ -325,7 +325,7 @@ def _gemm_fast_tma_kernel(x_desc, w_desc, sx_ptr, sw_ptr, bias_ptr, res_ptr, gat
     K tail read as zeros) and a persistent grid: NUM_SMS programs walk the tiles in grouped order."""
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile in range(tl.program_id(0), num_tiles, NUM_SMS):
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=True):   # epilogue overlaps next loads
         pid_m, pid_n = _tile_ids(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
