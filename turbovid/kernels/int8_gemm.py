@@ -34,7 +34,9 @@ reference uses fp64). Rounding to the nearest even integer is done with the 1.5�
 
 Main loop (fast format, CUDA): tiles come in through TMA tensor descriptors (`desc.load`, out-of-range rows
 and the K tail read as zeros) and a persistent grid of one program per SM walks the tiles in grouped order;
-the pointer-load loop (one program per tile) remains for K % 16 != 0 and as TURBOVID_GEMM=ptr.
+the pointer-load loop (one program per tile) remains for K % 16 != 0 and as TURBOVID_GEMM=ptr. The loop over
+tiles is flattened (`tl.range(..., flatten=True)`), so one tile's epilogue can overlap the next tile's loads:
+in the 1.3B DiT the GEMM kernels went from 104.8 to 100.0 ms per forward (GELU epilogue 1.23 -> 1.12 ms).
 
 Measured (H100, Triton 3.6, CUDA-graph timing, benchmarks/results/gemm_h100_*.json): fast GEMM alone with
 TMA 904–1227 TOPS = 1.19–1.77× cuBLAS bf16 at M = 32760 (the pointer loop 1.12–1.56× in the same run, _run2);

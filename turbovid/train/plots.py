@@ -14,7 +14,7 @@ from turbovid.train.teacher import teacher_dirs
 PANELS = (   # (stage, [keys], title, log y)
     ("vae", ["l1", "l2"], "VAE: reconstruction (foreground-weighted)", True),
     ("teacher", ["loss"], "teacher: flow-matching velocity MSE", True),
-    ("sla", ["loss"], "SLA fine-tune: MSE to the teacher's velocity", True),
+    ("sla", ["loss", "loss_sla", "loss_dense"], "SLA fine-tune: MSE to the frozen dense network", True),
     ("rcm", ["loss_scm"], "rCM: sCM loss (x loss_scale)", False),
     ("rcm", ["loss_dmd", "loss_fake"], "rCM: DMD loss / fake-score loss", True),
     ("teacher", ["lr"], "teacher: learning rate", False),
