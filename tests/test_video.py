@@ -29,6 +29,10 @@ def test_streamed_chunks_equal_one_shot_write(tmp_path, backend):
     assert a.shape == b.shape == frames.shape and np.array_equal(a, b)
     assert np.abs(a.astype(int) - frames).mean() < 20          # lossy, but the same pictures
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.mp4", "streamed.mp4"]
+    import os
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (one.stat().st_mode & 0o777) == 0o666 & ~umask          # an ordinary file, not mkstemp's 0600
 
 
 def test_an_error_in_the_block_leaves_no_file(tmp_path):

@@ -6,7 +6,7 @@ error or Ctrl-C never leaves a half-written video behind.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +49,9 @@ class VideoWriter:
             raise ValueError(f"unknown video backend {backend!r}; choose ffmpeg or opencv")
         self.path, self.fps, self.backend = Path(path), fps, backend
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=self.path.suffix or ".mp4", prefix=".partial-", dir=self.path.parent)
-        os.close(fd)
+        # Created like any new file (mode 0666 minus the umask; mkstemp would make it 0600), exclusively.
+        tmp = self.path.parent / f".partial-{secrets.token_hex(6)}{self.path.suffix or '.mp4'}"
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
         self._tmp, self._size, self._error, self._closed = Path(tmp), None, None, False
         self.frames = 0                  # frames appended so far
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
