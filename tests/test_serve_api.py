@@ -39,7 +39,7 @@ class Gated:
             if stage == "denoise" and done == 1 and not self.gate.is_set():
                 self.held.set()
                 assert self.gate.wait(60), "test never opened the gate"
-        return self.pipe.generate(prompt, sample, image=image, progress=gated)
+        return self.pipe.generate(prompt, sample, image=image, progress=gated, writer=writer)
 
 
 @pytest.fixture(scope="module")

@@ -67,7 +67,7 @@ class HoldOnRequest:
             while prompt.startswith("hold") and stage == "denoise" and time.monotonic() < deadline:
                 time.sleep(0.05)
                 progress(stage, done, total)
-        return self.pipe.generate(prompt, sample, image=image, progress=held)
+        return self.pipe.generate(prompt, sample, image=image, progress=held, writer=writer)
 
 
 def test_page_generates_plays_refines_and_cancels(tmp_path):

@@ -48,11 +48,10 @@ def test_demo_prompt_renders_what_it_says():
 def test_sla_runs_at_the_top_k_the_shipped_student_was_tuned_at():
     import json
 
-    from turbovid.pipeline import default_topk
     config = json.loads((__import__("pathlib").Path(shipped_files(MODELS["mini"])["dit"]).parent / "config.json")
                         .read_text())
-    assert default_topk(MODELS["mini"]) == config["sla_topk"] == 0.25
-    assert default_topk(MODELS["tiny"]) == 0.1                         # no shipped config: TurboDiffusion's 0.1
+    assert MODELS["mini"].sla_topk == config["sla_topk"] == 0.25
+    assert MODELS["tiny"].sla_topk == 0.1                              # no shipped config: TurboDiffusion's 0.1
     pipe = Pipeline.load("mini", device="cpu", attention="sla")
     assert pipe.topk == 0.25 and pipe.dit.blocks[0].self_attn.attn_op.local_attn.topk == 0.25
     assert pipe.dit.blocks[0].self_attn.attn_op.local_attn.proj_l.weight.abs().sum() > 0   # trained, not zero-filled

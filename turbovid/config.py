@@ -91,6 +91,8 @@ class ModelSpec:
     num_frames: int = 81
     untrained: bool = False                # random weights: say so whenever a video is written
     assets: str | None = None              # shipped weights: folder under turbovid/assets (pipeline.shipped_files)
+    sla_topk: float = 0.1                  # default SLA key-block ratio: TurboDiffusion's --sla_topk, or the one a
+                                           # shipped student was SLA-tuned at (its config.json)
 
 
 WAN21_1P3B = DiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
@@ -107,15 +109,21 @@ TINY_VAE = VAEConfig(dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1)
 TINY_TEXT = TextEncoderConfig(vocab_size=512, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                               text_len=16)
 
-def _shipped_latent_stats(folder: str) -> dict[str, tuple[float, ...]]:
-    """{"mean", "std"} of a shipped model's VAE latents, from the config.json `turbovid train ship` wrote beside
-    its weights (the one copy of the measured values); identity if the folder is absent (then loading its
-    weights fails anyway, with a clear error from pipeline.shipped_files)."""
+def _shipped_config(folder: str) -> dict:
+    """The config.json `turbovid train ship` wrote beside a shipped model's weights (the one copy of its measured
+    latent statistics and its SLA top-k); {} if the folder is absent (then loading its weights fails anyway, with
+    a clear error from pipeline.shipped_files)."""
     path = Path(__file__).resolve().parent / "assets" / folder / "config.json"
-    if not path.is_file():
-        return {"mean": (0.0,) * 16, "std": (1.0,) * 16}
-    stats = json.loads(path.read_text())["vae_latent_stats"]
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _shipped_latent_stats(config: dict) -> dict[str, tuple[float, ...]]:
+    """{"mean", "std"} of a shipped model's VAE latents; identity without a config."""
+    stats = config.get("vae_latent_stats", {"mean": (0.0,) * 16, "std": (1.0,) * 16})
     return {"mean": tuple(stats["mean"]), "std": tuple(stats["std"])}
+
+
+_MINI_SHIPPED = _shipped_config("mini")
 
 
 # The embedded model "mini" (trained here: turbovid/train, recipe "mini"; weights in turbovid/assets/mini):
@@ -125,7 +133,7 @@ def _shipped_latent_stats(folder: str) -> dict[str, tuple[float, ...]]:
 MINI_DIT = DiTConfig(dim=192, ffn_dim=576, num_heads=3, num_layers=6, text_dim=256, text_len=32)
 MINI_TEXT = TextEncoderConfig(vocab_size=512, d_model=256, d_kv=32, d_ff=512, num_layers=2, num_heads=8,
                               text_len=32)
-MINI_VAE = VAEConfig(dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1, **_shipped_latent_stats("mini"))
+MINI_VAE = VAEConfig(dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1, **_shipped_latent_stats(_MINI_SHIPPED))
 
 MODELS: dict[str, ModelSpec] = {
     "Wan2.1-1.3B": ModelSpec("Wan2.1-1.3B", "t2v", WAN21_1P3B),
@@ -135,14 +143,13 @@ MODELS: dict[str, ModelSpec] = {
     "Wan2.2-T2V-A14B": ModelSpec("Wan2.2-T2V-A14B", "t2v", WAN22_A14B_T2V, two_experts=True,
                                  boundary=0.875, resolution="720p"),
     "mini": ModelSpec("mini", "t2v", MINI_DIT, MINI_VAE, MINI_TEXT, resolution="240p", aspect_ratio="1:1",
-                      num_frames=33, assets="mini"),
+                      num_frames=33, assets="mini", sla_topk=_MINI_SHIPPED.get("sla_topk", 0.1)),
     "tiny": ModelSpec("tiny", "t2v", TINY_DIT, TINY_VAE, TINY_TEXT, resolution="128p",
                       num_frames=9, untrained=True),
     "tiny-i2v": ModelSpec("tiny-i2v", "i2v", TINY_DIT_I2V, TINY_VAE, TINY_TEXT, two_experts=True,
                           sigma_max=200.0, resolution="128p", num_frames=9, untrained=True),
 }
 DEFAULT_MODEL = "mini"
-DEFAULT_TOPK = 0.1      # SLA key blocks kept per query block (TurboDiffusion's --sla_topk default)
 
 # (width, height) per resolution and aspect ratio W:H (SPEC §11.3), plus small sizes of our own
 # for CPU models ("128p", "240p"). Every size is a multiple of 16 (VAE 8x * patch 2x).

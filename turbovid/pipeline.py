@@ -6,7 +6,6 @@ matching sampler with classifier-free guidance against the Wan negative prompt.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import contextmanager
@@ -18,8 +17,7 @@ import numpy as np
 import torch
 
 from turbovid.attention import ATTENTION_KINDS
-from turbovid.config import (DEFAULT_MODEL, DEFAULT_TOPK, MODELS, RESOLUTIONS, WAN_NEGATIVE_PROMPT, ModelSpec,
-                             SampleConfig)
+from turbovid.config import DEFAULT_MODEL, MODELS, RESOLUTIONS, WAN_NEGATIVE_PROMPT, ModelSpec, SampleConfig
 from turbovid.loading import load_dit, load_text_encoder, load_vae
 from turbovid.memory import MemoryPlan, activate_expert, plan_memory, prepare_stage, track_peak
 from turbovid.models.dit import WanDiT
@@ -124,15 +122,6 @@ def decode_to_frames(vae: WanVAE, latent: torch.Tensor, writer: VideoWriter | No
     return np.concatenate(chunks)
 
 
-def default_topk(spec: ModelSpec) -> float:
-    """SLA top-k when none is given: the one a shipped model was SLA-tuned at (its config.json), else 0.1 (TD)."""
-    if spec.assets:
-        config = Path(__file__).resolve().parent / "assets" / str(spec.assets) / "config.json"
-        if config.is_file():
-            return float(json.loads(config.read_text()).get("sla_topk", DEFAULT_TOPK))
-    return DEFAULT_TOPK
-
-
 def shipped_files(spec: ModelSpec) -> dict[str, str]:
     """Paths of the weights a model ships in turbovid/assets/<spec.assets>/ (`turbovid train ship` writes them)."""
     folder = Path(__file__).resolve().parent / "assets" / str(spec.assets)
@@ -154,7 +143,7 @@ class Pipeline:
         # Memory plan (turbovid.memory): with a budget, models live on the CPU and each stage brings in
         # what it needs; without one, everything stays resident on `device`.
         self.max_memory: float | None = None
-        self.quant, self.attention, self.topk = False, "dense", DEFAULT_TOPK
+        self.quant, self.attention, self.topk = False, "dense", spec.sla_topk
         self.reuse_text_encoder = False      # the server keeps the encoder between requests
         self._plan: MemoryPlan | None = None
 
@@ -171,8 +160,8 @@ class Pipeline:
         path left out from turbovid/assets: the 4-step student (its config.json says which: merged rCM + SLA, the
         SLA-tuned rCM student or the rCM student; its INT8 file with `quant`), or with `teacher` the 50-step teacher.
 
-        Accelerations (turbovid.speedups): `topk` is SLA's kept key-block ratio (default: `default_topk`,
-        i.e. the shipped model's own, else 0.1); `quant` makes the block linears W8A8 INT8 — `quant_format`
+        Accelerations (turbovid.speedups): `topk` is SLA's kept key-block ratio (default: the model's
+        `sla_topk`: the one a shipped student was tuned at, else 0.1); `quant` makes the block linears W8A8 INT8 — `quant_format`
         "fast" (per-channel weights, per-token activations; TurboDiffusion -quant files are converted)
         or "td" (TurboDiffusion's exact 128x128-tile format); `fuse` (default: on CUDA) fuses norm +
         modulation (+ INT8 emit) and GEMM epilogues; `compile` compiles the blocks. Text K/V caching
@@ -185,7 +174,7 @@ class Pipeline:
         if quant_format not in QUANT_FORMATS:
             raise ValueError(f"unknown --quant-format {quant_format!r}; choose one of {', '.join(QUANT_FORMATS)}")
         spec = MODELS[model]
-        topk = default_topk(spec) if topk is None else topk
+        topk = spec.sla_topk if topk is None else topk
         if not 0.0 < topk <= 1.0:
             raise ValueError(f"--topk must be in (0, 1], got {topk}")
         if spec.assets:

@@ -52,7 +52,7 @@ class VideoWriter:
         # Created like any new file (mode 0666 minus the umask; mkstemp would make it 0600), exclusively.
         tmp = self.path.parent / f".partial-{secrets.token_hex(6)}{self.path.suffix or '.mp4'}"
         os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-        self._tmp, self._size, self._error, self._closed = Path(tmp), None, None, False
+        self._tmp, self._size, self._error, self._closed = tmp, None, None, False
         self.frames = 0                  # frames appended so far
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._thread = threading.Thread(target=self._encode, name="turbovid-mp4", daemon=True)
@@ -135,8 +135,6 @@ class VideoWriter:
 
 def write_video(path: str | Path, frames: np.ndarray, fps: int = FPS, backend: str = "ffmpeg") -> Path:
     """Write uint8 [F, H, W, 3] frames as an mp4 (H.264 by default), atomically."""
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"expected uint8 frames [F, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
     with VideoWriter(path, fps, backend) as writer:
         writer.append(frames)
     return Path(path)

@@ -526,7 +526,7 @@ class WanVAE(nn.Module):
         if fast and torch.is_grad_enabled() and latent.requires_grad:
             raise ValueError("the fast decode has no autograd (it writes into preallocated buffers); use fast=False")
         with torch.no_grad() if fast else contextlib.nullcontext():
-            return self._decode(latent, clamp, fast, chunk, tile, overlap, channels_last)
+            return self._decode(latent, clamp, self._plan(latent, fast, chunk, tile, overlap, channels_last))
 
     def decode_stream(self, latent: torch.Tensor, clamp: bool = False, *, fast: bool | None = None,
                       chunk: int | None = None, tile: int | None = None, overlap: int = DEFAULT_TILE_OVERLAP,
@@ -536,10 +536,10 @@ class WanVAE(nn.Module):
         With spatial tiles the whole video comes as one chunk. Always without autograd."""
         fast = latent.is_cuda if fast is None else fast
         with torch.no_grad():   # entered per step: a `with` around a yield would leak into the caller
-            passes, z, rows, cols, _ = self._plan(latent, fast, chunk, tile, overlap, channels_last)
+            plan = self._plan(latent, fast, chunk, tile, overlap, channels_last)
+            passes, z, rows, cols, _ = plan
             tiled = len(rows) > 1 or len(cols) > 1
-            steps = iter([(0, self._decode(latent, clamp, fast, chunk, tile, overlap, channels_last))] if tiled
-                         else passes(z))
+            steps = iter([(0, self._decode(latent, clamp, plan))] if tiled else passes(z))
         while True:
             with torch.no_grad():
                 item = next(steps, None)
@@ -575,8 +575,8 @@ class WanVAE(nn.Module):
                 del y
         return passes, z, rows, cols, shape
 
-    def _decode(self, latent, clamp, fast, chunk, tile, overlap, channels_last) -> torch.Tensor:
-        passes, z, rows, cols, shape = self._plan(latent, fast, chunk, tile, overlap, channels_last)
+    def _decode(self, latent: torch.Tensor, clamp: bool, plan) -> torch.Tensor:
+        passes, z, rows, cols, shape = plan
         s = self.cfg.spatial_factor
         if len(rows) == len(cols) == 1:
             video = torch.empty(shape, dtype=latent.dtype, device=z.device)

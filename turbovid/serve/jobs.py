@@ -7,8 +7,8 @@ bounded too (oldest finished job forgotten first; its video file stays on disk).
 
 `generate` is injected — `Pipeline.generate` in the server, a small function in tests — with the
 signature generate(prompt, sample, image, progress, writer=None) -> object with `.frames` (uint8 [F, H, W, 3])
-and `.timings` (dict of seconds); `writer` (a turbovid.video.VideoWriter) may receive the frames while they
-are decoded. Cancelling a running job raises from inside its progress
+and `.timings` (dict of seconds), which appends the frames to `writer` (a turbovid.video.VideoWriter) as
+`Pipeline.generate` does while it decodes. Cancelling a running job raises from inside its progress
 callback, which is how the pipeline lets a caller abort between steps.
 """
 from __future__ import annotations
@@ -247,13 +247,10 @@ class JobQueue:
         try:
             image = read_image(job.image_path) if job.image_path is not None else None
             out = self.output_dir / f"{job.id}.mp4"
-            # The mp4 is encoded while the VAE decodes (a generate that does not stream leaves the writer empty,
-            # and its frames are written after); leaving the block by an exception leaves no file behind.
+            # The mp4 is encoded while the VAE decodes; leaving the block by an exception leaves no file behind.
             with VideoWriter(out) as writer:
                 video = self.generate(job.prompt, job.sample, image, progress, writer=writer)
                 progress("write", 0, 1)          # a cancel during the decode still lands here
-                if writer.frames == 0:
-                    writer.append(video.frames)
             job.output, job.timings = out, dict(video.timings)
             return "completed", None
         except Cancelled:
