@@ -244,6 +244,111 @@ def bench(quick: bool = False, out_dir: Path | None = None, budget_s: float | No
     return rows
 
 
+# ---- where the decode spends its time (--profile) --------------------------------------------------------
+
+# Every 3x3x3 conv of the full Wan2.1 decoder at 480p as the fast decode runs it (chunk of 3 latent frames:
+# T pixel frames per pass), with how many such convs one 81-frame decode runs: (label, Cin, Cout, T per pass,
+# H, W, passes x convs). The 2D upsample convs and 1x1 convs are left out (< 5% of the FLOPs).
+DECODER_CONVS = [
+    ("60x104 384->384", 384, 384, 3, 60, 104, 7 * 10),
+    ("120x208 192->384", 192, 384, 6, 120, 208, 7 * 1),
+    ("120x208 384->384", 384, 384, 6, 120, 208, 7 * 5),
+    ("240x416 192->192", 192, 192, 12, 240, 416, 7 * 6),
+    ("480x832 96->96", 96, 96, 12, 480, 832, 7 * 6),
+]
+
+
+@torch.no_grad()
+def conv_variants(rows: list[dict]) -> None:
+    """Each decoder conv shape three ways (bf16, cudnn.benchmark on), as TFLOPS: F.conv3d channels-last (what
+    the fast decode runs), three conv2d calls over (B T) frames, one per time tap, accumulated (cuDNN's 2D
+    kernels are tuned far more than its 3D ones), and one conv2d over the three frames concatenated along
+    channels (an extra copy of the input, one GEMM with K = 27 Cin)."""
+    import torch.nn.functional as F
+    torch.backends.cudnn.benchmark = True
+    total = {}
+    for label, cin, cout, t, h, w, count in DECODER_CONVS:
+        g = torch.Generator(DEVICE).manual_seed(0)
+        buf = torch.randn((1, cin, t + 2, h, w), generator=g, device=DEVICE, dtype=torch.bfloat16)
+        buf = buf.contiguous(memory_format=torch.channels_last_3d)
+        weight = torch.randn((cout, cin, 3, 3, 3), generator=g, device=DEVICE, dtype=torch.bfloat16) / (27 * cin) ** 0.5
+        bias = torch.zeros(cout, device=DEVICE, dtype=torch.bfloat16)
+        flop = 2 * 27 * cin * cout * t * h * w
+        frames = buf.transpose(1, 2).reshape(t + 2, cin, h, w)          # [(T+2), C, H, W], channels-last view
+        taps = [weight[:, :, k].contiguous(memory_format=torch.channels_last) for k in range(3)]
+        stacked_w = weight.permute(0, 2, 1, 3, 4).reshape(cout, 3 * cin, 3, 3).contiguous(memory_format=torch.channels_last)
+
+        def conv3d():
+            return F.conv3d(buf, weight, bias, padding=(0, 1, 1))
+
+        def conv3d_nobias():
+            return F.conv3d(buf, weight, None, padding=(0, 1, 1))
+
+        def taps2d():
+            out = F.conv2d(frames[0:t], taps[0], bias, padding=1)
+            out += F.conv2d(frames[1:t + 1], taps[1], None, padding=1)
+            out += F.conv2d(frames[2:t + 2], taps[2], None, padding=1)
+            return out
+
+        def stacked2d():
+            x = torch.cat([frames[k:k + t] for k in range(3)], dim=1)   # [T, 3C, H, W] channels-last
+            return F.conv2d(x, stacked_w, bias, padding=1)
+
+        ref = conv3d()[0].transpose(0, 1).float()                     # [T, Cout, H, W] like the 2D variants
+        for name, fn in (("conv3d CL", conv3d), ("conv3d CL, no bias", conv3d_nobias), ("3 x conv2d taps", taps2d),
+                         ("conv2d on 3C channels", stacked2d)):
+            try:
+                out = fn()
+                out = out[0].transpose(0, 1) if out.dim() == 5 else out
+                err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+                del out
+                ms = time_cuda(fn, warmup=3, iters=10)
+                row = {"case": f"conv {label} T{t}", "provider": name, "ms": ms, "tflops": flop / ms / 1e9,
+                       "decode_ms": ms * count, "note": f"{count} per decode; max err {err:.1e}"}
+                total[name] = total.get(name, 0.0) + ms * count
+            except Exception as e:  # noqa: BLE001 - a variant cuDNN refuses is reported
+                row = {"case": f"conv {label} T{t}", "provider": name, "note": f"failed: {type(e).__name__}: {e}"[:200]}
+            rows.append(row)
+            print(row, flush=True)
+        del buf, frames, ref
+        _sync_free()
+    for name, ms in total.items():
+        rows.append({"case": "all 3x3x3 decoder convs, 480p 81f", "provider": name, "ms": ms})
+
+
+@torch.no_grad()
+def decode_profile(rows: list[dict], top: int = 16) -> None:
+    """GPU time of one fast 480p decode by kernel (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+    cfg = VAEConfig()
+    _, vae, vae32, _ = make_vaes(cfg, with_diffusers=False)
+    del vae32
+    torch.backends.cudnn.benchmark = True
+    z16 = _latent(LATENTS["480p"]).bfloat16()
+    ms = time_cuda(lambda: vae.decode(z16, clamp=True, fast=True), warmup=1, iters=3)
+    rows.append({"case": "480p fast decode, warm", "provider": "ours", "ms": ms,
+                 "note": "PYTORCH_CUDA_ALLOC_CONF=" + os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")})
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        vae.decode(z16, clamp=True, fast=True)
+        torch.cuda.synchronize()
+    # Which PyTorch ops launch the GPU time (kernel names alone do not say which copy or add is which)
+    ops = [e for e in prof.key_averages(group_by_input_shape=True)
+           if e.device_type.name == "CPU" and e.self_device_time_total > 0 and e.key.startswith("aten::")]
+    ops.sort(key=lambda e: -e.self_device_time_total)
+    for e in ops[:top]:
+        rows.append({"case": "profile 480p fast decode, by op", "provider": f"{e.key} {e.input_shapes}"[:160],
+                     "ms": e.self_device_time_total / 1e3, "note": f"{e.count} calls"})
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total = sum(e.self_device_time_total for e in events)
+    events.sort(key=lambda e: -e.self_device_time_total)
+    for e in events[:top]:
+        rows.append({"case": "profile 480p fast decode", "provider": e.key[:100], "ms": e.self_device_time_total / 1e3,
+                     "note": f"{e.count} calls, {e.self_device_time_total / total:.1%}"})
+    rows.append({"case": "profile 480p fast decode", "provider": "TOTAL", "ms": total / 1e3})
+    for r in rows:
+        print(r, flush=True)
+
+
 # ---- the 14B 720p memory check -------------------------------------------------------------------------
 
 def _random_dit(cfg, attention: str, quant: str | None, fused: bool = False):
@@ -413,7 +518,17 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="480p decode rows only")
     parser.add_argument("--budget-s", type=float, default=None, help="skip rows once this many seconds have passed")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    parser.add_argument("--profile", action="store_true", help="only: kernel profile of one 480p decode and "
+                        "each decoder conv shape as conv3d / conv2d variants")
     args = parser.parse_args()
+    if args.profile:
+        results: list[dict] = []
+        decode_profile(results)
+        conv_variants(results)
+        print()
+        print_table(results, ["case", "provider", "ms", "tflops", "decode_ms", "note"])
+        write_results("vae_profile", {"rows": results}, out_dir=args.out)
+        raise SystemExit(0)
     results = bench(quick=args.quick, out_dir=args.out, budget_s=args.budget_s)
     print()
     print_table(results, COLUMNS)

@@ -15,7 +15,7 @@ from turbovid.train.cli import add_train_parser, cmd_train
 from turbovid.train.data import ProceduralVideos
 from turbovid.train.distill import RCMTrainer
 from turbovid.train.evaluate import generate_latents
-from turbovid.train.inputs import LatentBatches, encode_videos, vae_config
+from turbovid.train.inputs import LatentBatches, encode_videos, trained_vae_file, vae_config
 from turbovid.train.loop import Env, drive
 from turbovid.train.losses import flow_matching_pair, shifted_logit_normal, velocity_loss
 from turbovid.train.recipe import RECIPES
@@ -37,6 +37,7 @@ def run(tmp_path_factory):
     torch.set_num_threads(1)
     run_dir = tmp_path_factory.mktemp("run")
     run_vae(TINY, run_dir, ENV)
+    run_vae(TINY, run_dir, ENV, decoder=True)
     run_teacher(TINY, run_dir, ENV)
     yield run_dir, LatentBatches(TINY, run_dir, ENV)
     torch.set_num_threads(threads)
@@ -78,6 +79,37 @@ def test_vae_stage_trains_and_normalises_latents(run):
     # logvar half of conv1 started at the recipe's value and moved only by a few (lr 1e-3) steps
     state = load_weights(run_dir / "vae" / "final.safetensors")
     assert (state["conv1.bias"][16:] - TINY.vae_stage.logvar_init).abs().max() < 0.1
+
+
+def test_vae_decoder_stage_trains_the_decoder_only(run, tmp_path):
+    run_dir, _ = run
+    before, after = (load_weights(run_dir / d / "final.safetensors") for d in ("vae", "vae_decoder"))
+    assert before.keys() == after.keys()
+    frozen = [k for k in before if k.startswith(("encoder.", "conv1."))]
+    trained = [k for k in before if k.startswith(("decoder.", "conv2."))]
+    assert frozen and trained and len(frozen) + len(trained) == len(before)
+    assert all(torch.equal(before[k], after[k]) for k in frozen)         # latents and their statistics unchanged
+    assert sum(not torch.equal(before[k], after[k]) for k in trained) > len(trained) // 2
+    records = _log(run_dir / "vae_decoder" / "log.jsonl")
+    assert [r["stage"] for r in records] == ["vae_decoder"] * TINY.vae_decoder.run.steps
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert json.loads((run_dir / "vae_decoder" / "reconstruction.json").read_text())["count"] == 2
+    assert not (run_dir / "vae_decoder" / "latent_stats.json").exists()
+    # Decoding uses the fine-tuned decoder, encoding (latent pool) the vae stage's file
+    assert trained_vae_file(TINY, run_dir) == run_dir / "vae_decoder" / "final.safetensors"
+    assert trained_vae_file(TINY, run_dir, decode=False) == run_dir / "vae" / "final.safetensors"
+    # On one fixed batch the decoder's reconstruction loss goes down
+    shutil.copytree(run_dir / "vae", tmp_path / "vae")
+    recipe = _stage(TINY, "vae_decoder", steps=8)
+    recipe = dataclasses.replace(recipe, vae_decoder=dataclasses.replace(recipe.vae_decoder, optim=dataclasses.replace(
+        recipe.vae_decoder.optim, lr=3e-3)))
+    from turbovid.train.vae import VAETrainer
+    trainer = VAETrainer(recipe, ENV, fixed_batch=True, decoder_of=tmp_path / "vae" / "final.safetensors")
+    losses = [trainer.train_step(i)["loss"] for i in range(8)]
+    assert losses[-1] < losses[0]
+    no_stage = dataclasses.replace(TINY, vae_decoder=None)
+    with pytest.raises(ValueError, match="no vae_decoder stage"):
+        VAETrainer(no_stage, ENV, decoder_of=tmp_path / "vae" / "final.safetensors")
 
 
 def test_latent_pool_matches_on_the_fly_encoding_and_is_cached(run):

@@ -1,4 +1,4 @@
-"""`turbovid train <stage>`: vae | teacher | sla | rcm | merge | eval | reproduce | tokenizer | ship | plot.
+"""`turbovid train <stage>`: vae | vae_decoder | teacher | sla | rcm | merge | eval | reproduce | tokenizer | ship | plot.
 
 Single process (CPU or one GPU):   turbovid train reproduce --run-dir runs/mini
 Several GPUs of one host:          torchrun --nproc-per-node 8 -m turbovid.cli train reproduce --run-dir runs/mini
@@ -13,7 +13,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-STAGES = ("vae", "teacher", "sla", "rcm", "merge", "eval", "reproduce", "tokenizer", "ship", "plot")
+STAGES = ("vae", "vae_decoder", "teacher", "sla", "rcm", "merge", "eval", "reproduce", "tokenizer", "ship", "plot")
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
@@ -65,9 +65,14 @@ def _recipe(args, world: int = 1):
     --steps or --lr for the teacher replaces its recorded rounds by one round; --compile applies to all."""
     from turbovid.train.recipe import RECIPES, for_world
 
-    stage_field = {"vae": "vae_stage", "teacher": "teacher", "sla": "sla", "rcm": "rcm"}.get(args.stage)
-    fields = [stage_field] if stage_field else ["vae_stage", "teacher", "sla", "rcm"]
-    recipe = for_world(RECIPES[args.recipe], world, () if args.batch is not None else tuple(fields))
+    stage_field = {"vae": "vae_stage", "vae_decoder": "vae_decoder", "teacher": "teacher", "sla": "sla",
+                   "rcm": "rcm"}.get(args.stage)
+    recipe = RECIPES[args.recipe]
+    if args.stage == "vae_decoder" and recipe.vae_decoder is None:
+        raise ValueError(f"recipe {recipe.name!r} has no vae_decoder stage")
+    fields = [stage_field] if stage_field else [f for f in ("vae_stage", "vae_decoder", "teacher", "sla", "rcm")
+                                                if getattr(recipe, f) is not None]
+    recipe = for_world(recipe, world, () if args.batch is not None else tuple(fields))
     if "teacher" in fields and (args.steps is not None or args.lr is not None):
         recipe = dataclasses.replace(recipe, teacher_rounds=())
     for name in fields:
@@ -129,9 +134,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError(f"--fit-minutes must be positive, got {args.fit_minutes}")
     env = setup_env(args.device, args.max_minutes, args.fit_minutes)
     try:
-        if args.stage == "vae":
+        if args.stage in ("vae", "vae_decoder"):
             from turbovid.train.vae import run_vae
-            out = run_vae(recipe, run_dir, env, until=args.until)
+            out = run_vae(recipe, run_dir, env, until=args.until, decoder=args.stage == "vae_decoder")
         elif args.stage == "teacher":
             from turbovid.train.teacher import run_teacher
             out = run_teacher(recipe, run_dir, env, until=args.until, init=args.init)

@@ -65,12 +65,19 @@ def vae_config(recipe: Recipe, run_dir: Path) -> VAEConfig:
     return dataclasses.replace(recipe.vae, mean=tuple(stats["mean"]), std=tuple(stats["std"]))
 
 
-def load_trained_vae(recipe: Recipe, run_dir: Path, env: Env) -> WanVAE:
+def trained_vae_file(recipe: Recipe, run_dir: Path, decode: bool = True) -> Path:
+    """The run's VAE weights: vae/ from the vae stage, or vae_decoder/ when the recipe fine-tunes the decoder
+    and the VAE is for decoding (both files hold the same encoder, so encoding never waits for that stage)."""
+    stage = "vae_decoder" if decode and recipe.vae_decoder is not None else "vae"
+    return Path(run_dir) / stage / "final.safetensors"
+
+
+def load_trained_vae(recipe: Recipe, run_dir: Path, env: Env, decode: bool = True) -> WanVAE:
     from turbovid.loading import load_vae
 
-    path = Path(run_dir) / "vae" / "final.safetensors"
+    path = trained_vae_file(recipe, run_dir, decode)
     if not path.is_file():
-        raise ValueError(f"{path} not found: run `turbovid train vae` first")
+        raise ValueError(f"{path} not found: run `turbovid train {path.parent.name}` first")
     dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32   # TurboDiffusion runs it in bf16
     return load_vae(str(path), vae_config(recipe, run_dir), device=env.device, dtype=dtype)
 
@@ -93,7 +100,7 @@ class LatentBatches:
     def __init__(self, recipe: Recipe, run_dir: Path, env: Env, split: str = "train", pool: int = 0):
         self.env, self.recipe = env, recipe
         self.data = ProceduralVideos(split, recipe.size, recipe.frames, recipe.data_seed)
-        self.vae = load_trained_vae(recipe, run_dir, env)
+        self.vae = load_trained_vae(recipe, run_dir, env, decode=False)   # encodes only
         self.text = build_text_encoder(recipe, run_dir, env)
         self.negative = self.text.encode([WAN_NEGATIVE_PROMPT]).float()   # [1, text_len, text_dim]
         self.pool_latents: torch.Tensor | None = None

@@ -1,7 +1,7 @@
 """The whole recipe from scratch, in order, with one command (resumable: finished stages are skipped,
 an interrupted one continues from its newest checkpoint):
 
-    tokenizer + frozen text encoder -> VAE -> teacher -> rCM distillation -> SLA fine-tune -> merge
+    tokenizer + frozen text encoder -> VAE (-> VAE decoder fine-tune) -> teacher -> rCM distillation -> SLA fine-tune -> merge
     -> evaluation of teacher / rCM / merged -> export/
 (SLA tunes the teacher and the merge adds its change to the rCM student, SPEC §10.1; with recipe.sla.base =
 "rcm" SLA tunes the rCM student itself and there is no merge.)
@@ -20,13 +20,14 @@ When `--max-minutes` stops a stage, `reproduce` returns that stage's (still miss
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 from pathlib import Path
 
 from turbovid.train.distill import run_rcm
 from turbovid.train.evaluate import evaluate
-from turbovid.train.inputs import build_text_encoder
+from turbovid.train.inputs import build_text_encoder, trained_vae_file
 from turbovid.train.loop import Env
 from turbovid.train.merge import merge_files
 from turbovid.train.recipe import Recipe
@@ -80,7 +81,10 @@ def reproduce(recipe: Recipe, run_dir: Path, env: Env, evaluate_models: bool = T
     if env.main:
         (run_dir / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=1, default=str))
     build_text_encoder(recipe, run_dir, env)   # writes spiece.model and the frozen text encoder once
-    for stage, name in ((run_vae, "vae"), (run_teacher, "teacher"), (run_rcm, "rcm"), (run_sla, "sla")):
+    stages = [(run_vae, "vae"), (run_teacher, "teacher"), (run_rcm, "rcm"), (run_sla, "sla")]
+    if recipe.vae_decoder is not None:
+        stages.insert(1, (functools.partial(run_vae, decoder=True), "vae_decoder"))
+    for stage, name in stages:
         if not (run_dir / name / "final.safetensors").is_file():
             stage(recipe, run_dir, env)
         if not (run_dir / name / "final.safetensors").is_file():   # stopped by --max-minutes
@@ -111,7 +115,7 @@ def ship(recipe: Recipe, run_dir: Path, dest: Path, summary: dict | None = None)
     students = {"merged": run_dir / "merged" / "model.safetensors", "rcm": run_dir / "rcm" / "final.safetensors",
                 "sla": run_dir / "sla" / "final.safetensors"}
     sources = {"dit_teacher": run_dir / "teacher" / "final.safetensors", "dit": students[recipe.ship_student],
-               "vae": run_dir / "vae" / "final.safetensors", "text_encoder": run_dir / "text_encoder.safetensors"}
+               "vae": trained_vae_file(recipe, run_dir), "text_encoder": run_dir / "text_encoder.safetensors"}
     missing = [str(p) for p in sources.values() if not p.is_file()]
     if missing:
         raise ValueError(f"ship needs a finished run; missing {', '.join(missing)}")
@@ -129,12 +133,14 @@ def ship(recipe: Recipe, run_dir: Path, dest: Path, summary: dict | None = None)
         with safe_open(str(path), "pt") as f:
             return int((f.metadata() or {}).get("steps", 0))
     stages = {stage: {"steps": steps(stage)} for stage in ("vae", "sla", "rcm")}
+    if recipe.vae_decoder is not None:
+        stages["vae_decoder"] = {"steps": steps("vae_decoder")}
     rounds = [steps(name) for name in teacher_dirs(recipe)]
     stages["teacher"] = {"steps": sum(rounds), "rounds": rounds}
     config = {"recipe": recipe.name, "size": recipe.size, "frames": recipe.frames, "stages": stages,
               "vae_latent_stats": json.loads((run_dir / "vae" / "latent_stats.json").read_text()),
               "student": recipe.ship_student, "sla_topk": recipe.sla.topk, "merge_weight": recipe.merge_weight}
-    recon = run_dir / "vae" / "reconstruction.json"
+    recon = trained_vae_file(recipe, run_dir).parent / "reconstruction.json"
     if recon.is_file():
         config["vae_reconstruction"] = json.loads(recon.read_text())
     if summary:

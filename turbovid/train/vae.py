@@ -28,6 +28,7 @@ round-tripped through the VAE (L1, PSNR, detector agreement: the ceiling of ever
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -35,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from turbovid.loading import read_state_dict
 from turbovid.models.vae import WanVAE
 from turbovid.train.data import ProceduralVideos
 from turbovid.train.detect import FG_DISTANCE, adherence
@@ -63,17 +65,19 @@ def foreground_weights(video: torch.Tensor, fg_weight: float, first_frame_weight
 
 
 class VAEObjective(nn.Module):
-    """Wraps the VAE so that one forward computes the whole training loss (what DDP needs)."""
+    """Wraps the VAE so that one forward computes the whole training loss (what DDP needs). With a frozen
+    encoder (the decoder stage) the encoder and conv1 run without autograd; the KL term is then a constant."""
 
-    def __init__(self, vae: WanVAE):
+    def __init__(self, vae: WanVAE, frozen_encoder: bool = False):
         super().__init__()
-        self.vae = vae
+        self.vae, self.frozen_encoder = vae, frozen_encoder
 
     def forward(self, video: torch.Tensor, eps_gen: torch.Generator, l1: float, l2: float, kl: float,
                 fg_weight: float = 0.0, first_frame_weight: float = 1.0):
         vae = self.vae
-        features, _ = vae.encoder(video)                                    # [B, 2z, T, h, w]
-        mu, logvar = vae.conv1(features).float().chunk(2, dim=1)
+        with torch.no_grad() if self.frozen_encoder else contextlib.nullcontext():
+            features, _ = vae.encoder(video)                                # [B, 2z, T, h, w]
+            mu, logvar = vae.conv1(features).float().chunk(2, dim=1)
         logvar = logvar.clamp(*LOGVAR_RANGE)
         eps = torch.randn(mu.shape, generator=eps_gen, device=mu.device, dtype=mu.dtype)
         z = mu + torch.exp(0.5 * logvar) * eps
@@ -86,10 +90,16 @@ class VAEObjective(nn.Module):
 
 
 class VAETrainer:
-    name = "vae"
+    """Stage "vae": the whole VAE from a seeded init. Stage "vae_decoder" (`decoder_of` = the trained VAE's
+    file, hyper-parameters recipe.vae_decoder): only the decoder and conv2 train, the encoder and conv1 stay
+    frozen, so latents, latent statistics and every DiT trained on them stay valid."""
 
-    def __init__(self, recipe: Recipe, env: Env, fixed_batch: bool = False):
-        self.recipe, self.env, self.cfg = recipe, env, recipe.vae_stage
+    def __init__(self, recipe: Recipe, env: Env, fixed_batch: bool = False, decoder_of: Path | None = None):
+        if decoder_of is not None and recipe.vae_decoder is None:
+            raise ValueError(f"recipe {recipe.name!r} has no vae_decoder stage")
+        self.name = "vae" if decoder_of is None else "vae_decoder"
+        self.recipe, self.env = recipe, env
+        self.cfg = recipe.vae_stage if decoder_of is None else recipe.vae_decoder
         self.schedule, self.fixed_batch = self.cfg.run, fixed_batch
         if (self.cfg.crop_frames - 1) % recipe.vae.temporal_factor or self.cfg.crop % recipe.vae.spatial_factor:
             raise ValueError(f"VAE crop {self.cfg.crop} px x {self.cfg.crop_frames} frames must be a multiple of "
@@ -97,11 +107,18 @@ class VAETrainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(recipe.seed)
             self.vae = WanVAE(recipe.vae)
-        with torch.no_grad():   # conv1's output channels are [mu (z_dim) ; logvar (z_dim)]
-            self.vae.conv1.bias[recipe.vae.z_dim:] = self.cfg.logvar_init
+        if decoder_of is None:
+            with torch.no_grad():   # conv1's output channels are [mu (z_dim) ; logvar (z_dim)]
+                self.vae.conv1.bias[recipe.vae.z_dim:] = self.cfg.logvar_init
+        else:
+            if not Path(decoder_of).is_file():
+                raise ValueError(f"{decoder_of} not found: run `turbovid train vae` first")
+            self.vae.load_state_dict(read_state_dict(str(decoder_of)))
+            self.vae.encoder.requires_grad_(False)
+            self.vae.conv1.requires_grad_(False)
         self.vae.to(env.device).train()
-        self.model = wrap_ddp(VAEObjective(self.vae), env)
-        self.optimizer = make_optimizer(self.vae.parameters(), self.cfg.optim, env)
+        self.model = wrap_ddp(VAEObjective(self.vae, frozen_encoder=decoder_of is not None), env)
+        self.optimizer = make_optimizer([p for p in self.vae.parameters() if p.requires_grad], self.cfg.optim, env)
         self.data = ProceduralVideos("train", recipe.size, recipe.frames, recipe.data_seed)
 
     def _crops(self, step: int) -> torch.Tensor:
@@ -193,22 +210,24 @@ def reconstruction_report(vae: WanVAE, recipe: Recipe, env: Env, count: int) -> 
             **{k: v for k, v in scores.items() if k != "detections"}}
 
 
-def run_vae(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None) -> Path:
+def run_vae(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None, decoder: bool = False) -> Path:
+    """Stage "vae" (decoder=False) or "vae_decoder" (decoder=True: fine-tune the decoder of run_dir/vae)."""
     if recipe.vae.mean != (0.0,) * recipe.vae.z_dim or recipe.vae.std != (1.0,) * recipe.vae.z_dim:
         raise ValueError("VAE training needs the recipe's VAE mean/std to be 0/1 (they are measured afterwards)")
-    out = Path(run_dir) / "vae"
-    trainer = VAETrainer(recipe, env)
+    trainer = VAETrainer(recipe, env, decoder_of=Path(run_dir) / "vae" / "final.safetensors" if decoder else None)
+    out = Path(run_dir) / trainer.name
     drive(trainer, out, env, until=until)
     if (out / "final.safetensors").exists() and (until is None or until >= trainer.schedule.steps):
-        stats = trainer.latent_stats()
+        stats = None if decoder else trainer.latent_stats()   # the decoder stage keeps the encoder's statistics
         if env.main:
-            tmp = out / ".latent_stats.json.tmp"
-            tmp.write_text(json.dumps(stats, indent=1))
-            tmp.replace(out / "latent_stats.json")
+            if stats is not None:
+                tmp = out / ".latent_stats.json.tmp"
+                tmp.write_text(json.dumps(stats, indent=1))
+                tmp.replace(out / "latent_stats.json")
             trainer.vae.eval()
             report = reconstruction_report(trainer.vae, recipe, env, trainer.cfg.eval_clips)
             (out / "reconstruction.json").write_text(json.dumps(report, indent=1))
-            print(f"[vae] held-out reconstruction: L1 {report['l1']:.4f}, PSNR {report['psnr']:.2f} dB, "
+            print(f"[{trainer.name}] held-out reconstruction: L1 {report['l1']:.4f}, PSNR {report['psnr']:.2f} dB, "
                   f"detector agreement {report['all']:.3f}", flush=True)
         env.barrier()
     return out / "final.safetensors"
