@@ -103,12 +103,41 @@ def test_rms_norm_silu_kernel(dtype):
         norm.gamma.copy_(1 + 0.5 * torch.randn(c, 1, 1, 1, generator=g))
         x = (torch.randn(2, c, 3, 5, 7, generator=g) * 3).to(dtype).contiguous(memory_format=torch.channels_last_3d)
         buf = torch.full((2, c, 5, 5, 7), float("nan"), dtype=dtype).contiguous(memory_format=torch.channels_last_3d)
-        rms_norm_silu_into(norm, x, buf[:, :, 2:])
-        want = F.silu(F.normalize(x.double(), dim=1) * c ** 0.5 * norm.gamma.double())
-        got = buf[:, :, 2:]
-        assert not got.isnan().any() and buf[:, :, :2].isnan().all()   # every output written, nothing else
-        ref_err = (F.silu(norm(x)).double() - want).abs().max()          # plain PyTorch in this dtype
-        assert (got.double() - want).abs().max() <= max(2 * ref_err, 1e-6)
+        for bias in (None, (torch.randn(c, generator=g) * 2).to(dtype)):
+            buf.fill_(float("nan"))
+            rms_norm_silu_into(norm, x, buf[:, :, 2:], bias)
+            b = 0 if bias is None else bias.view(1, -1, 1, 1, 1)
+            v = x + b                                                      # the conv's bias add, in this dtype
+            want = F.silu(F.normalize(x.double() + b, dim=1) * c ** 0.5 * norm.gamma.double())
+            got = buf[:, :, 2:]
+            assert not got.isnan().any() and buf[:, :, :2].isnan().all()   # every output written, nothing else
+            ref_err = (F.silu(norm(v)).double() - want).abs().max()          # plain PyTorch in this dtype
+            assert (got.double() - want).abs().max() <= max(2 * ref_err, 1e-6)
+
+
+@needs_kernels
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_add_kernel(dtype):
+    """h <- h + x + bias on channels-last videos, C not a power of two, batch 2, with and without bias;
+    against float64, within 2x the error of the two plain PyTorch adds in this dtype."""
+    from turbovid.kernels.rms_norm_silu import residual_add_, residual_add_ref
+    g = torch.Generator().manual_seed(8)
+    for c in (8, 12, 96):
+        h0, x = ((torch.randn(2, c, 3, 5, 7, generator=g) * 3).to(dtype).contiguous(memory_format=torch.channels_last_3d)
+                 for _ in range(2))
+        for bias in (None, torch.randn(c, generator=g).to(dtype)):
+            want = h0.double() + x.double() + (0 if bias is None else bias.double().view(1, -1, 1, 1, 1))
+            plain = h0.clone()
+            residual_add_ref(plain, x, bias)
+            h = h0.clone()
+            assert residual_add_(h, x, bias) is h
+            ref_err = (plain.double() - want).abs().max()
+            assert (h.double() - want).abs().max() <= max(2 * ref_err, 1e-6)
+    with pytest.raises(ValueError, match="bias must be"):
+        residual_add_(h0.clone(), x, torch.zeros(c + 1, dtype=dtype))
+    with pytest.raises(ValueError, match="disagree"):
+        residual_add_(h0.clone(), x[:, :, :2])
 
 
 @needs_kernels
@@ -118,6 +147,7 @@ def test_channels_last_decode_runs_the_kernel(vae, monkeypatch):
         raise AssertionError("channels-last decode fell back to the PyTorch norm")
     import turbovid.kernels.rms_norm_silu as K
     monkeypatch.setattr(K, "rms_norm_silu_ref", fail)
+    monkeypatch.setattr(K, "residual_add_ref", fail)
     z = _latent(2, batch=2)
     got = vae.decode(z, fast=True, chunk=1, channels_last=True)
     assert _rel(got, vae.decode_reference(z)) < 1e-5

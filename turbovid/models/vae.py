@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from turbovid.config import VAEConfig
-from turbovid.kernels.rms_norm_silu import rms_norm_silu
+from turbovid.kernels.rms_norm_silu import residual_add_, rms_norm_silu
 
 CACHE_T = 2  # frames a causal 3-tap temporal conv needs from the previous chunk
 # Fast decode: latent frames per pass are chosen so that one activation at the output resolution
@@ -277,14 +277,18 @@ class Decoder3d(nn.Module):
 #     and no 4x-sized upsampled tensor.
 #  4. Several latent frames per pass (`chunk`): the caches carry the causal state between passes, so any
 #     chunking gives the same result; larger chunks mean fewer, larger kernels and more memory.
+#  4b. A residual block's convs run without bias: PyTorch adds a cuDNN conv's bias in a separate pass over
+#     its output. The first conv's bias is added inside the RMSNorm+SiLU pass that follows it, the second's
+#     (and the shortcut conv's) inside the residual add; the sub-pixel convs' biases inside the copy into
+#     the interleaved output. Numerically the bias is then added in fp32 rather than to the rounded output.
 #  5. Optional spatial tiles with overlap and a linear blend (`tile`). Unlike 1-4 this is approximate:
 #     a tile sees zero padding at its border, and the middle attention block attends within the tile.
 
 
-def rms_norm_silu_into(norm: RMSNorm, x: torch.Tensor, out: torch.Tensor) -> None:
-    """out <- SiLU(norm(x)) for videos [B, C, T, H, W] (kernels/rms_norm_silu.py: one Triton pass when both
-    are channels-last, else the module's own ops in place)."""
-    rms_norm_silu(x, norm.gamma, norm.scale, out)
+def rms_norm_silu_into(norm: RMSNorm, x: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """out <- SiLU(norm(x + bias)) for videos [B, C, T, H, W] (kernels/rms_norm_silu.py: one Triton pass when
+    both are channels-last, else the module's own ops in place)."""
+    rms_norm_silu(x, norm.gamma, norm.scale, out, bias)
 
 
 def subpixel_weights(weight: torch.Tensor) -> torch.Tensor:
@@ -311,9 +315,9 @@ class FastDecoder:
                        for i, layer in enumerate(decoder.upsamples) if isinstance(layer, Upsample)}
 
     def padded(self, x: torch.Tensor, cache: torch.Tensor | None, pad: int,
-               norm: RMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Buffer [B, C, pad + T, H, W] = [cache, zero filled in front to `pad` frames ; SiLU(norm(x)) or x],
-        and the next cache: the buffer's last `pad` frames (zeros there stand for "before frame 0")."""
+               norm: RMSNorm | None = None, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Buffer [B, C, pad + T, H, W] = [cache, zero filled in front to `pad` frames ; SiLU(norm(x + bias))
+        or x], and the next cache: the buffer's last `pad` frames (zeros there stand for "before frame 0")."""
         b, c, t, h, w = x.shape
         buf = torch.empty((b, c, pad + t, h, w), dtype=x.dtype, device=x.device, memory_format=self.fmt)
         n = 0 if cache is None else cache.shape[2]
@@ -324,13 +328,13 @@ class FastDecoder:
         if norm is None:
             buf[:, :, pad:].copy_(x)
         else:
-            rms_norm_silu_into(norm, x, buf[:, :, pad:])
+            rms_norm_silu_into(norm, x, buf[:, :, pad:], bias)
         return buf, buf[:, :, t:].clone()
 
     @staticmethod
-    def conv(conv: CausalConv3d, buf: torch.Tensor) -> torch.Tensor:
+    def conv(conv: CausalConv3d, buf: torch.Tensor, bias: bool = True) -> torch.Tensor:
         # time is already padded in buf; H/W 'same' padding is done inside cuDNN (no copy)
-        return F.conv3d(buf, conv.weight, conv.bias, padding=(0, conv.space_pad[2], conv.space_pad[0]))
+        return F.conv3d(buf, conv.weight, conv.bias if bias else None, padding=(0, conv.space_pad[2], conv.space_pad[0]))
 
     def residual(self, block: ResidualBlock, x: torch.Tensor, cache: tuple | None):
         norm1, _, conv1, norm2, _, _, conv2 = block.residual
@@ -339,14 +343,19 @@ class FastDecoder:
         # Peak: x (kept for the shortcut), one buffer and one conv output; each intermediate is dropped
         # as soon as the next one exists.
         buf, cache1 = self.padded(x, cache1, conv1.time_pad, norm1)
-        h = self.conv(conv1, buf)
+        h = self.conv(conv1, buf, bias=False)
         del buf
-        buf, cache2 = self.padded(h, cache2, conv2.time_pad, norm2)
+        buf, cache2 = self.padded(h, cache2, conv2.time_pad, norm2, conv1.bias)   # conv1's bias added here
         del h
-        h = self.conv(conv2, buf)
+        h = self.conv(conv2, buf, bias=False)
         del buf
-        h += block.shortcut(x)  # nn.Identity returns x itself: a plain in-place residual add
-        return h, (cache1, cache2)
+        bias = conv2.bias
+        if isinstance(block.shortcut, nn.Conv3d):   # 1x1x1 conv: its bias joins conv2's in the residual add
+            # as a GEMM over the channel rows: a channels-last x gives a channels-last result (cuDNN / oneDNN
+            # may return a 1x1x1 conv's output in NCDHW; the residual kernel needs both in one layout)
+            x = F.linear(x.permute(0, 2, 3, 4, 1), block.shortcut.weight.flatten(1)).permute(0, 4, 1, 2, 3)
+            bias = bias.float() + block.shortcut.bias.float()
+        return residual_add_(h, x, bias), (cache1, cache2)
 
     def attention(self, block: AttentionBlock, x: torch.Tensor) -> torch.Tensor:
         # Per frame as in AttentionBlock, a few frames per call: the single 384-wide head has no flash
@@ -388,12 +397,13 @@ class FastDecoder:
         out = torch.empty((b * t, conv.out_channels, 2 * h, 2 * w), dtype=x.dtype, device=x.device,
                           memory_format=self.fmt2d)
         grid = out.unflatten(2, (h, 2)).unflatten(4, (w, 2))  # [(B T), O, H, 2, W, 2]: phase (a, c) at [.., a, .., c]
+        bias = conv.bias.view(1, -1, 1, 1)
         for a in range(2):
             for col in range(2):
                 # padding 1 gives H+1 rows: output row o sees X rows o-1, o, so phase 0 is rows 0..H-1 and
                 # phase 1 (X rows i, i+1) is rows 1..H
-                y = F.conv2d(frames, phases[a, col], conv.bias, padding=1)
-                grid[:, :, :, a, :, col].copy_(y[:, :, a:a + h, col:col + w])
+                y = F.conv2d(frames, phases[a, col], None, padding=1)
+                torch.add(y[:, :, a:a + h, col:col + w], bias, out=grid[:, :, :, a, :, col])   # bias in the copy
                 del y
         return out.reshape(b, t, conv.out_channels, 2 * h, 2 * w).transpose(1, 2)
 

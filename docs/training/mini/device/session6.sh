@@ -81,5 +81,14 @@ a3) $T teacher --run-dir $RUN --lr 1e-4 --steps 200000 --compile --max-minutes "
       mkdir -p "$OUT/teacher" && cp $RUN/teacher/final.safetensors $RUN/teacher/log.jsonl "$OUT/teacher/"
     fi
     ;;
-*)  echo "usage: session6.sh a1|a2|a3"; exit 2 ;;
+d1) # the decoder fine-tune alone (a1's run dir was lost: the machine was handed back between a1 and a2)
+    rm -rf $RUN && assemble
+    $T vae_decoder --run-dir $RUN --fit-minutes 7.3 --max-minutes "$(minutes_left 75)" > "$OUT/vae_decoder.log" 2>&1 \
+       || echo "vae_decoder exit $?"
+    grep -v "step .*/" "$OUT/vae_decoder.log" | tail -3
+    mkdir -p "$OUT/vae_decoder" && cp $RUN/vae_decoder/final.safetensors $RUN/vae_decoder/log.jsonl \
+       $RUN/vae_decoder/reconstruction.json "$OUT/vae_decoder/" || true
+    recon $RUN/olddec | tee -a "$OUT/recon.log" | cut -c1-300
+    ;;
+*)  echo "usage: session6.sh a1|a2|a3|d1"; exit 2 ;;
 esac
