@@ -258,7 +258,7 @@ def test_sla_on_the_rcm_student_trains_on_its_own_sampling_states(run, tmp_path)
     from turbovid.train.teacher import run_sla
     with pytest.raises(ValueError, match="SLA-tunes the rCM student"):
         run_sla(recipe, tmp_path / "empty", ENV)
-    for name in ("vae", "teacher"):
+    for name in ("vae", "vae_decoder", "teacher"):
         shutil.copytree(run_dir / name, tmp_path / name)
     for name in ("text_encoder.safetensors", "spiece.model"):
         shutil.copyfile(run_dir / name, tmp_path / name)
@@ -266,7 +266,13 @@ def test_sla_on_the_rcm_student_trains_on_its_own_sampling_states(run, tmp_path)
     key = "blocks.0.self_attn.attn_op.local_attn.proj_l.weight"
     shipped = load_weights(dest / "dit.safetensors")
     assert torch.equal(shipped[key], load_weights(tmp_path / "sla" / "final.safetensors")[key].to(torch.bfloat16))
-    assert json.loads((dest / "config.json").read_text())["student"] == "sla"
+    config = json.loads((dest / "config.json").read_text())
+    assert config["student"] == "sla" and config["stages"]["vae_decoder"]["steps"] == TINY.vae_decoder.run.steps
+    # the release VAE is the decoder stage's (the tiny recipe has one), with its round-trip report
+    key = "decoder.head.2.weight"
+    assert torch.equal(load_weights(dest / "vae.safetensors")[key],
+                       load_weights(tmp_path / "vae_decoder" / "final.safetensors")[key].to(torch.bfloat16))
+    assert config["vae_reconstruction"]["count"] == TINY.vae_decoder.eval_clips
 
 
 def test_sla_dense_weight_also_fits_the_dense_output(run, tmp_path):

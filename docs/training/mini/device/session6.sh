@@ -2,6 +2,8 @@
 # Session 6 (2026-11-22), one H100: `bash session6.sh a1|a2|a3`. The run directory is assembled from the shipped
 # files (VAE, latent statistics, text encoder, tokenizer; the teacher as --init), so nothing is carried; it stays
 # on the machine between the two commands, and each command sends its small results back to $OUT.
+# d1 ran at commit bce2762, whose mini recipe had the vae_decoder stage; the recipe dropped it afterwards (the
+# fine-tuned decoder measured no gain on generated videos, recipe.py), so run it from that commit.
 #   a1: VAE decoder fine-tune (recipe.vae_decoder, encoder frozen) and a fourth teacher round, side by side on
 #       the one GPU; the VAE detector agreement of the old and new decoder on the same 128 held-out clips.
 #   a2: the VAE decode profile (#4: benchmarks/bench_vae.py --profile, the GPU otherwise idle), then the teacher.
@@ -42,7 +44,7 @@ from turbovid.train.recipe import RECIPES
 from turbovid.train.vae import reconstruction_report
 recipe, env = RECIPES["mini"], Env(torch.device("cuda"))
 vae = load_trained_vae(recipe, Path(sys.argv[1]), env)
-r = reconstruction_report(vae, recipe, env, recipe.vae_decoder.eval_clips)
+r = reconstruction_report(vae, recipe, env, 128)
 print(sys.argv[1], json.dumps(r))
 PY
 }
