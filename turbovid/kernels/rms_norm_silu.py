@@ -53,7 +53,7 @@ def residual_add_ref(h: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None
 
 if triton is not None:
     @triton.jit
-    def _rms_norm_silu_kernel(X, G, BIAS, Y, M, C, scale, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+    def _rms_norm_silu_kernel(X, Y, G, BIAS, M, C, scale, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_C: tl.constexpr):
         # X, Y: [M, C] row-major (one row per voxel of a channels-last video); BLOCK_M rows per program.
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -99,9 +99,17 @@ def _kernel_layout(tensors: tuple[torch.Tensor, ...]) -> bool:
             and all(_voxel_rows(t[i]) for t in tensors for i in range(x.shape[0])))
 
 
-def _blocks(c: int) -> tuple[int, int]:
+def _launch(kernel, videos: tuple[torch.Tensor, ...], weights: tuple, bias: torch.Tensor | None, *scalars) -> None:
+    """One launch per sample of the videos [B, C, ...], each sample a dense [M, C] block of rows:
+    kernel(sample of each video..., weights..., BIAS, M, C, scalars..., HAS_BIAS, BLOCK_M, BLOCK_C)."""
+    b, c = videos[0].shape[:2]
+    m = videos[0][0].numel() // c
     block_c = triton.next_power_of_2(c)
-    return max(1, 8192 // block_c), block_c
+    block_m = max(1, 8192 // block_c)
+    for i in range(b):
+        kernel[(triton.cdiv(m, block_m),)](*(v[i] for v in videos), *weights, videos[0] if bias is None else bias,
+                                           m, c, *scalars, HAS_BIAS=bias is not None, BLOCK_M=block_m,
+                                           BLOCK_C=block_c, num_warps=8)
 
 
 def _check_bias(name: str, bias: torch.Tensor | None, c: int) -> None:
@@ -115,15 +123,10 @@ def rms_norm_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float, out: torch
     Triton kernel runs when both are channels-last (use_triton decides the device), the reference otherwise."""
     if x.shape != out.shape or x.shape[1] != gamma.numel():
         raise ValueError(f"rms_norm_silu: x {tuple(x.shape)}, out {tuple(out.shape)}, gamma {tuple(gamma.shape)} disagree")
-    b, c = x.shape[:2]
+    c = x.shape[1]
     _check_bias("rms_norm_silu", bias, c)
     if _kernel_layout((x, out)):
-        m = x[0].numel() // c
-        block_m, block_c = _blocks(c)
-        for i in range(b):  # one launch per sample: each is one dense [M, C] block
-            _rms_norm_silu_kernel[(triton.cdiv(m, block_m),)](
-                x[i], gamma, gamma if bias is None else bias, out[i], m, c, scale, HAS_BIAS=bias is not None,
-                BLOCK_M=block_m, BLOCK_C=block_c, num_warps=8)
+        _launch(_rms_norm_silu_kernel, (x, out), (gamma,), bias, scale)
     else:
         rms_norm_silu_ref(x, gamma, scale, out, bias)
 
@@ -133,15 +136,10 @@ def residual_add_(h: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = 
     channels-last, the reference otherwise."""
     if h.shape != x.shape or h.dtype != x.dtype:
         raise ValueError(f"residual_add_: h {tuple(h.shape)} {h.dtype} and x {tuple(x.shape)} {x.dtype} disagree")
-    b, c = h.shape[:2]
+    c = h.shape[1]
     _check_bias("residual_add_", bias, c)
     if _kernel_layout((h, x)):
-        m = h[0].numel() // c
-        block_m, block_c = _blocks(c)
-        for i in range(b):
-            _residual_add_kernel[(triton.cdiv(m, block_m),)](h[i], x[i], h if bias is None else bias, m, c,
-                                                            HAS_BIAS=bias is not None, BLOCK_M=block_m,
-                                                            BLOCK_C=block_c, num_warps=8)
+        _launch(_residual_add_kernel, (h, x), (), bias)
     else:
         residual_add_ref(h, x, bias)
     return h
