@@ -125,6 +125,15 @@ def test_clean_prompt(raw, clean):
     assert clean_prompt(raw) == clean
 
 
+def test_clean_prompt_refuses_without_ftfy(monkeypatch):
+    # No silent fallback: without ftfy the Wan negative prompt's full-width commas stay and tokenize differently.
+    import turbovid.models.text_encoder as te
+
+    monkeypatch.setattr(te, "ftfy", None)
+    with pytest.raises(ImportError, match="ftfy"):
+        te.clean_prompt("色调艳丽，过曝")
+
+
 def test_tokenizer_contract_and_both_formats(tok_dir):
     sp = spm.SentencePieceProcessor(model_file=str(tok_dir / "spiece.model"))
     official = AutoTokenizer.from_pretrained(str(tok_dir / "hf"), local_files_only=True)

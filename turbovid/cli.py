@@ -187,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError, CheckpointError) as e:
         print(f"turbovid: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except ImportError as e:   # a missing dependency (e.g. ftfy for prompt cleaning)
+        print(f"turbovid: error: {e}", file=sys.stderr)
+        return 1
     except (MemoryError, torch.OutOfMemoryError) as e:
         print(f"turbovid: error: out of memory ({str(e).splitlines()[0][:200]}); try --quant, a lower "
               "--resolution or fewer --frames", file=sys.stderr)

@@ -24,16 +24,21 @@ from transformers import UMT5Config, UMT5EncoderModel
 
 from turbovid.config import TextEncoderConfig
 
-try:  # a dependency of the package; the fallback only keeps bare environments (GPU boxes) importing
+try:  # a dependency of the package, imported lazily so that kernel-only environments still import this module
     import ftfy
 except ImportError:
     ftfy = None
 
 
 def clean_prompt(text: str) -> str:
-    """SPEC §4.1 "whitespace" cleaning: ftfy, HTML-unescape twice, strip, collapse whitespace runs."""
-    if ftfy is not None:   # as the official cleaning: also maps full-width punctuation to ASCII
-        text = ftfy.fix_text(text)
+    """SPEC §4.1 "whitespace" cleaning: ftfy, HTML-unescape twice, strip, collapse whitespace runs.
+
+    Without ftfy there is no cleaning at all, never a silent fallback: ftfy maps full-width punctuation to
+    ASCII, so the Wan negative prompt tokenizes differently without it (the mini teacher's rounds 1-3 ran on a
+    GPU box without ftfy and learned CFG's unconditional branch on those tokens; docs/training/mini/README.md)."""
+    if ftfy is None:
+        raise ImportError("prompt cleaning needs ftfy (pip install ftfy): without it prompts tokenize differently")
+    text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text)).strip()
     return re.sub(r"\s+", " ", text).strip()
 
