@@ -176,6 +176,23 @@ def test_fast_gemm_epilogue(gelu, gated, K_):
         torch.testing.assert_close(ref[L:].float(), expect, rtol=2 ** -7, atol=1e-5)
 
 
+@needs_kernels
+@pytest.mark.parametrize("loop", ["tma", "ptr"])
+@pytest.mark.parametrize("N", [72, 70])
+def test_fast_gemm_two_gate_epilogue(loop, N, monkeypatch):
+    # tokens_per_sample >= 256: the gate is read as two vectors per tile. Three samples of 260 rows: tiles straddle
+    # sample borders and the last tile wraps past M (its first row is not the wrapped minimum); N = 72 stores
+    # through TMA (16-byte rows), N = 70 in bf16 through pointers.
+    monkeypatch.setattr(K, "GEMM_LOOP", loop)
+    B, L, K_ = 3, 260, 208
+    x, w = _activations(B * L, K_, outlier=4.0), _activations(N, K_, seed=6) * 0.05
+    (qx, sx), (qw, sw) = K.quant_per_token_ref(x), K.quant_per_token_ref(w)
+    extra = dict(residual=torch.randn(B * L, N).to(torch.bfloat16), gate=torch.randn(B, N), tokens_per_sample=L)
+    got = K.gemm_fast(qx, sx, qw, sw, None, False, out_dtype=torch.bfloat16, **extra)
+    ref = K.gemm_fast_ref(qx, sx, qw, sw, None, False, out_dtype=torch.bfloat16, **extra)
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2 ** -7, atol=1e-5)
+
+
 def test_fast_linear_vs_bf16():
     lin = nn.Linear(512, 256).to(torch.bfloat16)
     x = _activations(300, 512).view(3, 100, 512)

@@ -265,7 +265,7 @@ def _gemm_td_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K, KT
 @triton.jit
 def _gemm_fast_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr,
                       M, N, K, L,
-                      HAS_BIAS: tl.constexpr, GELU: tl.constexpr, GATED: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, GELU: tl.constexpr, GATED: tl.constexpr, GATE2: tl.constexpr,
                       EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -289,14 +289,20 @@ def _gemm_fast_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, bias_ptr, res_ptr, gate_ptr,
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
-    _fast_epilogue(acc, offs_m, offs_n, sx_ptr, sw_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr, M, N, L,
-                   HAS_BIAS, GELU, GATED)
+    _fast_epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, sx_ptr, sw_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr,
+                   M, N, L, HAS_BIAS, GELU, GATED, GATE2, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
-def _fast_epilogue(acc, offs_m, offs_n, sx_ptr, sw_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr, M, N, L,
-                   HAS_BIAS: tl.constexpr, GELU: tl.constexpr, GATED: tl.constexpr):
-    """Dequantize, bias, GELU, gated residual; one rounding. Row/column indices wrap, so loads need no mask."""
+def _fast_epilogue(acc, off_m, off_n, sx_ptr, sw_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr, M, N, L,
+                   HAS_BIAS: tl.constexpr, GELU: tl.constexpr, GATED: tl.constexpr, GATE2: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, out_desc=None, OUT_TMA: tl.constexpr = False):
+    """Dequantize, bias, GELU, gated residual; one rounding. Row/column indices wrap, so loads need no mask.
+    GATE2 (tokens per sample L >= BLOCK_M): a tile's rows span at most two samples, so the gate is two [BLOCK_N]
+    vectors and a select instead of a [BLOCK_M, BLOCK_N] gather (o-proj GEMM 0.315 -> 0.273 ms at the 1.3B shape).
+    OUT_TMA: the tile leaves through a TMA store (rows past M are clipped by the hardware)."""
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_n = off_n + tl.arange(0, BLOCK_N)
     rm = (offs_m % M).to(tl.int64)
     rn = (offs_n % N).to(tl.int64)
     sx = tl.load(sx_ptr + rm)
@@ -311,23 +317,38 @@ def _fast_epilogue(acc, offs_m, offs_n, sx_ptr, sw_ptr, bias_ptr, res_ptr, gate_
     offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     omask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if GATED:
-        g = tl.load(gate_ptr + (rm // L)[:, None] * N + rn[None, :])
+        if GATE2:
+            first = off_m // L                       # sample of the tile's first row (unwrapped index)
+            g0 = tl.load(gate_ptr + first * N + rn)
+            g1 = tl.load(gate_ptr + tl.minimum(first + 1, M // L - 1) * N + rn)
+            g = tl.where((offs_m < (first + 1) * L)[:, None], g0[None, :], g1[None, :])
+        else:
+            g = tl.load(gate_ptr + (rm // L)[:, None] * N + rn[None, :])
         r = tl.load(res_ptr + offs, mask=omask, other=0.0).to(tl.float32)
         y = r + g * y
-    tl.store(out_ptr + offs, _to_out(y, out_ptr.dtype.element_ty), mask=omask)
+    if OUT_TMA:
+        out_desc.store([off_m, off_n], _to_out(y, out_ptr.dtype.element_ty))
+    else:
+        tl.store(out_ptr + offs, _to_out(y, out_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit
-def _gemm_fast_tma_kernel(x_desc, w_desc, sx_ptr, sw_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr,
+def _gemm_fast_tma_kernel(x_desc, w_desc, sx_ptr, sw_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr, out_desc,
                           M, N, K, L,
-                          HAS_BIAS: tl.constexpr, GELU: tl.constexpr, GATED: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr):
+                          HAS_BIAS: tl.constexpr, GELU: tl.constexpr, GATED: tl.constexpr, GATE2: tl.constexpr,
+                          OUT_ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
+                          OUT_TMA: tl.constexpr = False, WS: tl.constexpr = False):
     """The same GEMM as _gemm_fast_kernel with TMA tile loads (tensor descriptors; out-of-range rows and the
-    K tail read as zeros) and a persistent grid: NUM_SMS programs walk the tiles in grouped order."""
+    K tail read as zeros) and a persistent grid: NUM_SMS programs walk the tiles in grouped order. The tile
+    loop is either flattened (one tile's epilogue overlaps the next tile's loads) or warp-specialised (WS:
+    producer warps issue the loads, consumer warps run the MMAs and the epilogue); OUT_TMA stores through
+    `out_desc` when the output rows are 16-byte aligned (OUT_ALIGNED). Which wins depends on the epilogue
+    (scratch A/B on an H100: WS for the K = 8960 / 13824 gated GEMMs, up to 17% faster; TMA store for the
+    1.3B o-projection); the autotuner picks per shape."""
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=True):   # epilogue overlaps next loads
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=not WS, warp_specialize=WS):
         pid_m, pid_n = _tile_ids(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
@@ -336,8 +357,8 @@ def _gemm_fast_tma_kernel(x_desc, w_desc, sx_ptr, sw_ptr, bias_ptr, res_ptr, gat
             a = x_desc.load([off_m, kk * BLOCK_K])            # [BM, BK]
             b = w_desc.load([off_n, kk * BLOCK_K])            # [BN, BK], K-major as int8 wgmma requires
             acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
-        _fast_epilogue(acc, off_m + tl.arange(0, BLOCK_M), off_n + tl.arange(0, BLOCK_N), sx_ptr, sw_ptr,
-                       bias_ptr, res_ptr, gate_ptr, out_ptr, M, N, L, HAS_BIAS, GELU, GATED)
+        _fast_epilogue(acc, off_m, off_n, sx_ptr, sw_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr, M, N, L,
+                       HAS_BIAS, GELU, GATED, GATE2, BLOCK_M, BLOCK_N, out_desc, OUT_TMA and OUT_ALIGNED)
 
 
 def _fast_configs():
@@ -358,13 +379,20 @@ def _tma_block_shapes(nargs):
     """Autotune pre-hook: the descriptors' block shapes follow the config being tried."""
     nargs["x_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
     nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+    if nargs["out_desc"] is not None:
+        nargs["out_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_N"]]
 
 
 def _tma_configs():
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s,
-                          pre_hook=_tma_block_shapes)
-            for bm, bn, bk, w, s in [(128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 256, 128, 8, 4),
-                                     (128, 128, 128, 8, 4), (128, 256, 64, 8, 4)]]
+    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, TMA store, warp-specialised)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "OUT_TMA": o, "WS": ws},
+                          num_warps=w, num_stages=s, pre_hook=_tma_block_shapes)
+            for bm, bn, bk, w, s, o, ws in [
+                (128, 256, 128, 8, 3, False, False), (256, 128, 128, 8, 3, False, False),
+                (128, 256, 128, 8, 4, False, False), (128, 128, 128, 8, 4, False, False),
+                (128, 256, 64, 8, 4, False, False), (128, 128, 128, 8, 4, True, False),
+                (128, 256, 128, 8, 3, False, True), (128, 256, 128, 8, 4, False, True),
+                (256, 128, 128, 8, 3, False, True)]]
 
 
 _gemm_fast_tuned = triton.autotune(_fast_configs(), key=["M", "N", "K", "GELU", "GATED"])(_gemm_fast_kernel)
@@ -483,20 +511,24 @@ def gemm_fast(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Te
     args = (qx, qw, sx, sw, bias.contiguous() if bias is not None else dummy,
             residual.contiguous() if gated else dummy, gate.float().contiguous() if gated else dummy, out,
             M, N, K, tokens_per_sample if gated else 1)
-    flags = dict(HAS_BIAS=bias is not None, GELU=gelu, GATED=gated)
+    # Two gate vectors per tile when no tile (BLOCK_M <= 256 rows) spans more than two samples.
+    flags = dict(HAS_BIAS=bias is not None, GELU=gelu, GATED=gated, GATE2=gated and tokens_per_sample >= 256)
     tma = GEMM_LOOP == "tma" and K % 16 == 0
+    out_aligned = (N * out.element_size()) % 16 == 0   # TMA store: 16-byte row stride
     if qx.is_cuda and tma:
         sms = torch.cuda.get_device_properties(qx.device).multi_processor_count
         descs = (TensorDescriptor.from_tensor(qx, [1, 16]), TensorDescriptor.from_tensor(qw, [1, 16]))  # pre-hook sets
+        out_desc = TensorDescriptor.from_tensor(out, [1, 16]) if out_aligned else None
         grid = lambda meta: (min(sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
-        _gemm_fast_tma_tuned[grid](*descs, *args[2:], NUM_SMS=sms, **flags)
+        _gemm_fast_tma_tuned[grid](*descs, *args[2:8], out_desc, *args[8:], NUM_SMS=sms, OUT_ALIGNED=out_aligned, **flags)
     elif qx.is_cuda:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
         _gemm_fast_tuned[grid](*args, EVEN_K=K % 128 == 0, **flags)
-    elif tma:   # interpreter: small tiles, 3 "SMs" so that programs walk several tiles
+    elif tma:   # interpreter: small tiles, 3 "SMs" so that programs walk several tiles; TMA store when aligned
         descs = (TensorDescriptor.from_tensor(qx, [64, 64]), TensorDescriptor.from_tensor(qw, [64, 64]))
-        _gemm_fast_tma_kernel[(3,)](*descs, *args[2:], BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, NUM_SMS=3,
-                                    **flags)
+        out_desc = TensorDescriptor.from_tensor(out, [64, 64]) if out_aligned else None
+        _gemm_fast_tma_kernel[(3,)](*descs, *args[2:8], out_desc, *args[8:], BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=4,
+                                    NUM_SMS=3, OUT_ALIGNED=out_aligned, OUT_TMA=out_aligned, **flags)
     else:
         bk = 64  # small tiles keep the interpreter quick; BLOCK_K < K exercises the K loop
         grid = (triton.cdiv(M, 64) * triton.cdiv(N, 64),)
