@@ -111,6 +111,17 @@ def test_i2v_model_requires_image_t2v_refuses_one(tmp_path, capsys, image_path):
     assert_clean_failure(code, err, out, "takes no --image")
 
 
+def test_missing_dependency_is_one_line(tmp_path, capsys, monkeypatch):
+    # Prompt cleaning without ftfy: exit 1 (environment, not usage), one line naming it, no file.
+    import turbovid.models.text_encoder as te
+    monkeypatch.setattr(te, "ftfy", None)
+    out = tmp_path / "out.mp4"
+    code, _, err = run_cli(capsys, "generate", "--prompt", "a cat", "--output", str(out))
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("turbovid: error:") and "ftfy" in lines[0], err
+    assert not out.exists() and not any(p.name.startswith(".partial-") for p in tmp_path.glob("*"))
+
+
 def test_wrong_checkpoint_is_one_line(tmp_path, capsys):
     # A VAE-like state dict given as the DiT.
     bogus = tmp_path / "vae_as_dit.pth"

@@ -187,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError, CheckpointError) as e:
         print(f"turbovid: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except ImportError as e:   # a missing dependency (e.g. ftfy for prompt cleaning)
+    except ModuleNotFoundError as e:   # a missing third-party dependency (e.g. ftfy for prompt cleaning)
+        if (e.name or "").split(".")[0] == "turbovid":
+            raise                          # our own broken import is a bug: keep its traceback
         print(f"turbovid: error: {e}", file=sys.stderr)
         return 1
     except (MemoryError, torch.OutOfMemoryError) as e:

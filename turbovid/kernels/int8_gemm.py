@@ -397,6 +397,9 @@ def _tma_configs():
                 (256, 128, 128, 8, 3, False, True)]]
 
 
+# The two-vector gate (GATE2) needs every tile to span at most two samples: tokens per sample >= the largest BLOCK_M.
+MAX_BLOCK_M = max(c.kwargs["BLOCK_M"] for c in _fast_configs() + _tma_configs())
+
 _gemm_fast_tuned = triton.autotune(_fast_configs(), key=["M", "N", "K", "GELU", "GATED"])(_gemm_fast_kernel)
 _gemm_fast_tma_tuned = triton.autotune(_tma_configs(), key=["M", "N", "K", "GELU", "GATED"])(_gemm_fast_tma_kernel)
 
@@ -513,8 +516,7 @@ def gemm_fast(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Te
     args = (qx, qw, sx, sw, bias.contiguous() if bias is not None else dummy,
             residual.contiguous() if gated else dummy, gate.float().contiguous() if gated else dummy, out,
             M, N, K, tokens_per_sample if gated else 1)
-    # Two gate vectors per tile when no tile (BLOCK_M <= 256 rows) spans more than two samples.
-    flags = dict(HAS_BIAS=bias is not None, GELU=gelu, GATED=gated, GATE2=gated and tokens_per_sample >= 256)
+    flags = dict(HAS_BIAS=bias is not None, GELU=gelu, GATED=gated, GATE2=gated and tokens_per_sample >= MAX_BLOCK_M)
     tma = GEMM_LOOP == "tma" and K % 16 == 0
     out_aligned = (N * out.element_size()) % 16 == 0   # TMA store: 16-byte row stride
     if qx.is_cuda and tma:

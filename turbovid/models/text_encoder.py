@@ -24,7 +24,7 @@ from transformers import UMT5Config, UMT5EncoderModel
 
 from turbovid.config import TextEncoderConfig
 
-try:  # a dependency of the package, imported lazily so that kernel-only environments still import this module
+try:  # a dependency of the package; optional here only so that environments without it can import the module
     import ftfy
 except ImportError:
     ftfy = None
@@ -37,7 +37,8 @@ def clean_prompt(text: str) -> str:
     ASCII, so the Wan negative prompt tokenizes differently without it (the mini teacher's rounds 1-3 ran on a
     GPU box without ftfy and learned CFG's unconditional branch on those tokens; docs/training/mini/README.md)."""
     if ftfy is None:
-        raise ImportError("prompt cleaning needs ftfy (pip install ftfy): without it prompts tokenize differently")
+        raise ModuleNotFoundError("prompt cleaning needs ftfy (pip install ftfy): without it prompts tokenize "
+                                  "differently", name="ftfy")
     text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text)).strip()
     return re.sub(r"\s+", " ", text).strip()
