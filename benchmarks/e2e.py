@@ -6,7 +6,9 @@ Stages of the turbo video (CUDA-synchronised wall time, peak GPU memory of each 
   text_encode   umT5-xxl encoder (5.68 B parameters, random bf16), one prompt padded to 512 tokens
   dit           4 rCM steps on the latent [1, 16, 21, 60, 104] (L = 21*30*52 = 32760 tokens), per step
   vae_decode    turbovid.models.vae.WanVAE.decode, full-size random weights, bf16
-  mp4_write     uint8 conversion + file write (H.264 through imageio-ffmpeg; OpenCV mp4v where it is missing)
+  mp4_write     uint8 conversion + file write (H.264 through imageio-ffmpeg, x264 preset veryfast; OpenCV mp4v
+                where imageio-ffmpeg is missing). Random weights decode to noise-like frames, an encoder's worst
+                case, so mp4_write_procedural_* also time a procedural training clip at 832 x 480 (not in sums)
   vae_decode_and_mp4  the two above as `turbovid generate` runs them: each decoder pass's frames go to the
                 encoder thread at once (turbovid.video.VideoWriter), so encoding overlaps decoding
 End to end = text_encode + dit (best row) + vae_decode_and_mp4; the sequential sum is reported beside it.
@@ -320,7 +322,32 @@ def mp4_stage(video: torch.Tensor) -> dict:
         path = write_video(Path(tmp) / "video.mp4", frames, backend=backend)
         size = path.stat().st_size
     return {"stage": "mp4_write", "s": time.perf_counter() - t0, "peak_gb": None,
-            "note": f"{frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]}, {how}, {size / 1e6:.1f} MB"}
+            "note": f"{frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]} of the random-weight video, {how} "
+                    f"(preset veryfast where libx264), {size / 1e6:.1f} MB"}
+
+
+def mp4_content_rows() -> list[dict]:
+    """The encoder's cost depends on the content, and a random-weight VAE draws noise-like frames (the worst case
+    for any encoder). So also: 81 frames of a procedural clip of the training data (a shape moving over a
+    background, rendered at 832 x 832, the middle 480 rows kept), per x264 preset; uint8 frames in, file out."""
+    backend, how = video_backend()
+    if backend != "ffmpeg":
+        return []
+    from turbovid.train.data import render, sample_clip
+
+    clip = render(sample_clip(0, "train", 3), 832, 81)[:, :, 176:656]       # [3, 81, 480, 832] in [-1, 1]
+    frames = to_uint8_frames(clip)
+    rows = []
+    for preset in ("veryfast", "medium"):
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            path = write_video(Path(tmp) / "video.mp4", frames, backend=backend, preset=preset)
+            seconds = time.perf_counter() - t0
+            size = path.stat().st_size
+        rows.append({"stage": f"mp4_write_procedural_{preset}", "s": seconds, "peak_gb": None,
+                     "note": f"81 frames 832x480 of a procedural training clip, {how} preset {preset}, "
+                             f"{size / 1e6:.2f} MB; not in the sums"})
+    return rows
 
 
 def decode_write_stage(vae: WanVAE, latent: torch.Tensor) -> dict:
@@ -430,6 +457,7 @@ def main() -> None:
     video = None
     torch.cuda.empty_cache()
     sequential = sum(r["s"] for r in results["stages"])
+    results["stages"] += mp4_content_rows()
     results["stages"].append(decode_write_stage(vae, latent))
     vae = None
     torch.cuda.empty_cache()

