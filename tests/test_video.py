@@ -67,3 +67,28 @@ def test_bad_frames_and_empty_videos_are_one_line_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown video backend"):
         VideoWriter(tmp_path / "v.mp4", backend="gif")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_x264_preset_is_applied_and_checked(tmp_path, monkeypatch):
+    """The preset reaches ffmpeg's command line and both presets keep the pictures; an unknown preset is a
+    one-line error before any file exists."""
+    import imageio_ffmpeg
+
+    seen = []
+    real = imageio_ffmpeg.write_frames
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("output_params"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(imageio_ffmpeg, "write_frames", spy)
+    frames = _frames(n=17, h=96, w=128)
+    fast = write_video(tmp_path / "fast.mp4", frames)
+    slow = write_video(tmp_path / "slow.mp4", frames, preset="medium")
+    assert seen == [["-preset", "veryfast"], ["-preset", "medium"]]
+    a, b = read_video(fast), read_video(slow)
+    assert a.shape == b.shape == frames.shape
+    assert np.abs(a.astype(int) - frames).mean() < 20 and np.abs(b.astype(int) - frames).mean() < 20
+    with pytest.raises(ValueError, match="unknown x264 preset 'quick'"):
+        VideoWriter(tmp_path / "bad.mp4", preset="quick")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fast.mp4", "slow.mp4"]

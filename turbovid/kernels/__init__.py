@@ -33,3 +33,17 @@ def use_triton(x: torch.Tensor, min_capability: tuple[int, int] = (8, 0)) -> boo
     if x.is_cuda:
         return torch.cuda.get_device_capability(x.device) >= min_capability
     return interpreting()
+
+
+def launch_tuned(kernel, grid, *args, **kwargs) -> None:
+    """`kernel[grid](*args, **kwargs)` for a `triton.autotune`d kernel. A call that tunes (a new key: it
+    benchmarks every config) is followed by `gc.collect()`: tuning leaves a reference cycle that holds the frames
+    of the calling stack, so the whole forward's activations outlive the forward until Python's next full
+    collection (Wan2.1-14B 720p, first W8A8 forward on an H100: 9.8 GB; benchmarks/mem_14b.py --holders,
+    benchmarks/results/mem_14b_h100_2026-11-22_run4.log). Calls with a known key cost one dict length."""
+    import gc
+
+    known = len(kernel.cache)
+    kernel[grid](*args, **kwargs)
+    if len(kernel.cache) != known:
+        gc.collect()

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from turbovid.kernels import launch_tuned
 from turbovid.kernels.int8_gemm import _rne_bf16, quant_per_token_ref
 
 
@@ -195,7 +196,7 @@ def _launch(x, kind, weight, bias, shift, scale, eps, round_norm, write_y, write
                  ROUND_NORM=round_norm, WRITE_Y=write_y, WRITE_Q=write_q, BLOCK_D=triton.next_power_of_2(D))
     if x.is_cuda:
         grid = lambda meta: (B * triton.cdiv(L, meta["ROWS"] * meta["ITERS"]),)
-        _norm_modulate_tuned[grid](*args, **flags)
+        launch_tuned(_norm_modulate_tuned, grid, *args, **flags)
     else:
         # small chunks: several programs per sample, and an odd L leaves a partial last chunk
         _norm_modulate_kernel[(B * triton.cdiv(L, 4),)](*args, ROWS=2, ITERS=2, **flags)

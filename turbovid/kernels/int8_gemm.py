@@ -55,6 +55,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from turbovid.kernels import launch_tuned
+
 TD_TILE = 128          # TD scale granularity (rows and K)
 TD_QMAX = 128.0        # TD's multiplier (saturates to 127)
 FAST_QMAX = 127.0      # symmetric per-token / per-channel
@@ -476,8 +478,8 @@ def gemm_td(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Tens
     bias_arg = bias.contiguous() if bias is not None else sx  # dummy pointer when unused
     if qx.is_cuda:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        _gemm_td_tuned[grid](qx, qw, sx, sw, bias_arg, out, M, N, K, kt, HAS_BIAS=bias is not None,
-                             enable_fp_fusion=False)
+        launch_tuned(_gemm_td_tuned, grid, qx, qw, sx, sw, bias_arg, out, M, N, K, kt, HAS_BIAS=bias is not None,
+                     enable_fp_fusion=False)
     else:
         grid = (triton.cdiv(M, 128) * triton.cdiv(N, 128),)
         _gemm_td_kernel[grid](qx, qw, sx, sw, bias_arg, out, M, N, K, kt, HAS_BIAS=bias is not None,
@@ -524,10 +526,11 @@ def gemm_fast(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Te
         descs = (TensorDescriptor.from_tensor(qx, [1, 16]), TensorDescriptor.from_tensor(qw, [1, 16]))  # pre-hook sets
         out_desc = TensorDescriptor.from_tensor(out, [1, 16]) if out_aligned else None
         grid = lambda meta: (min(sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
-        _gemm_fast_tma_tuned[grid](*descs, *args[2:8], out_desc, *args[8:], NUM_SMS=sms, OUT_ALIGNED=out_aligned, **flags)
+        launch_tuned(_gemm_fast_tma_tuned, grid, *descs, *args[2:8], out_desc, *args[8:], NUM_SMS=sms,
+                     OUT_ALIGNED=out_aligned, **flags)
     elif qx.is_cuda:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        _gemm_fast_tuned[grid](*args, EVEN_K=K % 128 == 0, **flags)
+        launch_tuned(_gemm_fast_tuned, grid, *args, EVEN_K=K % 128 == 0, **flags)
     elif tma:   # interpreter: small tiles, 3 "SMs" so that programs walk several tiles; TMA store when aligned
         descs = (TensorDescriptor.from_tensor(qx, [64, 64]), TensorDescriptor.from_tensor(qw, [64, 64]))
         out_desc = TensorDescriptor.from_tensor(out, [64, 64]) if out_aligned else None

@@ -7,7 +7,7 @@
 #       teacher at sampling shifts 2 / 3 / 5 / 8 (it was trained at shift 3 and is sampled at 5); then checks of
 #       the new rCM student and of the shipped student, dense attention.
 #       Under the evals' load its schedule was fitted to only 907 steps (4.75 steps/s on its first steps), so:
-#   r:  rCM alone on the GPU with a fixed number of steps (RCM_STEPS, default 2200), then its check.
+#   r:  rCM alone on the GPU, fitted to the command's time, then its check.
 #   g2: the SLA stage (base rcm) on g1's rCM student (runs/carry/rcm.safetensors after a new start); checks.
 set -euo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=. TURBOVID_COMMIT=${TURBOVID_COMMIT:-unknown}
@@ -37,8 +37,10 @@ g1) rm -rf $RUN && python3 docs/training/mini/device/assemble.py $RUN
     wait
     ;;
 r)  rm -rf $RUN && python3 docs/training/mini/device/assemble.py $RUN   # g1's rCM, alone on the GPU, fixed length
-    $T rcm --run-dir $RUN --steps "${RCM_STEPS:-2200}" --max-minutes "$(minutes_left 75)" > "$OUT/rcm.log" 2>&1 \
-       || echo "rcm exit $?"   # 3300 steps: stopped at 2371 (the latent pool's encode took ~4 min), lost
+    # Fixed lengths ran out of time twice (3300 steps: stopped at 2371, 2200: at 1975; the latent pool's encode
+    # takes minutes and its speed varies between machines), and a stopped stage leaves no final weights. So the
+    # schedule is fitted to the command's time, measured on its first steps (the rCM learning rate is constant).
+    $T rcm --run-dir $RUN --steps 100000 --fit-minutes "$(minutes_left 75)" > "$OUT/rcm.log" 2>&1 || echo "rcm exit $?"
     grep -v "step .*/" "$OUT/rcm.log" | tail -3; tail -2 "$OUT/rcm.log"
     mkdir -p "$OUT/rcm" && cp $RUN/rcm/final.safetensors $RUN/rcm/log.jsonl "$OUT/rcm/" || true
     check 48 --dit $RUN/rcm/final.safetensors --attention dense --sampler rcm
