@@ -55,7 +55,7 @@ def test_i2v_and_num_samples_tile_horizontally(tmp_path, capsys, image_path):
     out = tmp_path / "i2v.mp4"
     code, _, err = run_cli(capsys, "generate", "--model", "tiny-i2v", "--image", str(image_path),
                            "--prompt", "the square turns", "--output", str(out), "--frames", "9",
-                           "--num-samples", "2", "--aspect-ratio", "1:1", "--ode", "--quiet")
+                           "--num-samples", "2", "--aspect-ratio", "1:1", "--ode", "--quiet", "--preset", "medium")
     assert code == 0, err
     frames = read_video(out)
     assert frames.shape == (9, 128, 256, 3)
@@ -81,6 +81,7 @@ def test_same_seed_same_video_other_seed_differs(tmp_path, capsys):
     (["--topk", "0"], "--topk"),
     (["--topk", "1.5"], "--topk"),
     (["--attention", "flash"], "unknown attention"),
+    (["--preset", "quick"], "unknown --preset"),
     (["--model", "Wan9"], "unknown model"),
     (["--image", "missing.png"], "image not found"),
     (["--num-samples", "0"], "--num-samples"),

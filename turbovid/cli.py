@@ -59,6 +59,8 @@ def _generate_parser(sub) -> None:
     p.add_argument("--solver", default="unipc", help="teacher sampler: unipc | euler")
     p.add_argument("--shift", type=float, default=5.0, help="teacher sampler flow shift")
     p.add_argument("--guidance", type=float, default=5.0, help="teacher sampler CFG scale")
+    p.add_argument("--preset", default="veryfast", help="x264 preset of the mp4: ultrafast .. veryslow (default "
+                   "veryfast; slower presets write smaller files of the same quality)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_args(p)
 
@@ -98,9 +100,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from turbovid.pipeline import MAX_RCM_STEPS, Pipeline, check_prompt, check_sample
-    from turbovid.video import VideoWriter, read_image
+    from turbovid.video import X264_PRESETS, VideoWriter, read_image
 
     out = _check_output(args.output)
+    if args.preset not in X264_PRESETS:
+        raise UsageError(f"unknown --preset {args.preset!r}; choose one of {', '.join(X264_PRESETS)}")
     if args.model not in MODELS:
         raise UsageError(f"unknown model {args.model!r}; choose one of {', '.join(MODELS)}")
     spec = MODELS[args.model]
@@ -145,7 +149,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         bar.update(done - bar.n)
 
     # The mp4 is encoded by a thread while the VAE decodes; "write" is what is left of it after the decode.
-    with VideoWriter(out) as writer:
+    with VideoWriter(out, preset=args.preset) as writer:
         video = pipe.generate(args.prompt, sample, image=image, progress=progress, writer=writer)
         if bar is not None:
             bar.close()
