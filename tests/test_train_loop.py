@@ -76,6 +76,9 @@ def test_vae_stage_trains_and_normalises_latents(run):
     assert z.mean(1).abs().max() < 0.02 and (z.std(1, unbiased=False) - 1).abs().max() < 0.02
     report = json.loads((run_dir / "vae" / "reconstruction.json").read_text())
     assert report["count"] == TINY.vae_stage.eval_clips and math.isfinite(report["psnr"]) and 0 <= report["all"] <= 1
+    by_size = report["shape_by_size"]
+    assert sum(v["clips"] for v in by_size.values()) == report["count"]
+    assert sum(v["right"] for v in by_size.values()) == round(report["shape"] * report["count"])
     # logvar half of conv1 started at the recipe's value and moved only by a few (lr 1e-3) steps
     state = load_weights(run_dir / "vae" / "final.safetensors")
     assert (state["conv1.bias"][16:] - TINY.vae_stage.logvar_init).abs().max() < 0.1

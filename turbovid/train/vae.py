@@ -206,8 +206,14 @@ def reconstruction_report(vae: WanVAE, recipe: Recipe, env: Env, count: int) -> 
         recons.append(rec.cpu())
         clips += batch
     scores = adherence(list(torch.cat(recons)), [c.attributes() for c in clips])
+    # Small objects lose their shape first (the mini VAE: ~half of the small ones), so shape per size class.
+    by_size = {}
+    for clip, found in zip(clips, scores["detections"]):
+        right, total = by_size.get(clip.size, (0, 0))
+        by_size[clip.size] = (right + (found["shape"] == clip.shape), total + 1)
     return {"l1": l1 / count, "psnr": 10 * math.log10(4.0 / max(mse / count, 1e-12)), "count": count,
-            **{k: v for k, v in scores.items() if k != "detections"}}
+            **{k: v for k, v in scores.items() if k != "detections"},
+            "shape_by_size": {size: {"right": r, "clips": n} for size, (r, n) in sorted(by_size.items())}}
 
 
 def run_vae(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None, decoder: bool = False) -> Path:
