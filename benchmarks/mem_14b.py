@@ -1,14 +1,17 @@
 """Where the memory of e2e.py's Wan2.1-14B 720p turbo row goes: allocated / peak GPU memory after each step of
 that row's setup (e2e.random_dit, one bf16 forward, e2e.turbo_14b_), then turbo forwards: two with the text K/V
-cache kept, one after clearing it, and the row's own 4-step video after clearing it again. After each forward it
-also sums the bytes of the storages the text K/V cache holds (views keep a whole storage alive). Prints only
-(H100 output: benchmarks/results/mem_14b_h100_2026-11-22*.log).
+cache kept, one after clearing it, and the row's own 4-step video after clearing it again; after each forward
+also the bytes the text K/V cache's storages hold. Prints only (H100 output:
+benchmarks/results/mem_14b_h100_2026-11-22*.log).
 
     PYTHONPATH=. python benchmarks/mem_14b.py [--history N] [--holders]
 
 --history N: record the caching allocator's history (torch.cuda.memory._record_memory_history) through the
 first turbo forward, then print the N largest allocations still alive after it, each with the Python frames
 that made it (the frames of turbovid, benchmarks and triton).
+--holders: after the first turbo forward, the referrer chains of the large tensors still alive, then what
+gc.collect() frees. This found the first forward's extra 9.8 GB: activations held by a reference cycle of the
+autotuner's tuning call (`_run4.log`), collected since by `turbovid.kernels.autotune` (`_run5.log`).
 """
 from __future__ import annotations
 

@@ -399,38 +399,39 @@ def test_gpu_fast_kernels_vs_ref(k, n, loop, monkeypatch):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
 
 
-def test_launch_tuned_collects_the_cycles_a_tuning_call_leaves(monkeypatch):
+def test_tuned_kernels_collect_the_cycles_a_tuning_call_leaves(monkeypatch):
     """A tuning call (the autotuner's cache grows) is followed by a full collection, so garbage cycles that hold
     the caller's tensors die with the call; a call with a known key does not collect."""
     import gc
     import weakref
 
-    from turbovid.kernels import launch_tuned
+    from turbovid.kernels import collect_after_tuning
 
-    class FakeTuned:             # kernel[grid](...) as triton.autotune: a new key tunes and fills .cache
+    class FakeTuned:             # as triton's Autotuner: kernel[grid](...) calls self.run, a new key fills .cache
         def __init__(self):
             self.cache = {}
 
         def __getitem__(self, grid):
-            def run(x, key):
-                if key not in self.cache:
-                    self.cache[key] = "config"
-                    cycle = {"activation": x}     # a cycle holding the caller's tensor, as tuning left one
-                    cycle["self"] = cycle
-            return run
+            return lambda *args, **kwargs: self.run(*args, grid=grid, warmup=False, **kwargs)
 
-    kernel = FakeTuned()
+        def run(self, x, key, grid, warmup):
+            if key not in self.cache:
+                self.cache[key] = "config"
+                cycle = {"activation": x}     # a cycle holding the caller's tensor, as tuning left one
+                cycle["self"] = cycle
+
+    kernel = collect_after_tuning(FakeTuned())
     collections = []
     real_collect = gc.collect
     monkeypatch.setattr(gc, "collect", lambda *a: collections.append(1) or real_collect(*a))
-    gc.disable()                 # only launch_tuned may collect during the test
+    gc.disable()                 # only the tuned kernel may collect during the test
     try:
         x = torch.zeros(1000)
         alive = weakref.ref(x)
-        launch_tuned(kernel, (1,), x, "shape-a")
+        kernel[(1,)](x, "shape-a")
         del x
         assert alive() is None and len(collections) == 1
-        launch_tuned(kernel, (1,), torch.zeros(3), "shape-a")
+        kernel[(1,)](torch.zeros(3), "shape-a")
         assert len(collections) == 1
     finally:
         gc.enable()

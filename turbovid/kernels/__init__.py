@@ -35,15 +35,30 @@ def use_triton(x: torch.Tensor, min_capability: tuple[int, int] = (8, 0)) -> boo
     return interpreting()
 
 
-def launch_tuned(kernel, grid, *args, **kwargs) -> None:
-    """`kernel[grid](*args, **kwargs)` for a `triton.autotune`d kernel. A call that tunes (a new key: it
-    benchmarks every config) is followed by `gc.collect()`: tuning leaves a reference cycle that holds the frames
-    of the calling stack, so the whole forward's activations outlive the forward until Python's next full
-    collection (Wan2.1-14B 720p, first W8A8 forward on an H100: 9.8 GB; benchmarks/mem_14b.py --holders,
-    benchmarks/results/mem_14b_h100_2026-11-22_run4.log). Calls with a known key cost one dict length."""
+def collect_after_tuning(tuner):
+    """Make a `triton.autotune`d kernel follow every call that tunes (a new key: it benchmarks every config) with
+    `gc.collect()`: tuning leaves a reference cycle that holds the frames of the calling stack, so the whole
+    forward's activations outlive the forward until Python's next full collection (Wan2.1-14B 720p, first W8A8
+    forward on an H100: 9.8 GB; benchmarks/mem_14b.py --holders, benchmarks/results/mem_14b_h100_2026-11-22_run4.log).
+    Calls with a known key cost one dict length. `kernel[grid](...)` dispatches through `kernel.run`, which this
+    wraps on the instance."""
     import gc
 
-    known = len(kernel.cache)
-    kernel[grid](*args, **kwargs)
-    if len(kernel.cache) != known:
-        gc.collect()
+    run = tuner.run
+
+    def run_then_collect(*args, **kwargs):
+        known = len(tuner.cache)
+        out = run(*args, **kwargs)
+        if len(tuner.cache) != known:
+            gc.collect()
+        return out
+
+    tuner.run = run_then_collect
+    return tuner
+
+
+def autotune(configs, key, **kwargs):
+    """`triton.autotune` for this package's kernels: the same tuner, with `collect_after_tuning`."""
+    import triton
+
+    return lambda fn: collect_after_tuning(triton.autotune(configs, key=key, **kwargs)(fn))

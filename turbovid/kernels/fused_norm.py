@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from turbovid.kernels import launch_tuned
+from turbovid.kernels import autotune
 from turbovid.kernels.int8_gemm import _rne_bf16, quant_per_token_ref
 
 
@@ -162,8 +162,8 @@ def _prune(configs, named_args, **kwargs):
     return [c for c in configs if c.kwargs["ROWS"] * block_d <= 16384] or configs[:1]
 
 
-_norm_modulate_tuned = triton.autotune(_configs(), key=["D", "MODULATE", "WRITE_Q", "RMS", "HAS_W"],
-                                       prune_configs_by={"early_config_prune": _prune})(_norm_modulate_kernel)
+_norm_modulate_tuned = autotune(_configs(), key=["D", "MODULATE", "WRITE_Q", "RMS", "HAS_W"],
+                                prune_configs_by={"early_config_prune": _prune})(_norm_modulate_kernel)
 
 
 def _launch(x, kind, weight, bias, shift, scale, eps, round_norm, write_y, write_q):
@@ -196,7 +196,7 @@ def _launch(x, kind, weight, bias, shift, scale, eps, round_norm, write_y, write
                  ROUND_NORM=round_norm, WRITE_Y=write_y, WRITE_Q=write_q, BLOCK_D=triton.next_power_of_2(D))
     if x.is_cuda:
         grid = lambda meta: (B * triton.cdiv(L, meta["ROWS"] * meta["ITERS"]),)
-        launch_tuned(_norm_modulate_tuned, grid, *args, **flags)
+        _norm_modulate_tuned[grid](*args, **flags)
     else:
         # small chunks: several programs per sample, and an odd L leaves a partial last chunk
         _norm_modulate_kernel[(B * triton.cdiv(L, 4),)](*args, ROWS=2, ITERS=2, **flags)

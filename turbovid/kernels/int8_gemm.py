@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from turbovid.kernels import launch_tuned
+from turbovid.kernels import autotune
 
 TD_TILE = 128          # TD scale granularity (rows and K)
 TD_QMAX = 128.0        # TD's multiplier (saturates to 127)
@@ -402,13 +402,13 @@ def _tma_configs():
 # The two-vector gate (GATE2) needs every tile to span at most two samples: tokens per sample >= the largest BLOCK_M.
 MAX_BLOCK_M = max(c.kwargs["BLOCK_M"] for c in _fast_configs() + _tma_configs())
 
-_gemm_fast_tuned = triton.autotune(_fast_configs(), key=["M", "N", "K", "GELU", "GATED"])(_gemm_fast_kernel)
-_gemm_fast_tma_tuned = triton.autotune(_tma_configs(), key=["M", "N", "K", "GELU", "GATED"])(_gemm_fast_tma_kernel)
+_gemm_fast_tuned = autotune(_fast_configs(), key=["M", "N", "K", "GELU", "GATED"])(_gemm_fast_kernel)
+_gemm_fast_tma_tuned = autotune(_tma_configs(), key=["M", "N", "K", "GELU", "GATED"])(_gemm_fast_tma_kernel)
 
 # Which main loop gemm_fast runs on a GPU: "tma" (tensor-descriptor loads, persistent grid) or "ptr" (pointer
 # loads, one program per tile). TURBOVID_GEMM overrides; TMA needs K % 16 == 0 (16-byte row strides).
 GEMM_LOOP = os.environ.get("TURBOVID_GEMM", "tma")
-_gemm_td_tuned = triton.autotune(_td_configs(), key=["M", "N", "K"])(_gemm_td_kernel)
+_gemm_td_tuned = autotune(_td_configs(), key=["M", "N", "K"])(_gemm_td_kernel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -478,8 +478,8 @@ def gemm_td(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Tens
     bias_arg = bias.contiguous() if bias is not None else sx  # dummy pointer when unused
     if qx.is_cuda:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        launch_tuned(_gemm_td_tuned, grid, qx, qw, sx, sw, bias_arg, out, M, N, K, kt, HAS_BIAS=bias is not None,
-                     enable_fp_fusion=False)
+        _gemm_td_tuned[grid](qx, qw, sx, sw, bias_arg, out, M, N, K, kt, HAS_BIAS=bias is not None,
+                             enable_fp_fusion=False)
     else:
         grid = (triton.cdiv(M, 128) * triton.cdiv(N, 128),)
         _gemm_td_kernel[grid](qx, qw, sx, sw, bias_arg, out, M, N, K, kt, HAS_BIAS=bias is not None,
@@ -526,11 +526,11 @@ def gemm_fast(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Te
         descs = (TensorDescriptor.from_tensor(qx, [1, 16]), TensorDescriptor.from_tensor(qw, [1, 16]))  # pre-hook sets
         out_desc = TensorDescriptor.from_tensor(out, [1, 16]) if out_aligned else None
         grid = lambda meta: (min(sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
-        launch_tuned(_gemm_fast_tma_tuned, grid, *descs, *args[2:8], out_desc, *args[8:], NUM_SMS=sms,
-                     OUT_ALIGNED=out_aligned, **flags)
+        _gemm_fast_tma_tuned[grid](*descs, *args[2:8], out_desc, *args[8:], NUM_SMS=sms, OUT_ALIGNED=out_aligned,
+                                   **flags)
     elif qx.is_cuda:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        launch_tuned(_gemm_fast_tuned, grid, *args, EVEN_K=K % 128 == 0, **flags)
+        _gemm_fast_tuned[grid](*args, EVEN_K=K % 128 == 0, **flags)
     elif tma:   # interpreter: small tiles, 3 "SMs" so that programs walk several tiles; TMA store when aligned
         descs = (TensorDescriptor.from_tensor(qx, [64, 64]), TensorDescriptor.from_tensor(qw, [64, 64]))
         out_desc = TensorDescriptor.from_tensor(out, [64, 64]) if out_aligned else None
