@@ -392,6 +392,26 @@ def test_teacher_init_starts_from_given_weights(run, tmp_path):
         TeacherTrainer(TINY, run_dir, ENV, inputs=inputs, init=run_dir / "vae" / "final.safetensors")
 
 
+def test_vae_init_fine_tunes_the_whole_vae_from_given_weights(run, tmp_path):
+    from turbovid.train.vae import VAETrainer
+    run_dir, _ = run
+    src = run_dir / "vae" / "final.safetensors"
+    want = load_weights(src)
+    trainer = VAETrainer(TINY, ENV, fixed_batch=True, init=src)
+    assert all(torch.equal(v, want[k]) for k, v in trainer.vae.state_dict().items())   # logvar bias kept too
+    assert all(p.requires_grad for p in trainer.vae.parameters())                         # encoder trains
+    with pytest.raises(ValueError, match="no such file"):
+        VAETrainer(TINY, ENV, init=tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="applies to the vae stage"):
+        VAETrainer(TINY, ENV, init=src, decoder_of=src)
+    # The stage from `init` writes new latent statistics and a reconstruction report; its encoder moved
+    out = run_vae(_stage(TINY, "vae_stage", steps=2), tmp_path, ENV, init=src)
+    tuned = load_weights(out)
+    assert not torch.equal(tuned["encoder.conv1.weight"], want["encoder.conv1.weight"])
+    assert (tmp_path / "vae" / "latent_stats.json").is_file() and (tmp_path / "vae" / "reconstruction.json").is_file()
+    assert [r["step"] for r in _log(tmp_path / "vae" / "log.jsonl")] == [0, 1]
+
+
 def test_object_centred_vae_crops_hold_the_object():
     # With object_crops = 1 every 96 px crop of a 240 px clip is centred (jitter <= a quarter of the crop) on the
     # object at one of its frames, so each crop holds object pixels, and more of them than uniform crops do.
@@ -421,6 +441,9 @@ def test_cli_overrides_reach_the_stage_recipe():
     assert not _recipe(parser.parse_args(["train", "teacher"])).teacher.compile
     sla = _recipe(parser.parse_args(["train", "reproduce", "--compile"]))
     assert sla.teacher.compile and sla.sla.compile
+    vae = _recipe(parser.parse_args(["train", "vae", "--edge", "0.5", "--lr", "2e-4"])).vae_stage
+    assert vae.edge == 0.5 and vae.optim.lr == 2e-4
+    assert _recipe(parser.parse_args(["train", "vae"])).vae_stage.edge == 0.0
 
 
 def test_teacher_rounds_chain_their_weights_and_logs(run, tmp_path):

@@ -17,7 +17,7 @@ from turbovid.train.losses import (dmd_loss, fake_score_loss, flow_matching_pair
 from turbovid.train.merge import merge_state_dicts
 from turbovid.train.recipe import Optim, lr_at
 from turbovid.train.trigflow import MathAttention, denoise, math_attention, student_F_jvp
-from turbovid.train.vae import foreground_weights
+from turbovid.train.vae import edge_loss, foreground_weights
 
 
 def _gen(seed=0):
@@ -195,6 +195,18 @@ def test_vae_foreground_weights():
     assert w[0, 0, 0, 0, 0].item() == pytest.approx(64 / (60 + 4 * 11))
     assert torch.equal(w[1], torch.ones_like(w[1]))
     assert torch.equal(foreground_weights(video, 0.0), torch.ones_like(w))
+
+
+def test_vae_edge_loss_sees_shape_errors_not_offsets():
+    w = torch.ones(1, 1, 2, 8, 8)
+    assert edge_loss(torch.full((1, 3, 2, 8, 8), 0.3), w).item() == 0.0      # a constant error has no edges
+    err = torch.zeros(1, 3, 2, 8, 8)
+    err[..., 3, 3] = 1.0                          # one wrong pixel (a rounded corner): 4 differences of 1
+    # dx: 3 channels x 2 frames x 2 differences over [.., 8, 7] elements; dy the same over [.., 7, 8]
+    assert edge_loss(err, w).item() == pytest.approx(2 * (3 * 2 * 2) / (3 * 2 * 8 * 7))
+    heavy = w.clone()
+    heavy[..., 3, 4] = 5.0                        # a difference weighs the larger weight of its two pixels
+    assert edge_loss(err, heavy).item() == pytest.approx((3 * 2 * (1 + 5) + 3 * 2 * 2) / (3 * 2 * 8 * 7))
 
 
 # ---- EMA, lr, merge ------------------------------------------------------------------------------

@@ -38,7 +38,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", help="cuda | cpu (default: cuda if available)")
     p.add_argument("--compile", action="store_true", help="teacher / sla: torch.compile the DiT blocks (CUDA only)")
     p.add_argument("--init", help="teacher: start the first round from these DiT weights (e.g. an earlier run's "
-                                  "teacher/final.safetensors) instead of random ones")
+                                  "teacher/final.safetensors) instead of random ones; vae: fine-tune these VAE "
+                                  "weights (the latents move, so the DiT stages must train on the new ones)")
+    p.add_argument("--edge", type=float, help="vae / vae_decoder: weight of the edge loss term (recipe.VAEStage.edge)")
     p.add_argument("--no-eval", action="store_true", help="reproduce: skip the final evaluations")
     g = p.add_argument_group("merge of arbitrary files (all three given: TurboDiffusion's merge_models.py)")
     g.add_argument("--base", help="rCM student checkpoint")
@@ -90,7 +92,12 @@ def _recipe(args, world: int = 1):
             if not args.lr > 0:
                 raise ValueError(f"--lr must be positive, got {args.lr}")
             optim = dataclasses.replace(optim, lr=args.lr)
-        recipe = dataclasses.replace(recipe, **{name: dataclasses.replace(cfg, run=run, optim=optim)})
+        extra = {}
+        if getattr(args, "edge", None) is not None and name in ("vae_stage", "vae_decoder"):
+            if args.edge < 0:
+                raise ValueError(f"--edge must be >= 0, got {args.edge}")
+            extra["edge"] = args.edge
+        recipe = dataclasses.replace(recipe, **{name: dataclasses.replace(cfg, run=run, optim=optim, **extra)})
     if args.compile:   # every DiT stage that trains with velocity regression (the teacher's rounds too)
         compiled = lambda cfg: dataclasses.replace(cfg, compile=True)  # noqa: E731
         recipe = dataclasses.replace(recipe, teacher=compiled(recipe.teacher), sla=compiled(recipe.sla),
@@ -118,8 +125,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"wrote {out}")
         return 0
     recipe = _recipe(args, int(os.environ.get("WORLD_SIZE", "1")))   # torchrun sets WORLD_SIZE
-    if args.init is not None and args.stage != "teacher":
-        raise ValueError("--init applies to the teacher stage only")
+    if args.init is not None and args.stage not in ("teacher", "vae"):
+        raise ValueError("--init applies to the teacher and vae stages only")
+    if getattr(args, "edge", None) is not None and args.stage not in ("vae", "vae_decoder"):
+        raise ValueError("--edge applies to the vae and vae_decoder stages only")
     if args.stage == "ship":
         from turbovid.train.reproduce import ship
         dest = Path(args.output) if args.output else Path(__file__).resolve().parents[1] / "assets" / recipe.name
@@ -136,7 +145,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         if args.stage in ("vae", "vae_decoder"):
             from turbovid.train.vae import run_vae
-            out = run_vae(recipe, run_dir, env, until=args.until, decoder=args.stage == "vae_decoder")
+            out = run_vae(recipe, run_dir, env, until=args.until, decoder=args.stage == "vae_decoder", init=args.init)
         elif args.stage == "teacher":
             from turbovid.train.teacher import run_teacher
             out = run_teacher(recipe, run_dir, env, until=args.until, init=args.init)

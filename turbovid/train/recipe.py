@@ -59,6 +59,7 @@ class VAEStage:
     first_frame_weight: float = 4.0  # frame 0 is a whole latent frame (later latent frames cover 4 frames);
                                  # at weight 1 the first frame decoded 2x worse than the rest (L1 0.108)
     object_crops: float = 0.8    # fraction of crops centred on the object (uniform crops mostly miss it)
+    edge: float = 0.0            # weight of the edge term (L1 of the error's spatial differences, vae.edge_loss)
     kl: float = 1e-6             # KL-VAE: weight of the mean per-latent-element KL(q(z|x) || N(0, I))
     logvar_init: float = -6.0    # initial posterior log-variance (bias of the logvar half of `conv1`)
     stats_clips: int = 256       # clips encoded (full size) to measure the latent mean/std

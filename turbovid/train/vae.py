@@ -1,7 +1,8 @@
 """Stage 0: train the tiny Wan2.1-architecture VAE so that its latents are meaningful.
 
 Objective (a KL-VAE, like Wan's): z = mu + exp(logvar / 2) * eps from the encoder's (mu, logvar),
-    loss = l1 * |x_hat - x| + l2 * (x_hat - x)^2 + kl * KL(N(mu, sigma^2) || N(0, 1)),
+    loss = l1 * |x_hat - x| + l2 * (x_hat - x)^2 + kl * KL(N(mu, sigma^2) || N(0, 1))
+           [+ edge * (|dx x_hat - dx x| + |dy x_hat - dy x|)  (optional, recipe.VAEStage.edge)],
 every term a mean over its elements (pixels, resp. latent elements), kl = 1e-6, and the log-variance
 bias starts at -6 (sigma = 0.05). Why: with the default init (sigma = 1 against |mu| ~ 0.15) the decoder
 first sees mostly noise; a CPU probe (dim-16 VAE, 8 clips) reached recon loss 0.08 after 550 steps that
@@ -73,7 +74,7 @@ class VAEObjective(nn.Module):
         self.vae, self.frozen_encoder = vae, frozen_encoder
 
     def forward(self, video: torch.Tensor, eps_gen: torch.Generator, l1: float, l2: float, kl: float,
-                fg_weight: float = 0.0, first_frame_weight: float = 1.0):
+                fg_weight: float = 0.0, first_frame_weight: float = 1.0, edge: float = 0.0):
         vae = self.vae
         with torch.no_grad() if self.frozen_encoder else contextlib.nullcontext():
             features, _ = vae.encoder(video)                                # [B, 2z, T, h, w]
@@ -86,17 +87,34 @@ class VAEObjective(nn.Module):
         w = foreground_weights(video, fg_weight, first_frame_weight)         # [B, 1, F, H, W], mean 1
         rec_l1, rec_l2 = (w * err.abs()).mean(), (w * err.pow(2)).mean()
         kld = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean()
-        return l1 * rec_l1 + l2 * rec_l2 + kl * kld, rec_l1.detach(), rec_l2.detach(), kld.detach()
+        loss = l1 * rec_l1 + l2 * rec_l2 + kl * kld
+        if edge > 0:
+            loss = loss + edge * edge_loss(err, w)
+        return loss, rec_l1.detach(), rec_l2.detach(), kld.detach()
+
+
+def edge_loss(err: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Weighted L1 of the spatial finite differences of the error (x_hat - x) [B, C, F, H, W], i.e. of
+    dx x_hat - dx x and dy x_hat - dy x; each difference weighs the larger weight of its two pixels (w [B, 1, F, H,
+    W]). Pixel losses barely see a diamond's rounded corner or a cross's filled-in notch (a few pixels each), which is
+    what the small objects lose; their edges are where the differences are."""
+    dx = (err[..., :, 1:] - err[..., :, :-1]).abs() * torch.maximum(w[..., :, 1:], w[..., :, :-1])
+    dy = (err[..., 1:, :] - err[..., :-1, :]).abs() * torch.maximum(w[..., 1:, :], w[..., :-1, :])
+    return dx.mean() + dy.mean()
 
 
 class VAETrainer:
-    """Stage "vae": the whole VAE from a seeded init. Stage "vae_decoder" (`decoder_of` = the trained VAE's
-    file, hyper-parameters recipe.vae_decoder): only the decoder and conv2 train, the encoder and conv1 stay
+    """Stage "vae": the whole VAE from a seeded init, or (`init`, a VAE weights file) fine-tuned from those weights
+    (its latents then move: the DiT stages train on the new ones). Stage "vae_decoder" (`decoder_of` = the trained
+    VAE's file, hyper-parameters recipe.vae_decoder): only the decoder and conv2 train, the encoder and conv1 stay
     frozen, so latents, latent statistics and every DiT trained on them stay valid."""
 
-    def __init__(self, recipe: Recipe, env: Env, fixed_batch: bool = False, decoder_of: Path | None = None):
+    def __init__(self, recipe: Recipe, env: Env, fixed_batch: bool = False, decoder_of: Path | None = None,
+                 init: str | Path | None = None):
         if decoder_of is not None and recipe.vae_decoder is None:
             raise ValueError(f"recipe {recipe.name!r} has no vae_decoder stage")
+        if decoder_of is not None and init is not None:
+            raise ValueError("the vae_decoder stage starts from the trained VAE; --init applies to the vae stage")
         self.name = "vae" if decoder_of is None else "vae_decoder"
         self.recipe, self.env = recipe, env
         self.cfg = recipe.vae_stage if decoder_of is None else recipe.vae_decoder
@@ -107,7 +125,11 @@ class VAETrainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(recipe.seed)
             self.vae = WanVAE(recipe.vae)
-        if decoder_of is None:
+        if init is not None:
+            if not Path(init).is_file():
+                raise ValueError(f"--init {init}: no such file")
+            self.vae.load_state_dict(read_state_dict(str(init)))
+        elif decoder_of is None:
             with torch.no_grad():   # conv1's output channels are [mu (z_dim) ; logvar (z_dim)]
                 self.vae.conv1.bias[recipe.vae.z_dim:] = self.cfg.logvar_init
         else:
@@ -150,7 +172,7 @@ class VAETrainer:
         g = step_generator(self.recipe.seed, data_step, self.env.rank, self.env.device)
         with self.env.autocast():
             loss, l1, l2, kld = self.model(video, g, self.cfg.l1, self.cfg.l2, self.cfg.kl, self.cfg.fg_weight,
-                                             self.cfg.first_frame_weight)
+                                             self.cfg.first_frame_weight, self.cfg.edge)
         loss.backward()
         lr, norm = optimizer_step(self.optimizer, self.cfg.optim, step, self.schedule.steps)
         return {"loss": loss.item(), "l1": l1.item(), "l2": l2.item(), "kl": kld.item(), "lr": lr, "grad_norm": norm}
@@ -216,11 +238,14 @@ def reconstruction_report(vae: WanVAE, recipe: Recipe, env: Env, count: int) -> 
             "shape_by_size": {size: {"right": r, "clips": n} for size, (r, n) in sorted(by_size.items())}}
 
 
-def run_vae(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None, decoder: bool = False) -> Path:
-    """Stage "vae" (decoder=False) or "vae_decoder" (decoder=True: fine-tune the decoder of run_dir/vae)."""
+def run_vae(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None, decoder: bool = False,
+            init: str | Path | None = None) -> Path:
+    """Stage "vae" (decoder=False; from `init`'s weights when given) or "vae_decoder" (decoder=True: fine-tune the
+    decoder of run_dir/vae)."""
     if recipe.vae.mean != (0.0,) * recipe.vae.z_dim or recipe.vae.std != (1.0,) * recipe.vae.z_dim:
         raise ValueError("VAE training needs the recipe's VAE mean/std to be 0/1 (they are measured afterwards)")
-    trainer = VAETrainer(recipe, env, decoder_of=Path(run_dir) / "vae" / "final.safetensors" if decoder else None)
+    trainer = VAETrainer(recipe, env, decoder_of=Path(run_dir) / "vae" / "final.safetensors" if decoder else None,
+                         init=init)
     out = Path(run_dir) / trainer.name
     drive(trainer, out, env, until=until)
     if (out / "final.safetensors").exists() and (until is None or until >= trainer.schedule.steps):
