@@ -13,6 +13,7 @@ from turbovid.speedups import apply_speedups, fuse_qk_norm_rope
     (2, (3, 2, 5), 3, 64, torch.bfloat16),    # d = 192 (the mini model), L = 30
     (1, (1, 7, 3), 2, 64, torch.float32),     # L = 21, fp32
     (3, (2, 3, 3), 1, 128, torch.float16),    # one head of 128
+    (1, (2, 3, 2), 5, 24, torch.bfloat16),    # heads of 24 (pairs padded to 16 lanes), 5 heads
 ])
 def test_kernel_matches_the_module(B, grid, heads, D, dtype):
     g = torch.Generator().manual_seed(0)
@@ -27,6 +28,24 @@ def test_kernel_matches_the_module(B, grid, heads, D, dtype):
     # rsqrt vs 1/sqrt and the summation order may move a value by one unit in the last place
     ulp = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10, torch.float32: 2 ** -22}[dtype]
     assert ((got.float() - want.float()).abs() <= ulp * want.float().abs().clamp_min(1) * 2).all()
+
+
+def test_kernel_reads_q_and_k_of_a_fused_qkv_output_in_place():
+    g = torch.Generator().manual_seed(1)
+    B, grid, heads, D = 2, (1, 3, 5), 2, 64
+    L, d = grid[0] * grid[1] * grid[2], heads * D
+    qkv = (3 * torch.randn(B, L, 3 * d, generator=g)).to(torch.bfloat16)
+    w = 1 + 0.1 * torch.randn(d, generator=g)
+    angles = rope_angles(D, grid)
+    cos, sin = angles.cos(), angles.sin()
+    for part in (qkv[..., :d], qkv[..., d:2 * d]):          # rows 3d apart
+        assert not part.is_contiguous()
+        got, want = qk_norm_rope(part, w, cos, sin, heads, 1e-6), qk_norm_rope_ref(part, w, cos, sin, heads, 1e-6)
+        assert ((got.float() - want.float()).abs() <= 2 ** -6 * want.float().abs().clamp_min(1)).all()
+    # rows unevenly spaced (a transposed tensor) are copied first and still right
+    odd = qkv[..., :d].transpose(0, 1).contiguous().transpose(0, 1)
+    torch.testing.assert_close(qk_norm_rope(odd, w, cos, sin, heads, 1e-6),
+                               qk_norm_rope(qkv[..., :d].contiguous(), w, cos, sin, heads, 1e-6))
 
 
 def test_checks_its_inputs():
