@@ -5,7 +5,10 @@
 #      whether the small objects' shapes survive the round trip better (session 8: the shipped VAE keeps 12 of 25
 #      small shapes, which caps the teacher). Round trips of the same 128 held-out clips before and after.
 #   t: a teacher round on the fine-tuned VAE's latents (runs/carry/vae: v's files, carried), from the shipped
-#      teacher; then held-out checks of it and of the shipped teacher (with the shipped VAE).
+#      teacher; then held-out checks of it and of the shipped teacher (with the shipped VAE). The checks did not
+#      finish inside the command (two 50-step CFG evaluations side by side); the teachers were compared on the CPU.
+#   s: the students of t's teacher (runs/carry/teacher, carried) on the fine-tuned VAE's latents: rCM (the recipe's
+#      1003 steps), then the SLA fine-tune of the rCM student fitted to the command; graded on the CPU afterwards.
 set -euo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=. TURBOVID_COMMIT=${TURBOVID_COMMIT:-unknown}
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -56,5 +59,16 @@ t)  RUN=runs/session9t && rm -rf $RUN && python3 docs/training/mini/device/assem
     check $S 48 --dit $A/dit_teacher.safetensors --attention dense --sampler teacher
     wait
     ;;
-*)  echo "usage: session9.sh v|t"; exit 2 ;;
+s)  RUN=runs/session9s && rm -rf $RUN && python3 docs/training/mini/device/assemble.py $RUN
+    cp runs/carry/vae/final.safetensors runs/carry/vae/latent_stats.json $RUN/vae/
+    cp runs/carry/teacher/final.safetensors $RUN/teacher/final.safetensors
+    $T rcm --run-dir $RUN --max-minutes "$(minutes_left 240)" > "$OUT/rcm.log" 2>&1 || echo "rcm exit $?"
+    tail -2 "$OUT/rcm.log"
+    mkdir -p "$OUT/rcm" "$OUT/sla" && cp $RUN/rcm/final.safetensors $RUN/rcm/log.jsonl "$OUT/rcm/" || true
+    $T sla --run-dir $RUN --steps 100000 --fit-minutes "$(minutes_left 60)" --max-minutes "$(minutes_left 35)" \
+       > "$OUT/sla.log" 2>&1 || echo "sla exit $?"
+    tail -2 "$OUT/sla.log"
+    cp $RUN/sla/final.safetensors $RUN/sla/log.jsonl "$OUT/sla/" || true
+    ;;
+*)  echo "usage: session9.sh v|t|s"; exit 2 ;;
 esac
