@@ -9,7 +9,7 @@ import torch
 
 from turbovid.config import WAN_NEGATIVE_PROMPT
 from turbovid.train.data import (BACKGROUNDS, COLORS, DIRECTIONS, MIN_CONTRAST, PATH_JITTER, SHAPES, ProceduralVideos,
-                                 is_heldout, parse_caption, render, sample_clip)
+                                 is_heldout, latent_object_mask, parse_caption, render, sample_clip)
 from turbovid.train.detect import ATTRIBUTES, adherence, detect
 from turbovid.train.recipe import MINI_TEXT
 from turbovid.train.tokenizer import ASSET, CORPUS_CAPTIONS, train_spiece
@@ -161,3 +161,23 @@ def test_tokenizer_asset_rebuilds_byte_for_byte_and_keeps_umt5_ids():
         assert len(ids) < MINI_TEXT.text_len          # + EOS fits
     ids = sp.encode(WAN_NEGATIVE_PROMPT)                 # Chinese: byte fallback, no <unk>
     assert sp.unk_id() not in ids and sp.decode(ids) == WAN_NEGATIVE_PROMPT
+
+
+def test_latent_object_mask_covers_the_rendered_object_and_little_else():
+    clips = [sample_clip(0, "train", i) for i in range(12)]
+    size, frames, grid = 240, 33, (9, 30, 30)
+    mask = latent_object_mask(clips, frames, grid)
+    assert mask.shape == (12, 9, 30, 30) and set(mask.unique().tolist()) <= {0.0, 1.0}
+    for clip, m in zip(clips, mask):
+        video = render(clip, size, frames)
+        bg = torch.tensor(clip.bg_rgb).view(3, 1, 1, 1) * 2 - 1
+        obj = ((video - bg).abs().amax(0) > 0.3).float()                        # [F, H, W], the object's pixels
+        groups = torch.cat([obj[:1], obj[1:].reshape(8, 4, size, size).amax(1)])  # per latent frame
+        cells = torch.nn.functional.max_pool2d(groups[:, None], 8)[:, 0]          # [9, 30, 30]
+        assert (m[cells > 0] == 1).all()                                          # every object cell is weighted
+        # and the disc stays near the object: at most ~2.2x its cells (+ a margin ring)
+        assert m.sum() <= 2.2 * cells.sum() + 4 * 9 * 30 * 0.02 * 30
+    small = [i for i, c in enumerate(clips) if c.size == "small"]
+    assert small and mask[small].mean() < 0.08
+    with pytest.raises(ValueError, match="latent frames"):
+        latent_object_mask(clips, 32, grid)

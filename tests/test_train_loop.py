@@ -379,6 +379,17 @@ def test_frozen_dit_drops_sla_weights_for_dense_and_rejects_missing_ones():
         frozen_dit(TINY, dense_weights, Env(torch.device("cpu")), attention="sla")
 
 
+def test_teacher_object_weight_trains_and_changes_the_loss(run):
+    run_dir, inputs = run
+    plain = TeacherTrainer(TINY, run_dir, ENV, fixed_batch=True, inputs=inputs)
+    weighted_recipe = dataclasses.replace(TINY, teacher=dataclasses.replace(TINY.teacher, fg_weight=10.0))
+    weighted = TeacherTrainer(weighted_recipe, run_dir, ENV, fixed_batch=True, inputs=inputs)
+    a, b = plain.train_step(0)["loss"], weighted.train_step(0)["loss"]   # same weights, noise and batch
+    assert math.isfinite(b) and a != b
+    losses = [weighted.train_step(i)["loss"] for i in range(1, 6)]
+    assert all(math.isfinite(x) for x in losses)
+
+
 def test_teacher_init_starts_from_given_weights(run, tmp_path):
     run_dir, inputs = run
     final = run_dir / "teacher" / "final.safetensors"
@@ -444,6 +455,9 @@ def test_cli_overrides_reach_the_stage_recipe():
     vae = _recipe(parser.parse_args(["train", "vae", "--edge", "0.5", "--lr", "2e-4"])).vae_stage
     assert vae.edge == 0.5 and vae.optim.lr == 2e-4
     assert _recipe(parser.parse_args(["train", "vae"])).vae_stage.edge == 0.0
+    weighted = _recipe(parser.parse_args(["train", "teacher", "--fg-weight", "4"]))
+    assert weighted.teacher.fg_weight == 4 and all(r.fg_weight == 4 for r in weighted.teacher_rounds)
+    assert weighted.teacher_rounds and _recipe(parser.parse_args(["train", "teacher"])).teacher.fg_weight == 0
 
 
 def test_teacher_rounds_chain_their_weights_and_logs(run, tmp_path):

@@ -40,6 +40,19 @@ def test_flow_matching_target_is_the_path_derivative():
     assert velocity_loss(v + 1.0, v).item() == pytest.approx(1.0)
 
 
+def test_velocity_loss_weights_are_renormalised_per_sample():
+    g = _gen(3)
+    v, target = torch.randn(2, 4, 3, 2, 2, generator=g), torch.randn(2, 4, 3, 2, 2, generator=g)
+    plain = velocity_loss(v, target)
+    assert velocity_loss(v, target, torch.full((2, 1, 3, 2, 2), 7.0)).item() == pytest.approx(plain.item())
+    w = torch.ones(2, 1, 3, 2, 2)
+    w[:, :, 1, 0, 0] = 11.0                       # one cell of 12 weighs 11x: mean weight 22/12
+    err = (v - target).pow(2)
+    want = (err * w / (22 / 12)).flatten(1).mean(1).mean()
+    assert velocity_loss(v, target, w).item() == pytest.approx(want.item(), rel=1e-6)
+    assert velocity_loss(v, target, 3 * w).item() == pytest.approx(want.item(), rel=1e-6)
+
+
 def test_time_distributions_have_the_stated_medians():
     n = 20000
     s = shifted_logit_normal(n, _gen(), 0.0, 1.0, 3.0)

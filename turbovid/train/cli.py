@@ -41,6 +41,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                                   "teacher/final.safetensors) instead of random ones; vae: fine-tune these VAE "
                                   "weights (the latents move, so the DiT stages must train on the new ones)")
     p.add_argument("--edge", type=float, help="vae / vae_decoder: weight of the edge loss term (recipe.VAEStage.edge)")
+    p.add_argument("--fg-weight", type=float, help="teacher: latent cells near the object weigh 1 + this in the "
+                                                   "velocity loss (recipe.TeacherStage.fg_weight)")
     p.add_argument("--no-eval", action="store_true", help="reproduce: skip the final evaluations")
     g = p.add_argument_group("merge of arbitrary files (all three given: TurboDiffusion's merge_models.py)")
     g.add_argument("--base", help="rCM student checkpoint")
@@ -98,6 +100,12 @@ def _recipe(args, world: int = 1):
                 raise ValueError(f"--edge must be >= 0, got {args.edge}")
             extra["edge"] = args.edge
         recipe = dataclasses.replace(recipe, **{name: dataclasses.replace(cfg, run=run, optim=optim, **extra)})
+    if getattr(args, "fg_weight", None) is not None:   # the teacher and each of its rounds
+        if args.fg_weight < 0:
+            raise ValueError(f"--fg-weight must be >= 0, got {args.fg_weight}")
+        weighted = lambda cfg: dataclasses.replace(cfg, fg_weight=args.fg_weight)  # noqa: E731
+        recipe = dataclasses.replace(recipe, teacher=weighted(recipe.teacher),
+                                     teacher_rounds=tuple(map(weighted, recipe.teacher_rounds)))
     if args.compile:   # every DiT stage that trains with velocity regression (the teacher's rounds too)
         compiled = lambda cfg: dataclasses.replace(cfg, compile=True)  # noqa: E731
         recipe = dataclasses.replace(recipe, teacher=compiled(recipe.teacher), sla=compiled(recipe.sla),
@@ -129,6 +137,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("--init applies to the teacher and vae stages only")
     if getattr(args, "edge", None) is not None and args.stage not in ("vae", "vae_decoder"):
         raise ValueError("--edge applies to the vae and vae_decoder stages only")
+    if getattr(args, "fg_weight", None) is not None and args.stage not in ("teacher", "reproduce"):
+        raise ValueError("--fg-weight applies to the teacher stage only")
     if args.stage == "ship":
         from turbovid.train.reproduce import ship
         dest = Path(args.output) if args.output else Path(__file__).resolve().parents[1] / "assets" / recipe.name

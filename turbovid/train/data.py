@@ -258,6 +258,30 @@ def render(clip: Clip, size: int, frames: int, device: torch.device | str = "cpu
     return (video.clamp(0.0, 1.0) * 2 - 1).float()
 
 
+def latent_object_mask(clips: list[Clip], frames: int, grid: tuple[int, int, int], temporal: int = 4,
+                       margin: float = 0.75) -> torch.Tensor:
+    """[B, T, h, w] fp32 in {0, 1}: the latent cells (grid = (T, h, w), cells tiling the frame) whose centre lies
+    within the object's bounding disc (radius * sqrt(2): the corners of its box) plus `margin` cells (0.75 > half
+    a cell's diagonal: every cell the disc touches), at any frame
+    that latent frame encodes (the causal VAE: frame 0 alone, then groups of `temporal`). Vectorised over the batch
+    from the clips' parameters, nothing rendered; a weight mask, so a disc stands in for every shape."""
+    T, h, w = grid
+    if (frames - 1) % temporal or (frames - 1) // temporal + 1 != T:
+        raise ValueError(f"{frames} frames do not make {T} latent frames of {temporal}")
+    f = torch.linspace(0.0, 1.0, frames).view(1, frames, 1, 1) if frames > 1 else torch.zeros(1, 1, 1, 1)
+    start = torch.tensor([c.start for c in clips], dtype=torch.float32)             # [B, 2] (x, y)
+    disp = torch.tensor([c.displacement for c in clips], dtype=torch.float32)
+    reach = torch.tensor([c.radius for c in clips], dtype=torch.float32) * math.sqrt(2)
+    cx = start[:, 0].view(-1, 1, 1, 1) + disp[:, 0].view(-1, 1, 1, 1) * f            # [B, F, 1, 1]
+    cy = start[:, 1].view(-1, 1, 1, 1) + disp[:, 1].view(-1, 1, 1, 1) * f
+    ys = ((torch.arange(h, dtype=torch.float32) + 0.5) / h).view(1, 1, h, 1)
+    xs = ((torch.arange(w, dtype=torch.float32) + 0.5) / w).view(1, 1, 1, w)
+    inside = (xs - cx).pow(2) + (ys - cy).pow(2) < (reach.view(-1, 1, 1, 1) + margin / max(h, w)) ** 2
+    B = len(clips)
+    later = inside[:, 1:].reshape(B, T - 1, temporal, h, w).any(2)
+    return torch.cat([inside[:, :1], later], dim=1).float()
+
+
 class ProceduralVideos(torch.utils.data.Dataset):
     """Map-style view: item i = {"video": [3, F, S, S] in [-1, 1], "caption": str, "attributes": dict}.
     `length` only bounds iteration; any index >= 0 is valid for `clip`."""

@@ -57,10 +57,16 @@ def flow_matching_pair(x0: torch.Tensor, noise: torch.Tensor, s: torch.Tensor) -
     return (1 - sb) * x0 + sb * noise, noise - x0
 
 
-def velocity_loss(v_pred: torch.Tensor, v_target: torch.Tensor) -> torch.Tensor:
+def velocity_loss(v_pred: torch.Tensor, v_target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample mean over (C, T, H, W) of the squared error, averaged over the batch (fp32). Used for the
-    teacher (target eps - x0) and for SLA fine-tuning (target = the frozen teacher's velocity)."""
-    return (v_pred.float() - v_target.float()).pow(2).flatten(1).mean(1).mean()
+    teacher (target eps - x0) and for SLA fine-tuning (target = the frozen teacher's velocity). `weight`
+    (broadcast to the error, e.g. [B, 1, T, H, W]) weighs each element; it is renormalised to mean 1 per sample,
+    so the loss keeps its scale."""
+    err = (v_pred.float() - v_target.float()).pow(2)
+    if weight is not None:
+        weight = weight.float().expand_as(err)
+        err = err * (weight / weight.flatten(1).mean(1).view(-1, *[1] * (err.dim() - 1)))
+    return err.flatten(1).mean(1).mean()
 
 
 # ---- TrigFlow <-> RF -----------------------------------------------------------------------------

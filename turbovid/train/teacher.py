@@ -32,6 +32,7 @@ from turbovid.models.dit import WanDiT
 from turbovid.sampling import rcm_sample, rcm_times
 from turbovid.speedups import compile_blocks
 from turbovid.train.checkpoint import load_weights
+from turbovid.train.data import latent_object_mask
 from turbovid.train.ema import PowerEMA
 from turbovid.train.inputs import LatentBatches
 from turbovid.train.loop import (Env, drive, make_optimizer, optimizer_step, step_generator, step_indices, unwrap,
@@ -87,10 +88,11 @@ class _VelocityStage:
         self.ema = PowerEMA(self.net, stage_cfg.ema_sigma_rel)
         self.optimizer = make_optimizer(self.net.parameters(), stage_cfg.optim, env)
 
-    def _draws(self, step: int):
+    def _draws(self, step: int, with_clips: bool = False):
         data_step = 0 if self.fixed_batch else step
-        x0, context, _ = self.inputs.get(step_indices(data_step, self.env, self.schedule.batch))
-        return x0, context, step_generator(self.recipe.seed, data_step, self.env.rank, self.env.device)
+        x0, context, clips = self.inputs.get(step_indices(data_step, self.env, self.schedule.batch))
+        g = step_generator(self.recipe.seed, data_step, self.env.rank, self.env.device)
+        return (x0, context, g, clips) if with_clips else (x0, context, g)
 
     def _finish(self, loss: torch.Tensor, step: int) -> dict[str, float]:
         loss.backward()
@@ -131,16 +133,20 @@ class TeacherTrainer(_VelocityStage):
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
-        x0, context, g = self._draws(step)
+        x0, context, g, clips = self._draws(step, with_clips=True)
         B, dev = x0.shape[0], x0.device
         drop = torch.rand(B, generator=g, device=dev) < cfg.caption_dropout
         context = torch.where(drop.view(B, 1, 1), self.inputs.negative.expand_as(context), context)
         s = shifted_logit_normal(B, g, cfg.logit_mean, cfg.logit_std, cfg.shift, dev)
         noise = torch.randn(x0.shape, generator=g, device=dev)
         x_s, target = flow_matching_pair(x0, noise, s)
+        weight = None
+        if cfg.fg_weight > 0:   # the object's cells weigh more (latent_object_mask), [B, 1, T, h, w]
+            mask = latent_object_mask(clips, self.recipe.frames, tuple(x0.shape[2:]), self.recipe.vae.temporal_factor)
+            weight = (1 + cfg.fg_weight * mask).unsqueeze(1).to(dev)
         with self.env.autocast():
             v = rf_velocity(self.model, x_s, s, context)
-        return self._finish(velocity_loss(v, target), step)
+        return self._finish(velocity_loss(v, target, weight), step)
 
 
 class SLATrainer(_VelocityStage):

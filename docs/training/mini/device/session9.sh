@@ -9,6 +9,10 @@
 #      finish inside the command (two 50-step CFG evaluations side by side); the teachers were compared on the CPU.
 #   s: the students of t's teacher (runs/carry/teacher, carried) on the fine-tuned VAE's latents: rCM (the recipe's
 #      1003 steps), then the SLA fine-tune of the rCM student fitted to the command; graded on the CPU afterwards.
+#      Its rCM ran out of the command's time at step 748 (the pool's encode took most of it); the same rCM and SLA
+#      commands were then typed on the still-warm machine (`session9_s_*_resumed.log`), which resumed it.
+#   e: held-out checks on 96 prompts (24 on the CPU cannot separate the two sets): the shipped set (VAE, teacher,
+#      student) against session 9's (fine-tuned VAE, t's teacher, s's students; runs/carry, carried).
 set -euo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=. TURBOVID_COMMIT=${TURBOVID_COMMIT:-unknown}
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -70,5 +74,16 @@ s)  RUN=runs/session9s && rm -rf $RUN && python3 docs/training/mini/device/assem
     tail -2 "$OUT/sla.log"
     cp $RUN/sla/final.safetensors $RUN/sla/log.jsonl "$OUT/sla/" || true
     ;;
-*)  echo "usage: session9.sh v|t|s"; exit 2 ;;
+e)  N=runs/session9e_new O=runs/session9e_old && rm -rf $N $O
+    python3 docs/training/mini/device/assemble.py $N && python3 docs/training/mini/device/assemble.py $O
+    cp runs/carry/vae/final.safetensors runs/carry/vae/latent_stats.json $N/vae/
+    check $O 96 --dit $A/dit_teacher.safetensors --attention dense --sampler teacher &
+    check $N 96 --dit runs/carry/teacher/final.safetensors --attention dense --sampler teacher &
+    for a in dense sagesla; do check $O 96 --dit $A/dit.safetensors --attention $a --sampler rcm; done
+    check $N 96 --dit runs/carry/s/rcm.safetensors --attention dense --sampler rcm
+    for a in dense sla sagesla; do check $N 96 --dit runs/carry/s/sla.safetensors --attention $a --sampler rcm; done
+    wait
+    cp $O/eval/*.json $N/eval/*.json "$OUT/" || true
+    ;;
+*)  echo "usage: session9.sh v|t|s|e"; exit 2 ;;
 esac
