@@ -75,7 +75,7 @@ class TeacherStage:
     shift: float = 3.0
     caption_dropout: float = 0.1  # fraction of samples conditioned on the negative prompt (CFG's uncond)
     fg_weight: float = 0.0        # > 0: latent cells near the object weigh 1 + fg_weight in the velocity loss
-                                  # (data.latent_object_mask; a small object covers ~3% of the cells) (ours)
+                                  # (data.latent_object_mask: 7% of the cells for a small object) (ours)
     ema_sigma_rel: float = 0.1
     compile: bool = False         # torch.compile the DiT blocks (CUDA only)
 
