@@ -1,7 +1,7 @@
 """Shared benchmark plumbing: CUDA-event timing, environment record, table + JSON output.
 
 Every benchmark times with CUDA events after warm-up and reports the median; results go to
-benchmarks/results/<name>_<gpu>_<date>.json with the GPU, driver, versions and commit.
+benchmarks/results/<name>_<gpu>_<date>[_runN].json with the GPU, driver, versions and commit.
 """
 from __future__ import annotations
 
@@ -105,13 +105,33 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
+_PATHS: dict[tuple[str, Path], Path] = {}   # the file each (name, folder) of this process writes
+
+
+def results_path(name: str, out_dir: Path, date: str) -> Path:
+    """<out_dir>/<name>_<gpu>_<date>.json, or _run2, _run3, ... when an earlier process left that file: a second
+    benchmark in the same folder (or the same one again) never overwrites a result. Chosen once per process, so a
+    benchmark that saves after every row keeps rewriting its own file."""
+    key = (name, out_dir.resolve())
+    if key not in _PATHS:
+        stem, run = f"{name}_{gpu_tag()}_{date}", 1
+        path = out_dir / f"{stem}.json"
+        while path.exists():
+            run += 1
+            path = out_dir / f"{stem}_run{run}.json"
+        _PATHS[key] = path
+    return _PATHS[key]
+
+
 def write_results(name: str, payload: dict, out_dir: Path | None = None) -> Path:
-    """Write {"env": ..., **payload} to <out_dir or results>/<name>_<gpu>_<date>.json; return the path."""
+    """Write {"env": ..., **payload} to `results_path` in <out_dir or results>; return the path."""
     out_dir = Path(out_dir) if out_dir else RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
     env = env_info()
-    path = out_dir / f"{name}_{gpu_tag()}_{env['date']}.json"
-    path.write_text(json.dumps({"env": env, **payload}, indent=1))
+    path = results_path(name, out_dir, env["date"])
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"env": env, **payload}, indent=1))
+    tmp.replace(path)
     # One machine-readable line beside the human table.
     print(json.dumps({"bench": name, "json": str(path)}))
     return path

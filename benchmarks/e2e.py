@@ -431,8 +431,8 @@ def main() -> None:
                                             "latent_720p": LATENT_720P, "tokens_720p": 75600},
                "targets": TARGETS, "stages": []}
 
-    def save():
-        write_results("e2e", results, args.out)
+    def save():   # the 14B-only run has its own name (a 1.3B run may follow it in the same folder)
+        write_results("e2e_14b" if args.only_14b else "e2e", results, args.out)
 
     if args.only_14b:       # a random prompt embedding stands in for the text encoder
         context = torch.randn(1, TEXT.text_len, TEXT.d_model, device=DEVICE, dtype=torch.bfloat16)
