@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Prepared in session 9 for the next device session (not run yet): `bash session10.sh w1|w2`, one H100.
+# Session 9 found that the DiT, not the VAE, loses the small objects' shapes (docs/training/mini/README.md), and
+# added an object-weighted velocity loss (`turbovid train teacher --fg-weight`). Run directories come from the
+# shipped files (device/assemble.py), so the shipped VAE's latents and students stay comparable.
+#   w1: a teacher round from the shipped teacher with --fg-weight 4, fitted to the command; its weights go to $OUT
+#       before anything else runs (a released machine loses its run directory).
+#   w2: held-out checks, one at a time, each printed when it finishes: w1's teacher (runs/carry/teacher_fg, carried)
+#       and the shipped teacher on the same 64 prompts; shape per size class from the JSONs.
+set -euo pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH=. TURBOVID_COMMIT=${TURBOVID_COMMIT:-unknown}
+T="python3 -m turbovid.cli train"
+A=turbovid/assets/mini
+RUN=runs/session10
+START=$(date +%s)
+left() { echo $(( (${LIMIT:-570} - ($(date +%s) - START)) )); }     # seconds left in this command
+minutes_left() { python3 -c "print(max(0.5, ($(left) - $1) / 60))"; }  # minus a reserve, in minutes
+echo "group $1: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
+python3 -m pip install --no-deps -q .whl/ftfy-*.whl .whl/wcwidth-*.whl && python3 -c "import ftfy"
+check() {   # one held-out check, alone on the GPU, timed; its JSON goes to $OUT
+  local n=$1; shift
+  local t0=$(date +%s)
+  $T eval --run-dir $RUN --count "$n" "$@" 2>&1 | tail -2 | head -1 | sed "s|^|$* : |" | tee -a "$OUT/eval.log"
+  echo "  ($(( $(date +%s) - t0 )) s)" | tee -a "$OUT/eval.log"
+  cp $RUN/eval/*.json "$OUT/" 2>/dev/null || true
+}
+by_size() {   # shape right / clips per size class of every eval JSON in $OUT
+python3 - "$OUT" <<'PY' | tee -a "$OUT/eval.log"
+import json, sys
+from pathlib import Path
+for f in sorted(Path(sys.argv[1]).glob("*_heldout.json")):
+    d, by = json.loads(f.read_text()), {}
+    for c in d["clips"]:
+        r, n = by.get(c["truth"]["size"], (0, 0))
+        by[c["truth"]["size"]] = (r + (c["found"]["shape"] == c["truth"]["shape"]), n + 1)
+    print(f.name, round(d["all"], 3), {k: f"{r}/{n}" for k, (r, n) in sorted(by.items())})
+PY
+}
+case "$1" in
+w1) rm -rf $RUN && python3 docs/training/mini/device/assemble.py $RUN && rm -rf $RUN/teacher
+    $T teacher --run-dir $RUN --init $RUN/init/teacher.safetensors --fg-weight 4 --lr 1e-4 --steps 200000 --compile \
+       --fit-minutes "$(minutes_left 60)" --max-minutes "$(minutes_left 40)" > "$OUT/teacher.log" 2>&1 \
+       || echo "teacher exit $?"
+    tail -2 "$OUT/teacher.log"
+    mkdir -p "$OUT/teacher_fg" && cp $RUN/teacher/final.safetensors $RUN/teacher/log.jsonl "$OUT/teacher_fg/" || true
+    ;;
+w2) rm -rf $RUN && python3 docs/training/mini/device/assemble.py $RUN
+    check 64 --dit runs/carry/teacher_fg/final.safetensors --attention dense --sampler teacher
+    check 64 --dit $A/dit_teacher.safetensors --attention dense --sampler teacher
+    by_size
+    ;;
+*)  echo "usage: session10.sh w1|w2"; exit 2 ;;
+esac
