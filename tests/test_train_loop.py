@@ -415,6 +415,8 @@ def test_vae_init_fine_tunes_the_whole_vae_from_given_weights(run, tmp_path):
         VAETrainer(TINY, ENV, init=tmp_path / "missing.safetensors")
     with pytest.raises(ValueError, match="applies to the vae stage"):
         VAETrainer(TINY, ENV, init=src, decoder_of=src)
+    with pytest.raises(ValueError, match="not the weights of a tiny VAE"):
+        VAETrainer(TINY, ENV, init=run_dir / "teacher" / "final.safetensors")
     # The stage from `init` writes new latent statistics and a reconstruction report; its encoder moved
     out = run_vae(_stage(TINY, "vae_stage", steps=2), tmp_path, ENV, init=src)
     tuned = load_weights(out)

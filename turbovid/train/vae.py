@@ -128,20 +128,27 @@ class VAETrainer:
         if init is not None:
             if not Path(init).is_file():
                 raise ValueError(f"--init {init}: no such file")
-            self.vae.load_state_dict(read_state_dict(str(init)))
+            self._load(init, "--init")
         elif decoder_of is None:
             with torch.no_grad():   # conv1's output channels are [mu (z_dim) ; logvar (z_dim)]
                 self.vae.conv1.bias[recipe.vae.z_dim:] = self.cfg.logvar_init
         else:
             if not Path(decoder_of).is_file():
                 raise ValueError(f"{decoder_of} not found: run `turbovid train vae` first")
-            self.vae.load_state_dict(read_state_dict(str(decoder_of)))
+            self._load(decoder_of, "the trained VAE")
             self.vae.encoder.requires_grad_(False)
             self.vae.conv1.requires_grad_(False)
         self.vae.to(env.device).train()
         self.model = wrap_ddp(VAEObjective(self.vae, frozen_encoder=decoder_of is not None), env)
         self.optimizer = make_optimizer([p for p in self.vae.parameters() if p.requires_grad], self.cfg.optim, env)
         self.data = ProceduralVideos("train", recipe.size, recipe.frames, recipe.data_seed)
+
+    def _load(self, path: str | Path, what: str) -> None:
+        try:
+            self.vae.load_state_dict(read_state_dict(str(path)))
+        except RuntimeError as e:   # another model's file, or another VAE size
+            kind = "keys" if "key(s)" in str(e) else "shapes"
+            raise ValueError(f"{what} {path}: not the weights of a {self.recipe.name} VAE (its {kind} differ)") from None
 
     def _crops(self, step: int) -> torch.Tensor:
         """Spatial crops of the batch's clips. A uniformly placed crop often misses the object (a 96 px crop of
