@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from
 
 from common import print_table, time_cuda, write_results  # noqa: E402
 
-from turbovid.config import MODELS, TextEncoderConfig, VAEConfig  # noqa: E402
+from turbovid.config import DEFAULT_PRESET, MODELS, TextEncoderConfig, VAEConfig  # noqa: E402
 from turbovid.loading import load_dit  # noqa: E402
 from turbovid.models.dit import WanDiT  # noqa: E402
 from turbovid.models.text_encoder import TextEncoder, make_umt5  # noqa: E402
@@ -313,7 +313,7 @@ def video_backend() -> tuple[str, str]:
     return "opencv", "OpenCV mp4v (imageio-ffmpeg missing on this machine)"
 
 
-def write_mp4_bytes(frames, backend: str, preset: str = "veryfast") -> int:
+def write_mp4_bytes(frames, backend: str, preset: str = DEFAULT_PRESET) -> int:
     """Write uint8 frames to a throw-away mp4 (as `turbovid generate` would); its size in bytes."""
     with tempfile.TemporaryDirectory() as tmp:
         return write_video(Path(tmp) / "video.mp4", frames, backend=backend, preset=preset).stat().st_size
@@ -325,7 +325,7 @@ def mp4_stage(video: torch.Tensor) -> dict:
     t0 = time.perf_counter()
     frames = to_uint8_frames(tile_samples(video))                 # [F, H, W, 3] uint8 on the CPU
     size = write_mp4_bytes(frames, backend)
-    how += " preset veryfast" if backend == "ffmpeg" else ""
+    how += f" preset {DEFAULT_PRESET}" if backend == "ffmpeg" else ""
     return {"stage": "mp4_write", "s": time.perf_counter() - t0, "peak_gb": None,
             "note": f"{frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]} of the random-weight video, {how}, "
                     f"{size / 1e6:.1f} MB"}
@@ -343,7 +343,7 @@ def mp4_content_rows() -> list[dict]:
     clip = render(sample_clip(0, "train", 3), 832, 81)[:, :, 176:656]       # [3, 81, 480, 832] in [-1, 1]
     frames = to_uint8_frames(clip)
     rows = []
-    for preset in ("veryfast", "medium"):
+    for preset in (DEFAULT_PRESET, "medium"):
         t0 = time.perf_counter()
         size = write_mp4_bytes(frames, backend, preset)
         rows.append({"stage": f"mp4_write_procedural_{preset}", "s": time.perf_counter() - t0, "peak_gb": None,

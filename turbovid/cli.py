@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from turbovid.config import DEFAULT_MODEL, MODELS, RESOLUTIONS, SampleConfig
+from turbovid.config import DEFAULT_MODEL, DEFAULT_PRESET, MODELS, RESOLUTIONS, SampleConfig
 
 EXIT_USAGE = 2
 
@@ -59,8 +59,8 @@ def _generate_parser(sub) -> None:
     p.add_argument("--solver", default="unipc", help="teacher sampler: unipc | euler")
     p.add_argument("--shift", type=float, default=5.0, help="teacher sampler flow shift")
     p.add_argument("--guidance", type=float, default=5.0, help="teacher sampler CFG scale")
-    p.add_argument("--preset", default="veryfast", help="x264 preset of the mp4: ultrafast .. veryslow (default "
-                   "veryfast; slower presets write smaller files of the same quality)")
+    p.add_argument("--preset", default=DEFAULT_PRESET, help="x264 preset of the mp4: ultrafast .. veryslow (default "
+                   f"{DEFAULT_PRESET}; slower presets write smaller files of the same quality)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_args(p)
 
@@ -100,11 +100,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from turbovid.pipeline import MAX_RCM_STEPS, Pipeline, check_prompt, check_sample
-    from turbovid.video import X264_PRESETS, VideoWriter, read_image
+    from turbovid.video import VideoWriter, check_preset, read_image
 
     out = _check_output(args.output)
-    if args.preset not in X264_PRESETS:
-        raise UsageError(f"unknown --preset {args.preset!r}; choose one of {', '.join(X264_PRESETS)}")
+    check_preset(args.preset, "--preset")   # before any model loads
     if args.model not in MODELS:
         raise UsageError(f"unknown model {args.model!r}; choose one of {', '.join(MODELS)}")
     spec = MODELS[args.model]

@@ -163,6 +163,8 @@ RESOLUTIONS: dict[str, dict[str, tuple[int, int]]] = {
     "128p": {"1:1": (128, 128), "4:3": (176, 128), "3:4": (128, 176), "16:9": (224, 128), "9:16": (128, 224)},
 }
 FPS = 16
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+DEFAULT_PRESET = "veryfast"   # the mp4's x264 preset (turbovid.video.VideoWriter measures it against "medium")
 
 
 @dataclass(frozen=True)

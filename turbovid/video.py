@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from turbovid.config import FPS
+from turbovid.config import DEFAULT_PRESET, FPS, X264_PRESETS
 
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
@@ -32,7 +32,11 @@ def tile_samples(videos: torch.Tensor) -> torch.Tensor:
     return torch.cat(list(videos), dim=-1)
 
 
-X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+def check_preset(preset: str, what: str = "x264 preset") -> str:
+    """`preset` if x264 knows it, else a one-line ValueError naming `what` (the CLI names its flag)."""
+    if preset not in X264_PRESETS:
+        raise ValueError(f"unknown {what} {preset!r}; choose one of {', '.join(X264_PRESETS)}")
+    return preset
 
 
 class VideoWriter:
@@ -47,15 +51,13 @@ class VideoWriter:
     MPEG-4 part 2 (mp4v), for machines without imageio-ffmpeg."""
 
     def __init__(self, path: str | Path, fps: int = FPS, backend: str = "ffmpeg", depth: int = 4,
-                 preset: str = "veryfast"):
+                 preset: str = DEFAULT_PRESET):
         import queue
         import threading
 
         if backend not in ("ffmpeg", "opencv"):
             raise ValueError(f"unknown video backend {backend!r}; choose ffmpeg or opencv")
-        if preset not in X264_PRESETS:
-            raise ValueError(f"unknown x264 preset {preset!r}; choose one of {', '.join(X264_PRESETS)}")
-        self.path, self.fps, self.backend, self.preset = Path(path), fps, backend, preset
+        self.path, self.fps, self.backend, self.preset = Path(path), fps, backend, check_preset(preset)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Created like any new file (mode 0666 minus the umask; mkstemp would make it 0600), exclusively.
         tmp = self.path.parent / f".partial-{secrets.token_hex(6)}{self.path.suffix or '.mp4'}"
@@ -143,7 +145,7 @@ class VideoWriter:
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: int = FPS, backend: str = "ffmpeg",
-                preset: str = "veryfast") -> Path:
+                preset: str = DEFAULT_PRESET) -> Path:
     """Write uint8 [F, H, W, 3] frames as an mp4 (H.264 by default), atomically."""
     with VideoWriter(path, fps, backend, preset=preset) as writer:
         writer.append(frames)

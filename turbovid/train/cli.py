@@ -95,12 +95,12 @@ def _recipe(args, world: int = 1):
                 raise ValueError(f"--lr must be positive, got {args.lr}")
             optim = dataclasses.replace(optim, lr=args.lr)
         extra = {}
-        if getattr(args, "edge", None) is not None and name in ("vae_stage", "vae_decoder"):
+        if args.edge is not None and name in ("vae_stage", "vae_decoder"):
             if args.edge < 0:
                 raise ValueError(f"--edge must be >= 0, got {args.edge}")
             extra["edge"] = args.edge
         recipe = dataclasses.replace(recipe, **{name: dataclasses.replace(cfg, run=run, optim=optim, **extra)})
-    if getattr(args, "fg_weight", None) is not None:   # the teacher and each of its rounds
+    if args.fg_weight is not None:   # the teacher and each of its rounds
         if args.fg_weight < 0:
             raise ValueError(f"--fg-weight must be >= 0, got {args.fg_weight}")
         weighted = lambda cfg: dataclasses.replace(cfg, fg_weight=args.fg_weight)  # noqa: E731
@@ -135,9 +135,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = _recipe(args, int(os.environ.get("WORLD_SIZE", "1")))   # torchrun sets WORLD_SIZE
     if args.init is not None and args.stage not in ("teacher", "vae"):
         raise ValueError("--init applies to the teacher and vae stages only")
-    if getattr(args, "edge", None) is not None and args.stage not in ("vae", "vae_decoder"):
+    if args.edge is not None and args.stage not in ("vae", "vae_decoder"):
         raise ValueError("--edge applies to the vae and vae_decoder stages only")
-    if getattr(args, "fg_weight", None) is not None and args.stage not in ("teacher", "reproduce"):
+    if args.fg_weight is not None and args.stage not in ("teacher", "reproduce"):
         raise ValueError("--fg-weight applies to the teacher stage only")
     if args.stage == "ship":
         from turbovid.train.reproduce import ship

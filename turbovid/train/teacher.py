@@ -88,11 +88,11 @@ class _VelocityStage:
         self.ema = PowerEMA(self.net, stage_cfg.ema_sigma_rel)
         self.optimizer = make_optimizer(self.net.parameters(), stage_cfg.optim, env)
 
-    def _draws(self, step: int, with_clips: bool = False):
+    def _draws(self, step: int):
+        """(latents, context, generator, clips) of this step's batch."""
         data_step = 0 if self.fixed_batch else step
         x0, context, clips = self.inputs.get(step_indices(data_step, self.env, self.schedule.batch))
-        g = step_generator(self.recipe.seed, data_step, self.env.rank, self.env.device)
-        return (x0, context, g, clips) if with_clips else (x0, context, g)
+        return x0, context, step_generator(self.recipe.seed, data_step, self.env.rank, self.env.device), clips
 
     def _finish(self, loss: torch.Tensor, step: int) -> dict[str, float]:
         loss.backward()
@@ -133,7 +133,7 @@ class TeacherTrainer(_VelocityStage):
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
-        x0, context, g, clips = self._draws(step, with_clips=True)
+        x0, context, g, clips = self._draws(step)
         B, dev = x0.shape[0], x0.device
         drop = torch.rand(B, generator=g, device=dev) < cfg.caption_dropout
         context = torch.where(drop.view(B, 1, 1), self.inputs.negative.expand_as(context), context)
@@ -190,7 +190,7 @@ class SLATrainer(_VelocityStage):
         if self.cfg.base == "rcm":
             x, t_net, v_target, context = self._trajectory(step)
         else:
-            x0, context, g = self._draws(step)
+            x0, context, g, _ = self._draws(step)
             B, dev = x0.shape[0], x0.device
             s = lognormal_rf(B, g, self.cfg.p_mean, self.cfg.p_std, dev)
             noise = torch.randn(x0.shape, generator=g, device=dev)
