@@ -7,6 +7,9 @@
 #       before anything else runs (a released machine loses its run directory).
 #   w2: held-out checks, one at a time, each printed when it finishes: w1's teacher (runs/carry/teacher_fg, carried)
 #       and the shipped teacher on the same 64 prompts; shape per size class from the JSONs.
+#   w3: (added in session 10 after w2) rCM and the SLA fine-tune of the rCM student from w1's teacher (carried), each
+#       fitted to the command, weights to $OUT as each stage ends, then 64-prompt checks of both students.
+#   w4: (added in session 10 after w2) a second --fg-weight 4 round, from w1's teacher (carried).
 set -euo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=. TURBOVID_COMMIT=${TURBOVID_COMMIT:-unknown}
 T="python3 -m turbovid.cli train"
@@ -44,10 +47,32 @@ w1) rm -rf $RUN && python3 docs/training/mini/device/assemble.py $RUN && rm -rf 
     tail -2 "$OUT/teacher.log"
     mkdir -p "$OUT/teacher_fg" && cp $RUN/teacher/final.safetensors $RUN/teacher/log.jsonl "$OUT/teacher_fg/" || true
     ;;
+w4) rm -rf $RUN && python3 docs/training/mini/device/assemble.py $RUN && rm -rf $RUN/teacher
+    $T teacher --run-dir $RUN --init runs/carry/teacher_fg/final.safetensors --fg-weight 4 --lr 1e-4 --steps 200000 \
+       --compile --fit-minutes "$(minutes_left 60)" --max-minutes "$(minutes_left 40)" > "$OUT/teacher.log" 2>&1 \
+       || echo "teacher exit $?"
+    tail -2 "$OUT/teacher.log"
+    mkdir -p "$OUT/teacher_fg2" && cp $RUN/teacher/final.safetensors $RUN/teacher/log.jsonl "$OUT/teacher_fg2/" || true
+    ;;
 w2) rm -rf $RUN && python3 docs/training/mini/device/assemble.py $RUN
     check 64 --dit runs/carry/teacher_fg/final.safetensors --attention dense --sampler teacher
     check 64 --dit $A/dit_teacher.safetensors --attention dense --sampler teacher
     by_size
     ;;
-*)  echo "usage: session10.sh w1|w2"; exit 2 ;;
+w3) S=runs/session10s && rm -rf $S && python3 docs/training/mini/device/assemble.py $S
+    cp runs/carry/teacher_fg/final.safetensors $S/teacher/final.safetensors
+    $T rcm --run-dir $S --fit-minutes "$(minutes_left 300)" --max-minutes "$(minutes_left 270)" > "$OUT/rcm.log" 2>&1 \
+       || echo "rcm exit $?"
+    tail -1 "$OUT/rcm.log"
+    mkdir -p "$OUT/rcm" "$OUT/sla" && cp $S/rcm/final.safetensors $S/rcm/log.jsonl "$OUT/rcm/" || true
+    $T sla --run-dir $S --steps 100000 --fit-minutes "$(minutes_left 80)" --max-minutes "$(minutes_left 60)" \
+       > "$OUT/sla.log" 2>&1 || echo "sla exit $?"
+    tail -1 "$OUT/sla.log"
+    cp $S/sla/final.safetensors $S/sla/log.jsonl "$OUT/sla/" || true
+    RUN=$S && cp $S/rcm/final.safetensors $S/rcm_student.safetensors && cp $S/sla/final.safetensors $S/sla_student.safetensors
+    check 64 --dit $S/rcm_student.safetensors --attention dense --sampler rcm
+    check 64 --dit $S/sla_student.safetensors --attention sagesla --sampler rcm
+    check 64 --dit $S/sla_student.safetensors --attention dense --sampler rcm
+    ;;
+*)  echo "usage: session10.sh w1|w2|w3|w4"; exit 2 ;;
 esac
