@@ -297,6 +297,29 @@ def test_sla_dense_weight_also_fits_the_dense_output(run, tmp_path):
     assert record["loss"] == pytest.approx(record["loss_sla"] + 0.5 * record["loss_dense"], rel=1e-6)
 
 
+def test_sla_proj_l_only_trains_the_linear_branch_alone(run, tmp_path):
+    from turbovid.train.cli import _recipe
+
+    run_dir, _ = run
+    weights = load_weights(run_dir / "teacher" / "final.safetensors")
+    sla = dataclasses.replace(TINY.sla, proj_l_only=True, run=dataclasses.replace(TINY.sla.run, steps=3),
+                              optim=dataclasses.replace(TINY.sla.optim, lr=1e-2))
+    recipe = dataclasses.replace(TINY, sla=sla, size=128, frames=9)
+    trainer = SLATrainer(recipe, run_dir, ENV, weights, fixed_batch=True)
+    assert {n for n, p in trainer.net.named_parameters() if p.requires_grad} == \
+        {n for n, _ in trainer.net.named_parameters() if "proj_l" in n} != set()
+    drive(trainer, tmp_path / "sla", ENV, quiet=True)
+    final = load_weights(tmp_path / "sla" / "final.safetensors")
+    assert all(torch.equal(final[k], v.to(final[k].dtype)) for k, v in weights.items())   # the rest is untouched
+    assert any(final[k].abs().sum() > 0 for k in final if "proj_l" in k)
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers(dest="command"))
+    cli = _recipe(parser.parse_args(["train", "sla", "--proj-l-only"])).sla
+    assert cli.proj_l_only and cli.dense_weight == 0
+    with pytest.raises(ValueError, match="sla stage only"):
+        cmd_train(parser.parse_args(["train", "teacher", "--proj-l-only", "--run-dir", str(tmp_path)]))
+
+
 def test_recipe_rejects_a_student_its_sla_stage_does_not_make():
     with pytest.raises(ValueError, match="sla.base"):
         dataclasses.replace(TINY, sla=dataclasses.replace(TINY.sla, base="fake"))

@@ -43,6 +43,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--edge", type=float, help="vae / vae_decoder: weight of the edge loss term (recipe.VAEStage.edge)")
     p.add_argument("--fg-weight", type=float, help="teacher: latent cells near the object weigh 1 + this in the "
                                                    "velocity loss (recipe.TeacherStage.fg_weight)")
+    p.add_argument("--proj-l-only", action="store_true",
+                   help="sla: train only SLA's linear-branch projections; the dense output stays the base network's "
+                        "(recipe.SLAStage.proj_l_only; no dense loss term then)")
+    p.add_argument("--topk", type=float, help="sla / eval / ship: fraction of key blocks SLA keeps (recipe.SLAStage.topk)")
     p.add_argument("--no-eval", action="store_true", help="reproduce: skip the final evaluations")
     g = p.add_argument_group("merge of arbitrary files (all three given: TurboDiffusion's merge_models.py)")
     g.add_argument("--base", help="rCM student checkpoint")
@@ -100,6 +104,12 @@ def _recipe(args, world: int = 1):
                 raise ValueError(f"--edge must be >= 0, got {args.edge}")
             extra["edge"] = args.edge
         recipe = dataclasses.replace(recipe, **{name: dataclasses.replace(cfg, run=run, optim=optim, **extra)})
+    if args.topk is not None:
+        if not 0 < args.topk <= 1:
+            raise ValueError(f"--topk must be in (0, 1], got {args.topk}")
+        recipe = dataclasses.replace(recipe, sla=dataclasses.replace(recipe.sla, topk=args.topk))
+    if args.proj_l_only:
+        recipe = dataclasses.replace(recipe, sla=dataclasses.replace(recipe.sla, proj_l_only=True, dense_weight=0.0))
     if args.fg_weight is not None:   # the teacher and each of its rounds
         if args.fg_weight < 0:
             raise ValueError(f"--fg-weight must be >= 0, got {args.fg_weight}")
@@ -139,6 +149,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("--edge applies to the vae and vae_decoder stages only")
     if args.fg_weight is not None and args.stage not in ("teacher", "reproduce"):
         raise ValueError("--fg-weight applies to the teacher stage only")
+    if args.proj_l_only and args.stage != "sla":
+        raise ValueError("--proj-l-only applies to the sla stage only")
     if args.stage == "ship":
         from turbovid.train.reproduce import ship
         dest = Path(args.output) if args.output else Path(__file__).resolve().parents[1] / "assets" / recipe.name

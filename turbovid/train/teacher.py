@@ -18,6 +18,7 @@ captions, and every (x, time) it is called with is one training input, its outpu
 The 1-3-step schedules use a prefix of the 4-step times, so the 4-step trajectory covers them.
 `recipe.sla.dense_weight` > 0 (ours) adds that weight times the same loss for the student run with dense
 attention: the one released file serves every --attention, and SLA tuning alone moves its dense output away.
+`recipe.sla.proj_l_only` (ours) trains SLA's linear-branch projections alone, so the dense output cannot move.
 """
 from __future__ import annotations
 
@@ -159,6 +160,9 @@ class SLATrainer(_VelocityStage):
         cfg = recipe.sla
         self.teacher = frozen_dit(recipe, base_weights, env)
         student = dit_from_weights(recipe, base_weights, "sla", cfg.topk, new_proj_l=True)
+        if cfg.proj_l_only:        # everything else frozen: the dense-attention output stays the base network's
+            for name, p in student.named_parameters():
+                p.requires_grad_("proj_l" in name)
         if cfg.base == "rcm" and inputs is None:
             inputs = LatentBatches(recipe, run_dir, env)     # captions only: no latent pool to build
         self._setup(recipe, run_dir, env, student, cfg, fixed_batch, inputs)

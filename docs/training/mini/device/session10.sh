@@ -10,6 +10,11 @@
 #   w3: (added in session 10 after w2) rCM and the SLA fine-tune of the rCM student from w1's teacher (carried), each
 #       fitted to the command, weights to $OUT as each stage ends, then 64-prompt checks of both students.
 #   w4: (added in session 10 after w2) a second --fg-weight 4 round, from w1's teacher (carried).
+#   w5: (added after w3, whose SLA fine-tune moved the dense output and cost adherence) SLA on w3's rCM student with
+#       --proj-l-only (the dense output cannot move) at lr 1e-3, then 1e-4; 64-prompt SageSLA check after each.
+#       (It ran out of --max-minutes at step 1524 of 1632, so nothing after it ran: loss plateau 0.08 vs 0.03-0.05.)
+#   w6: the usual SLA fine-tune of w3's rCM student at top-k 0.5 (block-sparse alone keeps 0.25 adherence there on the
+#       CPU, 0.04 at 0.25); SageSLA and dense checks on 64 prompts.
 set -euo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=. TURBOVID_COMMIT=${TURBOVID_COMMIT:-unknown}
 T="python3 -m turbovid.cli train"
@@ -54,6 +59,28 @@ w4) rm -rf $RUN && python3 docs/training/mini/device/assemble.py $RUN && rm -rf 
     tail -2 "$OUT/teacher.log"
     mkdir -p "$OUT/teacher_fg2" && cp $RUN/teacher/final.safetensors $RUN/teacher/log.jsonl "$OUT/teacher_fg2/" || true
     ;;
+w5) for lr in 1e-3 1e-4; do
+      S=runs/session10p$lr && rm -rf $S && python3 docs/training/mini/device/assemble.py $S && mkdir -p $S/rcm
+      cp runs/carry/rcm/final.safetensors $S/rcm/final.safetensors
+      reserve=$([ $lr = 1e-3 ] && echo 330 || echo 75)
+      $T sla --run-dir $S --proj-l-only --lr $lr --steps 100000 --fit-minutes "$(minutes_left $reserve)" \
+         --max-minutes "$(minutes_left $((reserve - 20)))" > "$OUT/sla_p$lr.log" 2>&1 || echo "sla exit $?"
+      tail -1 "$OUT/sla_p$lr.log"
+      mkdir -p "$OUT/sla_p$lr" && cp $S/sla/final.safetensors $S/sla/log.jsonl "$OUT/sla_p$lr/" || true
+      cp $S/sla/final.safetensors $S/sla_p$lr.safetensors && RUN=$S
+      check 64 --dit $S/sla_p$lr.safetensors --attention sagesla --sampler rcm
+    done
+    ;;
+w6) S=runs/session10k && rm -rf $S && python3 docs/training/mini/device/assemble.py $S && mkdir -p $S/rcm
+    cp runs/carry/rcm/final.safetensors $S/rcm/final.safetensors
+    $T sla --run-dir $S --topk 0.5 --steps 100000 --fit-minutes "$(minutes_left 200)" \
+       --max-minutes "$(minutes_left 120)" > "$OUT/sla_k05.log" 2>&1 || echo "sla exit $?"
+    tail -1 "$OUT/sla_k05.log"
+    mkdir -p "$OUT/sla_k05" && cp $S/sla/final.safetensors $S/sla/log.jsonl "$OUT/sla_k05/" || true
+    RUN=$S && cp $S/sla/final.safetensors $S/sla_k05.safetensors
+    check 64 --dit $S/sla_k05.safetensors --attention sagesla --sampler rcm --topk 0.5
+    check 64 --dit $S/sla_k05.safetensors --attention dense --sampler rcm
+    ;;
 w2) rm -rf $RUN && python3 docs/training/mini/device/assemble.py $RUN
     check 64 --dit runs/carry/teacher_fg/final.safetensors --attention dense --sampler teacher
     check 64 --dit $A/dit_teacher.safetensors --attention dense --sampler teacher
@@ -74,5 +101,5 @@ w3) S=runs/session10s && rm -rf $S && python3 docs/training/mini/device/assemble
     check 64 --dit $S/sla_student.safetensors --attention sagesla --sampler rcm
     check 64 --dit $S/sla_student.safetensors --attention dense --sampler rcm
     ;;
-*)  echo "usage: session10.sh w1|w2|w3|w4"; exit 2 ;;
+*)  echo "usage: session10.sh w1|w2|w3|w4|w5|w6"; exit 2 ;;
 esac
