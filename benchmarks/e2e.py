@@ -409,6 +409,13 @@ def decode_write_stage(vae: WanVAE, latent: torch.Tensor) -> dict:
             "note": f"decode passes streamed into the mp4 encoder thread ({how}); replaces the two rows above"}
 
 
+def end_to_end_row(stages: list[dict]) -> dict:
+    """text_encode + dit_4_steps + vae_decode_and_mp4 of `stages`: one video as `turbovid generate` makes it."""
+    s = {r["stage"]: r["s"] for r in stages}
+    return {"stage": "end_to_end", "s": s["text_encode"] + s["dit_4_steps"] + s["vae_decode_and_mp4"],
+            "note": "text + DiT + (VAE decode overlapped with the mp4 write), as turbovid generate"}
+
+
 def random_dit(cfg) -> WanDiT:
     """A bf16 WanDiT of `cfg` with random weights, built on the meta device and materialised on the GPU."""
     with torch.device("meta"):
@@ -431,10 +438,10 @@ def turbo_row(results: dict) -> dict | None:
     return next((r for r in results.get("dit_14b", []) if r.get("config") == TURBO_14B and "dit_4step_s" in r), None)
 
 
-def dit_14b(context: torch.Tensor, deadline: float, results: dict, save) -> tuple[list[dict], torch.Tensor | None]:
+def dit_14b(context: torch.Tensor, deadline: float, results: dict, save) -> torch.Tensor | None:
     """The 14B rows into results["dit_14b"] (saved after each): the 50-step CFG baselines (one batch-2 forward of
     diffusers' model and one of ours, same weights), ours bf16 dense (one batch-1 forward), then the turbo 4-step
-    video. Returns (the rows, that video's final latent or None)."""
+    video. Returns that video's final latent (None when skipped)."""
     print(f"[{elapsed():.0f} s] Wan2.1-14B 720p", flush=True)
     cfg = DIT_14B
     rows = results.setdefault("dit_14b", [])
@@ -481,7 +488,7 @@ def dit_14b(context: torch.Tensor, deadline: float, results: dict, save) -> tupl
         save()
     net = None
     torch.cuda.empty_cache()
-    return rows, latent
+    return latent
 
 
 def video_14b(args, results: dict, save, iters: int) -> None:
@@ -491,7 +498,7 @@ def video_14b(args, results: dict, save, iters: int) -> None:
     row, context = text_encode_stage(iters)
     stages.append(row)
     save()
-    _, latent = dit_14b(context, args.deadline - 30, results, save)        # 30 s kept for the VAE and the mp4
+    latent = dit_14b(context, args.deadline - 30, results, save)        # 30 s kept for the VAE and the mp4
     turbo = turbo_row(results)
     stages.append({"stage": "dit_4_steps", "s": turbo["dit_4step_s"], "peak_gb": turbo["peak_gb"],
                    "note": f"{turbo['config']}; steps ms {turbo['steps_ms']}"} if turbo else
@@ -509,13 +516,9 @@ def video_14b(args, results: dict, save, iters: int) -> None:
         stages.append(decode_write_stage(vae, latent))
         vae = None
         torch.cuda.empty_cache()
-        stage_s = {r["stage"]: r["s"] for r in stages}
-        stages.append({"stage": "end_to_end",
-                       "s": stage_s["text_encode"] + stage_s["dit_4_steps"] + stage_s["vae_decode_and_mp4"],
-                       "note": "text + DiT + (VAE decode overlapped with the mp4 write), as turbovid generate"})
-    stage_s = {r["stage"]: r["s"] for r in stages}
-    results["verdict"] = verdict({"dit_4step_14b_s": turbo["dit_4step_s"] if turbo else None,
-                                  "e2e_14b_s": stage_s.get("end_to_end")})
+        stages.append(end_to_end_row(stages))
+    e2e = next((r["s"] for r in stages if r["stage"] == "end_to_end"), None)
+    results["verdict"] = verdict({"dit_4step_14b_s": turbo["dit_4step_s"] if turbo else None, "e2e_14b_s": e2e})
     save()
 
 
@@ -564,12 +567,9 @@ def main() -> None:
     results["stages"].append(decode_write_stage(vae, latent))
     vae = None
     torch.cuda.empty_cache()
-    stage_s = {r["stage"]: r["s"] for r in results["stages"]}
-    total = stage_s["text_encode"] + stage_s["dit_4_steps"] + stage_s["vae_decode_and_mp4"]
     results["stages"].append({"stage": "end_to_end_sequential", "s": sequential,
                               "note": "text + DiT + VAE decode + mp4 write, one after the other"})
-    results["stages"].append({"stage": "end_to_end", "s": total,
-                              "note": "text + DiT + (VAE decode overlapped with the mp4 write), as turbovid generate"})
+    results["stages"].append(end_to_end_row(results["stages"]))
     save()
     if not args.no_14b:
         try:
@@ -579,8 +579,9 @@ def main() -> None:
             results.setdefault("dit_14b", []).append(
                 {"config": "14B", "measured": f"failed: {type(e).__name__}: {e}"[:300]})
     turbo = turbo_row(results)
+    stage_s = {r["stage"]: r["s"] for r in results["stages"]}
     results["verdict"] = verdict({"dit_4step_1.3b_s": best["dit_s"], "vae_decode_s": stage_s["vae_decode"],
-                                  "e2e_s": total, "dit_4step_14b_s": turbo["dit_4step_s"] if turbo else None,
+                                  "e2e_s": stage_s["end_to_end"], "dit_4step_14b_s": turbo["dit_4step_s"] if turbo else None,
                                   "e2e_14b_s": None})         # measured by --only-14b
     save()
     report(results)

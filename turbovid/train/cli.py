@@ -104,12 +104,15 @@ def _recipe(args, world: int = 1):
                 raise ValueError(f"--edge must be >= 0, got {args.edge}")
             extra["edge"] = args.edge
         recipe = dataclasses.replace(recipe, **{name: dataclasses.replace(cfg, run=run, optim=optim, **extra)})
+    sla = {}
     if args.topk is not None:
         if not 0 < args.topk <= 1:
             raise ValueError(f"--topk must be in (0, 1], got {args.topk}")
-        recipe = dataclasses.replace(recipe, sla=dataclasses.replace(recipe.sla, topk=args.topk))
-    if args.proj_l_only:
-        recipe = dataclasses.replace(recipe, sla=dataclasses.replace(recipe.sla, proj_l_only=True, dense_weight=0.0))
+        sla["topk"] = args.topk
+    if args.proj_l_only:      # the dense output cannot move, so its loss term would be a constant
+        sla.update(proj_l_only=True, dense_weight=0.0)
+    if sla:
+        recipe = dataclasses.replace(recipe, sla=dataclasses.replace(recipe.sla, **sla))
     if args.fg_weight is not None:   # the teacher and each of its rounds
         if args.fg_weight < 0:
             raise ValueError(f"--fg-weight must be >= 0, got {args.fg_weight}")
@@ -143,14 +146,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"wrote {out}")
         return 0
     recipe = _recipe(args, int(os.environ.get("WORLD_SIZE", "1")))   # torchrun sets WORLD_SIZE
-    if args.init is not None and args.stage not in ("teacher", "vae"):
-        raise ValueError("--init applies to the teacher and vae stages only")
-    if args.edge is not None and args.stage not in ("vae", "vae_decoder"):
-        raise ValueError("--edge applies to the vae and vae_decoder stages only")
-    if args.fg_weight is not None and args.stage not in ("teacher", "reproduce"):
-        raise ValueError("--fg-weight applies to the teacher stage only")
-    if args.proj_l_only and args.stage != "sla":
-        raise ValueError("--proj-l-only applies to the sla stage only")
+    for flag, value, stages in (("--init", args.init, ("teacher", "vae")), ("--edge", args.edge, ("vae", "vae_decoder")),
+                                ("--fg-weight", args.fg_weight, ("teacher", "reproduce")),
+                                ("--proj-l-only", args.proj_l_only or None, ("sla",))):
+        if value is not None and args.stage not in stages:
+            named = [st for st in stages if st != "reproduce"]   # reproduce passes the flag on to its stage
+            raise ValueError(f"{flag} applies to the {' and '.join(named)} stage{'s' * (len(named) > 1)} only")
     if args.stage == "ship":
         from turbovid.train.reproduce import ship
         dest = Path(args.output) if args.output else Path(__file__).resolve().parents[1] / "assets" / recipe.name
