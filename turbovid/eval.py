@@ -38,7 +38,7 @@ CONFIGS: dict[str, tuple[dict, int, str]] = {
     "teacher": ({"teacher": True}, 50, "teacher, 50 steps UniPC + CFG 5, dense attention"),
     "teacher_4step": ({"teacher": True}, 4, "teacher with the 4-step rCM sampler (no distillation)"),
     "student": ({}, 4, "4-step student (the shipped dit file), dense attention"),
-    "student_sla": ({"attention": "sla"}, 4, "+ SLA (the model's top-k, 0.25 for mini)"),
+    "student_sla": ({"attention": "sla"}, 4, "+ SLA (the model's top-k: 0.5 for mini)"),
     "student_sagesla": ({"attention": "sagesla"}, 4, "+ SageSLA (INT8 QK, FP8 PV)"),
     "student_sagesla_w8a8": ({"attention": "sagesla", "quant": True}, 4, "+ W8A8 INT8 linears (shipped INT8 file)"),
     "turbo": ({"attention": "sagesla", "quant": True, "fuse": True}, 4, "full stack: + fused norms/quant"),
@@ -145,7 +145,10 @@ def _write(out, rows, floor, count, seed) -> None:
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"count": count, "seed": seed, "split": "heldout", "real_vs_real_frechet": floor,
+    from turbovid.train.detect import VERSION
+
+    payload = {"count": count, "seed": seed, "split": "heldout", "detector_version": VERSION,
+               "real_vs_real_frechet": floor,
                "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                            "torch": torch.__version__,
                            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},

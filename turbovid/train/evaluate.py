@@ -18,6 +18,7 @@ from turbovid.config import WAN_NEGATIVE_PROMPT, SampleConfig
 from turbovid.sampling import cfg_velocity, flow_times, rcm_sample, rcm_times, unipc_sample
 from turbovid.train.checkpoint import load_weights
 from turbovid.train.data import sample_clip
+from turbovid.train.detect import VERSION as DETECTOR_VERSION
 from turbovid.train.detect import adherence
 from turbovid.train.inputs import build_text_encoder, load_trained_vae
 from turbovid.train.loop import Env
@@ -75,7 +76,7 @@ def evaluate(recipe: Recipe, run_dir: Path, env: Env, dit: str | Path, *, attent
         decoded.append(vae.decode_reference(z.to(vae.dtype), clamp=True).float().cpu())
     video = torch.cat(decoded)
     scores = adherence(list(video), [c.attributes() for c in clips])
-    result = {"dit": str(dit), "attention": attention, "sampler": sampler, "steps": steps, "split": split,
+    result = {"detector_version": DETECTOR_VERSION, "dit": str(dit), "attention": attention, "sampler": sampler, "steps": steps, "split": split,
               **({"guidance": guidance, "shift": shift} if sampler == "teacher" else {}),
               "count": count, "seconds": time.perf_counter() - t0,
               **{k: v for k, v in scores.items() if k != "detections"},
