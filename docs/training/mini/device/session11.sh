@@ -11,6 +11,9 @@
 #       included); weights to $OUT.
 #   g4: 96 held-out prompts, 50 steps + CFG: g3's teacher (carried to runs/carry/teacher_fg3) and the shipped one.
 #       (Round 6 0.906, shipped round 5 0.885; round 6 kept in docs/training/mini/candidates/, bf16.)
+#   g5: rCM from the round-6 candidate, fitted to the command (pool encode included); weights to $OUT.
+#   g6: the SLA fine-tune (top-k 0.5) of g5's rCM student (carried to runs/carry/rcm6), fitted; weights to $OUT;
+#       then SageSLA on 128 held-out prompts. (0.797; kept in docs/training/mini/candidates/, bf16.)
 set -euo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 T="python3 -m turbovid.cli train"
@@ -49,5 +52,23 @@ g4) S=runs/session11e && rm -rf $S && python3 docs/training/mini/device/assemble
       cp $S/eval/*.json "$OUT/" 2>/dev/null || true
     done
     ;;
-*)  echo "usage: session11.sh g1|g2|g3|g4"; exit 2 ;;
+g5) S=runs/session11s && rm -rf $S && python3 docs/training/mini/device/assemble.py $S
+    cp docs/training/mini/candidates/teacher_round6_session11.safetensors $S/teacher/final.safetensors
+    $T rcm --run-dir $S --fit-minutes "$(minutes_left 60)" --max-minutes "$(minutes_left 40)" > "$OUT/rcm.log" 2>&1 \
+       || echo "rcm exit $?"
+    tail -1 "$OUT/rcm.log"
+    mkdir -p "$OUT/rcm" && cp $S/rcm/final.safetensors $S/rcm/log.jsonl "$OUT/rcm/" || true
+    ;;
+g6) S=runs/session11k && rm -rf $S && python3 docs/training/mini/device/assemble.py $S && mkdir -p $S/rcm
+    cp docs/training/mini/candidates/teacher_round6_session11.safetensors $S/teacher/final.safetensors
+    cp runs/carry/rcm6/final.safetensors $S/rcm/final.safetensors
+    $T sla --run-dir $S --topk 0.5 --steps 100000 --fit-minutes "$(minutes_left 150)" \
+       --max-minutes "$(minutes_left 125)" > "$OUT/sla.log" 2>&1 || echo "sla exit $?"
+    tail -1 "$OUT/sla.log"
+    mkdir -p "$OUT/sla" && cp $S/sla/final.safetensors $S/sla/log.jsonl "$OUT/sla/" || true
+    $T eval --run-dir $S --count 128 --dit $S/sla/final.safetensors --attention sagesla --sampler rcm --topk 0.5 \
+       2>&1 | tail -2 | head -1 | sed "s|^|sla sagesla: |" | tee -a "$OUT/eval.log"
+    cp $S/eval/*.json "$OUT/" 2>/dev/null || true
+    ;;
+*)  echo "usage: session11.sh g1|g2|g3|g4|g5|g6"; exit 2 ;;
 esac
