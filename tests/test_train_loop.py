@@ -318,6 +318,8 @@ def test_sla_proj_l_only_trains_the_linear_branch_alone(run, tmp_path):
     assert cli.proj_l_only and cli.dense_weight == 0
     with pytest.raises(ValueError, match="sla stage only"):
         cmd_train(parser.parse_args(["train", "teacher", "--proj-l-only", "--run-dir", str(tmp_path)]))
+    with pytest.raises(ValueError, match="--topk applies to the sla, eval, ship stages only"):
+        cmd_train(parser.parse_args(["train", "teacher", "--topk", "0.5", "--run-dir", str(tmp_path)]))
 
 
 def test_recipe_rejects_a_student_its_sla_stage_does_not_make():

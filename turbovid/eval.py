@@ -143,10 +143,10 @@ def run_eval(configs: list[str], *, model: str = "mini", count: int = 32, seed: 
 def _write(out, rows, floor, count, seed) -> None:
     import platform
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     from turbovid.train.detect import VERSION
 
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"count": count, "seed": seed, "split": "heldout", "detector_version": VERSION,
                "real_vs_real_frechet": floor,
                "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),

@@ -148,10 +148,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = _recipe(args, int(os.environ.get("WORLD_SIZE", "1")))   # torchrun sets WORLD_SIZE
     for flag, value, stages in (("--init", args.init, ("teacher", "vae")), ("--edge", args.edge, ("vae", "vae_decoder")),
                                 ("--fg-weight", args.fg_weight, ("teacher", "reproduce")),
-                                ("--proj-l-only", args.proj_l_only or None, ("sla",))):
+                                ("--proj-l-only", args.proj_l_only or None, ("sla",)),
+                                ("--topk", args.topk, ("sla", "eval", "ship", "reproduce"))):
         if value is not None and args.stage not in stages:
             named = [st for st in stages if st != "reproduce"]   # reproduce passes the flag on to its stage
-            raise ValueError(f"{flag} applies to the {' and '.join(named)} stage{'s' * (len(named) > 1)} only")
+            raise ValueError(f"{flag} applies to the {', '.join(named)} stage{'s' * (len(named) > 1)} only")
     if args.stage == "ship":
         from turbovid.train.reproduce import ship
         dest = Path(args.output) if args.output else Path(__file__).resolve().parents[1] / "assets" / recipe.name

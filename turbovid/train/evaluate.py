@@ -18,8 +18,7 @@ from turbovid.config import WAN_NEGATIVE_PROMPT, SampleConfig
 from turbovid.sampling import cfg_velocity, flow_times, rcm_sample, rcm_times, unipc_sample
 from turbovid.train.checkpoint import load_weights
 from turbovid.train.data import sample_clip
-from turbovid.train.detect import VERSION as DETECTOR_VERSION
-from turbovid.train.detect import adherence
+from turbovid.train.detect import VERSION as DETECTOR_VERSION, adherence
 from turbovid.train.inputs import build_text_encoder, load_trained_vae
 from turbovid.train.loop import Env
 from turbovid.train.recipe import Recipe
