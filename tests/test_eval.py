@@ -42,10 +42,12 @@ def test_eval_arguments_are_checked():
         run_eval(["student"], model="tiny", count=2)
     with pytest.raises(ValueError, match="--count"):
         run_eval(["student"], count=1)
+    with pytest.raises(ValueError, match="--topk must be in"):
+        run_eval(["student_sla"], count=2, topk=0)
     assert set(CONFIGS) >= {"teacher", "student", "student_sla", "student_sagesla", "student_sagesla_w8a8", "turbo"}
 
 
-def test_eval_command_on_the_shipped_model(tmp_path, capsys):
+def test_eval_command_on_the_shipped_model(tmp_path, capsys, monkeypatch):
     out = tmp_path / "eval.json"
     assert main(["eval", "--configs", "student", "--count", "2", "--device", "cpu", "--out", str(out)]) == 0
     assert "student" in capsys.readouterr().out
@@ -54,3 +56,9 @@ def test_eval_command_on_the_shipped_model(tmp_path, capsys):
     assert row["config"] == "student" and row["count"] == 2 and len(row["seconds"]) == 2
     assert 0 <= row["all"] <= 1 and row["frechet"] >= 0 and result["real_vs_real_frechet"] >= 0
     assert main(["eval", "--configs", "bogus"]) == 2
+    # --topk reaches the SLA configurations, and each row records the top-k it ran at. (SLA through its PyTorch
+    # reference, as on any CPU without the Triton interpreter that `make test` sets.)
+    monkeypatch.setenv("TURBOVID_KERNELS", "ref")
+    assert main(["eval", "--configs", "student,student_sla", "--count", "2", "--device", "cpu", "--topk", "0.75",
+                 "--out", str(out)]) == 0
+    assert [r["topk"] for r in json.loads(out.read_text())["rows"]] == [None, 0.75]

@@ -9,6 +9,8 @@ import shutil
 import pytest
 import torch
 
+from turbovid.attention import DenseAttention
+from turbovid.attention.sla import SparseLinearAttention
 from turbovid.loading import load_dit, load_vae
 from turbovid.train.checkpoint import LATEST, load_weights
 from turbovid.train.cli import add_train_parser, cmd_train
@@ -279,8 +281,6 @@ def test_sla_on_the_rcm_student_trains_on_its_own_sampling_states(run, tmp_path)
 
 
 def test_sla_dense_weight_also_fits_the_dense_output(run, tmp_path):
-    from turbovid.attention import DenseAttention
-    from turbovid.attention.sla import SparseLinearAttention
     from turbovid.train.trigflow import swap_attention
 
     run_dir, _ = run
@@ -288,7 +288,7 @@ def test_sla_dense_weight_also_fits_the_dense_output(run, tmp_path):
     recipe = dataclasses.replace(TINY, sla=dataclasses.replace(TINY.sla, dense_weight=0.5), size=128, frames=9)
     trainer = SLATrainer(recipe, run_dir, ENV, weights, fixed_batch=True)   # 128 px clips: 3 key blocks
     sla_ops = [b.self_attn.attn_op.local_attn for b in trainer.net.blocks]
-    with swap_attention(trainer.net, SparseLinearAttention, DenseAttention):
+    with swap_attention(trainer.net, SparseLinearAttention, lambda _: DenseAttention()):
         assert all(type(b.self_attn.attn_op.local_attn).__name__ == "DenseAttention" for b in trainer.net.blocks)
     assert [b.self_attn.attn_op.local_attn for b in trainer.net.blocks] == sla_ops   # put back
     record = trainer.train_step(0)
@@ -318,7 +318,7 @@ def test_sla_proj_l_only_trains_the_linear_branch_alone(run, tmp_path):
     assert cli.proj_l_only and cli.dense_weight == 0
     with pytest.raises(ValueError, match="sla stage only"):
         cmd_train(parser.parse_args(["train", "teacher", "--proj-l-only", "--run-dir", str(tmp_path)]))
-    with pytest.raises(ValueError, match="--topk applies to the sla, eval, ship stages only"):
+    with pytest.raises(ValueError, match="--topk applies to the sla, rcm, eval, ship stages only"):
         cmd_train(parser.parse_args(["train", "teacher", "--topk", "0.5", "--run-dir", str(tmp_path)]))
 
 
@@ -348,6 +348,36 @@ def test_rcm_stage_runs_scm_dmd_critic_and_resumes_exactly(run, tmp_path):
     assert [r["step"] for r in resumed] == [3, 4]
     assert resumed[0]["loss_fake"] == full[3]["loss_fake"]
     assert resumed[1]["loss"] == full[4]["loss"] and resumed[1]["loss_dmd"] == full[4]["loss_dmd"]
+
+
+def test_rcm_with_an_sla_student_from_init_weights(run, tmp_path):
+    # --sla-student --init FILE --tangent-warmup 0: the student starts from given weights (here the teacher's with
+    # a non-zero proj_l), distils with SLA attention (its JVP through MathSLA), DMD from the first student step;
+    # the export is an SLA network whose proj_l moved.
+    run_dir, inputs = run
+    teacher = load_weights(run_dir / "teacher" / "final.safetensors")
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers(dest="command"))
+    from turbovid.train.cli import _recipe
+    recipe = _recipe(parser.parse_args(["train", "rcm", "--recipe", "tiny", "--sla-student", "--topk", "0.5",
+                                        "--tangent-warmup", "0", "--steps", "3"]))
+    assert (recipe.rcm.student_attention, recipe.rcm.tangent_warmup, recipe.sla.topk) == ("sla", 0, 0.5)
+    start = {**teacher, **{f"blocks.{i}.self_attn.attn_op.local_attn.proj_l.{n}": torch.full(shape, 0.01)
+                           for i in range(TINY.dit.num_layers)
+                           for n, shape in (("weight", (64, 64)), ("bias", (64,)))}}
+    trainer = RCMTrainer(recipe, run_dir, ENV, teacher, inputs=inputs, student_weights=start)
+    assert isinstance(trainer.student.blocks[0].self_attn.attn_op.local_attn, SparseLinearAttention)
+    assert isinstance(trainer.fake.blocks[0].self_attn.attn_op.local_attn, DenseAttention)
+    logs = drive(trainer, tmp_path / "rcm", ENV, quiet=True)
+    assert [r["student"] for r in logs] == [1.0, 0.0, 1.0] and "loss_dmd" in logs[0]
+    assert all(math.isfinite(v) for r in logs for v in r.values() if isinstance(v, float))
+    out = load_weights(tmp_path / "rcm" / "final.safetensors")
+    key = "blocks.0.self_attn.attn_op.local_attn.proj_l.weight"
+    assert key in out and not torch.allclose(out[key], start[key])
+    with pytest.raises(ValueError, match="rcm.student_attention must be dense or sla"):
+        dataclasses.replace(TINY.rcm, student_attention="sparse")
+    with pytest.raises(ValueError, match="--sla-student applies to the rcm stage only"):
+        cmd_train(parser.parse_args(["train", "sla", "--sla-student", "--run-dir", str(tmp_path)]))
 
 
 def _cli(*argv):
@@ -382,6 +412,11 @@ def test_cli_sla_rcm_merge_eval_and_export_load(run, capsys):
     assert int8["blocks.0.ffn.0.int8_weight"].dtype == torch.int8
     config = json.loads((dest / "config.json").read_text())
     assert config["stages"]["rcm"]["steps"] == 3 and len(config["vae_latent_stats"]["mean"]) == 16
+    assert config["sla_topk"] == config["sla_topk_tuned"] == TINY.sla.topk
+    # ship --topk: the release's default top-k; the one it was tuned at is kept beside it.
+    assert _cli("ship", *common, "--output", str(dest), "--topk", "0.3") == 0
+    config = json.loads((dest / "config.json").read_text())
+    assert (config["sla_topk"], config["sla_topk_tuned"]) == (0.3, TINY.sla.topk)
     quant = load_dit(str(dest / "dit_int8.safetensors"), TINY.dit, dtype=torch.float32)
     assert any(n.endswith("int8_weight") for n, _ in quant.named_buffers())
     assert _cli("plot", *common, "--output", str(run_dir / "curves.png")) == 0
@@ -467,6 +502,33 @@ def test_object_centred_vae_crops_hold_the_object():
     centred, uniform = crops(1.0), crops(0.0)
     assert (centred > 0).all()
     assert centred.mean() > 1.5 * uniform.mean()
+
+
+def test_reproduce_runs_the_whole_tiny_recipe_and_skips_finished_stages(tmp_path, monkeypatch):
+    # `turbovid train reproduce` as one piece: tokenizer, text encoder, VAE, VAE decoder, teacher, rCM, SLA, merge,
+    # the evaluations and the export; run again, every finished stage is skipped (its weights stay byte-identical).
+    monkeypatch.setenv("TURBOVID_KERNELS", "ref")
+    run_dir = tmp_path / "tiny"
+    common = ["--run-dir", str(run_dir), "--recipe", "tiny", "--device", "cpu"]
+    assert _cli("reproduce", *common) == 0
+    export = run_dir / "export"
+    assert {p.name for p in export.iterdir()} == {"dit.safetensors", "dit_int8.safetensors", "dit_teacher.safetensors",
+                                                 "vae.safetensors", "text_encoder.safetensors", "spiece.model",
+                                                 "config.json"}
+    config = json.loads((export / "config.json").read_text())
+    assert {k: v["steps"] for k, v in config["stages"].items()} == {
+        "vae": TINY.vae_stage.run.steps, "vae_decoder": TINY.vae_decoder.run.steps, "teacher": TINY.teacher.run.steps,
+        "rcm": TINY.rcm.run.steps, "sla": TINY.sla.run.steps}
+    assert set(config["eval"]) == {"teacher", "teacher_4step", "rcm", "merged_sla"}
+    assert all(0 <= r["all"] <= 1 for r in config["eval"].values())
+    merged = load_weights(run_dir / "merged" / "model.safetensors")
+    key = "blocks.0.ffn.0.weight"
+    assert torch.equal(load_weights(export / "dit.safetensors")[key], merged[key].to(torch.bfloat16))
+    finals = sorted(run_dir.glob("*/final.safetensors"))
+    assert [p.parent.name for p in finals] == ["rcm", "sla", "teacher", "vae", "vae_decoder"]
+    before = {p: p.read_bytes() for p in finals}
+    assert _cli("reproduce", *common, "--no-eval") == 0
+    assert {p: p.read_bytes() for p in finals} == before
 
 
 def test_cli_overrides_reach_the_stage_recipe():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from turbovid.attention import DenseAttention
+from turbovid.attention.sla import SparseLinearAttention
 from turbovid.config import TINY_DIT
 from turbovid.models.dit import WanDiT
 from turbovid.train.ema import PowerEMA, power_ema_beta, power_ema_gamma
@@ -16,7 +17,7 @@ from turbovid.train.losses import (dmd_loss, fake_score_loss, flow_matching_pair
                                    x0_from_velocity)
 from turbovid.train.merge import merge_state_dicts
 from turbovid.train.recipe import Optim, lr_at
-from turbovid.train.trigflow import MathAttention, denoise, math_attention, student_F_jvp
+from turbovid.train.trigflow import MathAttention, denoise, math_attention, student_F_jvp, swap_attention
 from turbovid.train.vae import edge_loss, foreground_weights
 
 
@@ -122,6 +123,38 @@ def test_scm_jvp_matches_finite_difference(net):
     # The attention swap is undone afterwards, and no parameter got a gradient.
     assert all(isinstance(b.self_attn.attn_op.local_attn, DenseAttention) for b in net.blocks)
     assert all(p.grad is None for p in net.parameters())
+
+
+def test_scm_jvp_through_sla_matches_finite_difference():
+    # A student with SLA attention (rCM's --sla-student): the JVP runs through MathSLA (the references), since the
+    # fused SLA kernels carry no tangent. 128 tokens in blocks of 16, half of the key blocks kept, and a trained
+    # (non-zero) proj_l, so that both branches and the block selection matter.
+    torch.manual_seed(1)
+    net = WanDiT(TINY_DIT, attention="sla", topk=0.5).eval()
+    for block in net.blocks:
+        sla = block.self_attn.attn_op.local_attn
+        sla.block_q = sla.block_k = 16
+        torch.nn.init.normal_(sla.proj_l.weight, std=0.2)
+    g = _gen(9)
+    x_t = torch.randn(2, 16, 2, 16, 16, generator=g)
+    t = torch.tensor([0.5, 1.1], dtype=torch.float64)
+    ctx = torch.randn(2, TINY_DIT.text_len, TINY_DIT.text_dim, generator=g)
+    cs = torch.cos(t) * torch.sin(t)
+    dx, dt = cs.view(-1, 1, 1, 1, 1).float() * torch.randn(x_t.shape, generator=g), cs
+    value, tangent = student_F_jvp(net, x_t, t, ctx, dx, dt)
+    assert all(isinstance(b.self_attn.attn_op.local_attn, SparseLinearAttention) for b in net.blocks)   # undone
+
+    def F(x, tt):   # the default SLA path (the fused inference kernels, or their references)
+        with torch.no_grad():
+            return trigflow_velocity(x, tt, denoise(net, x, tt, ctx))
+    h = 1e-3   # the random network is far from linear in t beyond this (dense attention alike)
+    fd = (F(x_t + h * dx, t + h * dt) - F(x_t - h * dx, t - h * dt)) / (2 * h)
+    assert torch.allclose(value, F(x_t, t), atol=1e-4)
+    assert ((tangent - fd).norm() / fd.norm()).item() < 2e-2
+    # The tangent of dense attention in the same place is far off: the check tells sparse from dense.
+    with swap_attention(net, SparseLinearAttention, lambda _: MathAttention()):
+        _, dense = student_F_jvp(net, x_t, t, ctx, dx, dt)
+    assert ((dense - fd).norm() / fd.norm()).item() > 0.1
 
 
 def test_math_attention_equals_sdpa():

@@ -28,8 +28,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-encoder", help="umT5 encoder (models_t5_umt5-xxl-enc-bf16.pth or an HF folder)")
     g.add_argument("--tokenizer", help="umT5 tokenizer folder or spiece.model")
     g.add_argument("--attention", default="dense", help="dense | sage | sla | sagesla (default dense)")
-    g.add_argument("--topk", type=float, help="SLA key-block ratio kept per query block (default: the one the "
-                   "model was SLA-tuned at, 0.5 for mini; else 0.1)")
+    g.add_argument("--topk", type=float, help="SLA key-block ratio kept per query block (default: the shipped "
+                   "model's, 0.75 for mini; else 0.1)")
     g.add_argument("--quant", action="store_true", help="W8A8 INT8 block linears (loads -quant files, "
                                                         "quantizes bf16 ones on the fly)")
     g.add_argument("--quant-format", default="fast", help="fast: per-channel/per-token INT8 (default; -quant "

@@ -91,8 +91,8 @@ class ModelSpec:
     num_frames: int = 81
     untrained: bool = False                # random weights: say so whenever a video is written
     assets: str | None = None              # shipped weights: folder under turbovid/assets (pipeline.shipped_files)
-    sla_topk: float = 0.1                  # default SLA key-block ratio: TurboDiffusion's --sla_topk, or the one a
-                                           # shipped student was SLA-tuned at (its config.json)
+    sla_topk: float = 0.1                  # default SLA key-block ratio: TurboDiffusion's --sla_topk, or a shipped
+                                           # student's config.json sla_topk (`turbovid train ship`)
 
 
 WAN21_1P3B = DiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)

@@ -17,6 +17,7 @@ seed `seed + i` for prompt i, and grades it:
 
     turbovid eval --count 32 --out benchmarks/results/eval_mini_cpu.json
     turbovid eval --configs teacher,student --count 8
+    turbovid eval --configs student_sagesla,turbo --topk 0.75     (SLA's kept key-block ratio: a trade-off)
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ CONFIGS: dict[str, tuple[dict, int, str]] = {
     "teacher": ({"teacher": True}, 50, "teacher, 50 steps UniPC + CFG 5, dense attention"),
     "teacher_4step": ({"teacher": True}, 4, "teacher with the 4-step rCM sampler (no distillation)"),
     "student": ({}, 4, "4-step student (the shipped dit file), dense attention"),
-    "student_sla": ({"attention": "sla"}, 4, "+ SLA (the model's top-k: 0.5 for mini)"),
+    "student_sla": ({"attention": "sla"}, 4, "+ SLA (the model's top-k: 0.75 for mini)"),
     "student_sagesla": ({"attention": "sagesla"}, 4, "+ SageSLA (INT8 QK, FP8 PV)"),
     "student_sagesla_w8a8": ({"attention": "sagesla", "quant": True}, 4, "+ W8A8 INT8 linears (shipped INT8 file)"),
     "turbo": ({"attention": "sagesla", "quant": True, "fuse": True}, 4, "full stack: + fused norms/quant"),
@@ -83,12 +84,13 @@ def _real_features(clips, size: int, frames: int) -> torch.Tensor:
 # ---- one configuration -----------------------------------------------------------------------------
 
 def evaluate_config(name: str, clips, *, model: str, device: str | None, seed: int, real: torch.Tensor,
-                    log=print) -> dict:
+                    log=print, topk: float | None = None) -> dict:
+    """`topk`: SLA's kept key-block ratio for the SLA / SageSLA configurations (default: the model's)."""
     from turbovid.pipeline import Pipeline
     from turbovid.train.detect import adherence
 
     kwargs, steps, what = CONFIGS[name]
-    pipe = Pipeline.load(model, device=device, **kwargs)
+    pipe = Pipeline.load(model, device=device, **kwargs, topk=topk)
     spec = pipe.spec
     videos, seconds, dit_seconds = [], [], []
     for i, clip in enumerate(clips):
@@ -100,7 +102,9 @@ def evaluate_config(name: str, clips, *, model: str, device: str | None, seed: i
         log(f"[eval] {name}: {i + 1}/{len(clips)} ({seconds[-1]:.2f} s)")
     scores = adherence(videos, [c.attributes() for c in clips])
     fake = torch.stack([clip_features(v) for v in videos])
-    return {"config": name, "what": what, "steps": steps, "topk": pipe.topk, "model": spec.name, "count": len(clips),
+    sparse = kwargs.get("attention") in ("sla", "sagesla")     # the rows that run SLA record its top-k
+    return {"config": name, "what": what, "steps": steps, "topk": pipe.topk if sparse else None, "model": spec.name,
+            "count": len(clips),
             **{k: scores[k] for k in ("all", "color", "shape", "direction", "speed", "size")},
             "frechet": frechet_distance(fake, real), "seconds_per_video": statistics.median(seconds),
             "dit_seconds_per_video": statistics.median(dit_seconds),
@@ -108,7 +112,7 @@ def evaluate_config(name: str, clips, *, model: str, device: str | None, seed: i
 
 
 def run_eval(configs: list[str], *, model: str = "mini", count: int = 32, seed: int = 0, device: str | None = None,
-             out: str | Path | None = None, log=print) -> dict:
+             out: str | Path | None = None, log=print, topk: float | None = None) -> dict:
     from dataclasses import replace
 
     from turbovid.config import MODELS
@@ -121,6 +125,8 @@ def run_eval(configs: list[str], *, model: str = "mini", count: int = 32, seed: 
         raise ValueError(f"turbovid eval grades a model trained on the procedural data; {model!r} is not one (use mini)")
     if count < 2:
         raise ValueError(f"--count must be >= 2 (the distribution distance needs two clips), got {count}")
+    if topk is not None and not 0 < topk <= 1:
+        raise ValueError(f"--topk must be in (0, 1], got {topk}")
     spec = MODELS[model]
     from turbovid.pipeline import resolve_size
     width, height = resolve_size(spec, SampleConfig())
@@ -134,7 +140,7 @@ def run_eval(configs: list[str], *, model: str = "mini", count: int = 32, seed: 
     floor = frechet_distance(_real_features(other, width, spec.num_frames), real)
     rows = []
     for name in configs:
-        rows.append(evaluate_config(name, clips, model=model, device=device, seed=seed, real=real, log=log))
+        rows.append(evaluate_config(name, clips, model=model, device=device, seed=seed, real=real, log=log, topk=topk))
         if out is not None:
             _write(out, rows, floor, count, seed)
     return {"rows": rows, "real_vs_real": floor}
@@ -159,9 +165,11 @@ def _write(out, rows, floor, count, seed) -> None:
 
 
 def print_table(result: dict) -> None:
-    print(f"{'config':<22}{'steps':>6}{'all':>7}{'colour':>8}{'shape':>7}{'dir':>6}{'FD':>8}{'s/video':>9}{'DiT s':>8}")
+    print(f"{'config':<22}{'steps':>6}{'top-k':>6}{'all':>7}{'colour':>8}{'shape':>7}{'dir':>6}{'FD':>8}{'s/video':>9}"
+          f"{'DiT s':>8}")
     for r in result["rows"]:
-        print(f"{r['config']:<22}{r['steps']:>6}{r['all']:>7.3f}{r['color']:>8.2f}{r['shape']:>7.2f}"
+        topk = "-" if r.get("topk") is None else f"{r['topk']:g}"
+        print(f"{r['config']:<22}{r['steps']:>6}{topk:>6}{r['all']:>7.3f}{r['color']:>8.2f}{r['shape']:>7.2f}"
               f"{r['direction']:>6.2f}{r['frechet']:>8.3f}{r['seconds_per_video']:>9.2f}"
               f"{r.get('dit_seconds_per_video', float('nan')):>8.2f}")
     print(f"real vs real Fréchet distance (floor): {result['real_vs_real']:.3f}")
@@ -178,12 +186,14 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu | cuda (default: cuda if available)")
     p.add_argument("--out", help="results JSON (rewritten after each configuration)")
+    p.add_argument("--topk", type=float, help="SLA's kept key-block ratio for the SLA / SageSLA configurations "
+                                              "(default: the model's, 0.75 for mini); each row records its top-k")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     result = run_eval(configs, model=args.model, count=args.count, seed=args.seed, device=args.device, out=args.out,
-                      log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                      log=lambda msg: print(msg, file=sys.stderr, flush=True), topk=args.topk)
     print_table(result)
     if args.out:
         print(f"wrote {args.out}")

@@ -161,7 +161,7 @@ class Pipeline:
         SLA-tuned rCM student or the rCM student; its INT8 file with `quant`), or with `teacher` the 50-step teacher.
 
         Accelerations (turbovid.speedups): `topk` is SLA's kept key-block ratio (default: the model's
-        `sla_topk`: the one a shipped student was tuned at, else 0.1); `quant` makes the block linears W8A8 INT8 — `quant_format`
+        `sla_topk`: a shipped student's config.json value, else 0.1); `quant` makes the block linears W8A8 INT8 — `quant_format`
         "fast" (per-channel weights, per-token activations; TurboDiffusion -quant files are converted)
         or "td" (TurboDiffusion's exact 128x128-tile format); `fuse` (default: on CUDA) fuses norm +
         modulation (+ INT8 emit) and GEMM epilogues; `compile` compiles the blocks. Text K/V caching

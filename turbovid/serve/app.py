@@ -117,7 +117,7 @@ class _Server:
 
     def start(self) -> None:
         if self.pipeline is not None:
-            self._start_queue()
+            self._start_queue(self.pipeline)
             return
         threading.Thread(target=self._load, name="turbovid-load", daemon=True).start()
 
@@ -127,11 +127,11 @@ class _Server:
         except Exception as e:   # noqa: BLE001 - reported by /health and every POST
             self.load_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             return
-        self.pipeline = pipeline
-        self._start_queue()
+        self._start_queue(pipeline)
+        self.pipeline = pipeline        # ready (/health "ok") once the worker runs
 
-    def _start_queue(self) -> None:
-        self.queue.generate = self.pipeline.generate
+    def _start_queue(self, pipeline) -> None:
+        self.queue.generate = pipeline.generate
         self.queue.start()
 
     def stop(self) -> None:

@@ -121,8 +121,9 @@ class JobQueue:
         if self.generate is None:
             raise ValueError("JobQueue.start: no generate function")
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._thread = threading.Thread(target=self._work, name="turbovid-worker", daemon=True)
-        self._thread.start()
+        thread = threading.Thread(target=self._work, name="turbovid-worker", daemon=True)
+        thread.start()
+        self._thread = thread    # only a started thread: `stop` on another thread may join it at any moment
 
     def stop(self, timeout: float = 30.0) -> None:
         """Cancel what is waiting, abort what runs, and wait for the worker to leave."""

@@ -39,14 +39,21 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="teacher / sla: torch.compile the DiT blocks (CUDA only)")
     p.add_argument("--init", help="teacher: start the first round from these DiT weights (e.g. an earlier run's "
                                   "teacher/final.safetensors) instead of random ones; vae: fine-tune these VAE "
-                                  "weights (the latents move, so the DiT stages must train on the new ones)")
+                                  "weights (the latents move, so the DiT stages must train on the new ones); rcm: "
+                                  "start the student from these weights instead of the teacher's")
     p.add_argument("--edge", type=float, help="vae / vae_decoder: weight of the edge loss term (recipe.VAEStage.edge)")
     p.add_argument("--fg-weight", type=float, help="teacher: latent cells near the object weigh 1 + this in the "
                                                    "velocity loss (recipe.TeacherStage.fg_weight)")
     p.add_argument("--proj-l-only", action="store_true",
                    help="sla: train only SLA's linear-branch projections; the dense output stays the base network's "
                         "(recipe.SLAStage.proj_l_only; no dense loss term then)")
-    p.add_argument("--topk", type=float, help="sla / eval / ship: fraction of key blocks SLA keeps (recipe.SLAStage.topk)")
+    p.add_argument("--topk", type=float, help="sla / rcm / eval: fraction of key blocks SLA keeps (recipe.SLAStage"
+                                              ".topk); ship: the release's default (recipe.ship_topk)")
+    p.add_argument("--sla-student", action="store_true",
+                   help="rcm: the student distils with SLA attention at the top-k (recipe.RCMStage.student_attention)")
+    p.add_argument("--tangent-warmup", type=int, help="rcm: steps of sCM alone, its tangent ramped in, before DMD "
+                                                      "(recipe.RCMStage.tangent_warmup; 0 for an --init student "
+                                                      "that is distilled already)")
     p.add_argument("--no-eval", action="store_true", help="reproduce: skip the final evaluations")
     g = p.add_argument_group("merge of arbitrary files (all three given: TurboDiffusion's merge_models.py)")
     g.add_argument("--base", help="rCM student checkpoint")
@@ -108,11 +115,23 @@ def _recipe(args, world: int = 1):
     if args.topk is not None:
         if not 0 < args.topk <= 1:
             raise ValueError(f"--topk must be in (0, 1], got {args.topk}")
-        sla["topk"] = args.topk
+        if args.stage == "ship":     # the release's default top-k, not the one it was tuned at
+            recipe = dataclasses.replace(recipe, ship_topk=args.topk)
+        else:
+            sla["topk"] = args.topk
     if args.proj_l_only:      # the dense output cannot move, so its loss term would be a constant
         sla.update(proj_l_only=True, dense_weight=0.0)
     if sla:
         recipe = dataclasses.replace(recipe, sla=dataclasses.replace(recipe.sla, **sla))
+    rcm = {}
+    if args.sla_student:
+        rcm["student_attention"] = "sla"
+    if args.tangent_warmup is not None:
+        if args.tangent_warmup < 0:
+            raise ValueError(f"--tangent-warmup must be >= 0, got {args.tangent_warmup}")
+        rcm["tangent_warmup"] = args.tangent_warmup
+    if rcm:
+        recipe = dataclasses.replace(recipe, rcm=dataclasses.replace(recipe.rcm, **rcm))
     if args.fg_weight is not None:   # the teacher and each of its rounds
         if args.fg_weight < 0:
             raise ValueError(f"--fg-weight must be >= 0, got {args.fg_weight}")
@@ -146,10 +165,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"wrote {out}")
         return 0
     recipe = _recipe(args, int(os.environ.get("WORLD_SIZE", "1")))   # torchrun sets WORLD_SIZE
-    for flag, value, stages in (("--init", args.init, ("teacher", "vae")), ("--edge", args.edge, ("vae", "vae_decoder")),
+    for flag, value, stages in (("--init", args.init, ("teacher", "vae", "rcm")),
+                                ("--edge", args.edge, ("vae", "vae_decoder")),
                                 ("--fg-weight", args.fg_weight, ("teacher", "reproduce")),
                                 ("--proj-l-only", args.proj_l_only or None, ("sla",)),
-                                ("--topk", args.topk, ("sla", "eval", "ship", "reproduce"))):
+                                ("--topk", args.topk, ("sla", "rcm", "eval", "ship", "reproduce")),
+                                ("--sla-student", args.sla_student or None, ("rcm", "reproduce")),
+                                ("--tangent-warmup", args.tangent_warmup, ("rcm", "reproduce"))):
         if value is not None and args.stage not in stages:
             named = [st for st in stages if st != "reproduce"]   # reproduce passes the flag on to its stage
             raise ValueError(f"{flag} applies to the {', '.join(named)} stage{'s' * (len(named) > 1)} only")
@@ -178,7 +200,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             out = run_sla(recipe, run_dir, env, until=args.until)
         elif args.stage == "rcm":
             from turbovid.train.distill import run_rcm
-            out = run_rcm(recipe, run_dir, env, until=args.until)
+            out = run_rcm(recipe, run_dir, env, until=args.until, init=args.init)
         elif args.stage == "merge":
             from turbovid.train.reproduce import run_merge
             out = run_merge(recipe, run_dir, env)

@@ -2,7 +2,9 @@
 
 Three networks, all starting from the teacher: the student (trained, full attention), the frozen teacher
 (queried with CFG against the negative prompt), and the fake-score network (trained to denoise the
-student's samples). Step n is a student step during the tangent warm-up and then every
+student's samples). Ours: the student may start from other weights (`--init`, e.g. an SLA-tuned rCM student)
+and distil with SLA attention (`RCMStage.student_attention = "sla"`): its samples, sCM target and DMD
+gradient are then those of the sparse network that ships, while teacher and fake score stay dense. Step n is a student step during the tangent warm-up and then every
 `student_update_freq`-th step; the others are fake-score (critic) steps (`losses.rcm_phase`).
 
 Student step, batch of data latents x0 with captions:
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from turbovid.train.checkpoint import load_weights
 from turbovid.train.ema import PowerEMA
 from turbovid.train.inputs import LatentBatches
 from turbovid.train.loop import Env, drive, make_optimizer, optimizer_step, step_generator, step_indices, unwrap, wrap_ddp
@@ -46,12 +49,16 @@ class RCMTrainer:
     name = "rcm"
 
     def __init__(self, recipe: Recipe, run_dir: Path, env: Env, teacher_weights: dict[str, torch.Tensor],
-                 fixed_batch: bool = False, inputs: LatentBatches | None = None):
+                 fixed_batch: bool = False, inputs: LatentBatches | None = None,
+                 student_weights: dict[str, torch.Tensor] | None = None):
+        """`student_weights`: the student's start (default: the teacher's weights; an SLA student without
+        proj_l starts it at zero)."""
         self.recipe, self.env, self.cfg = recipe, env, recipe.rcm
         self.schedule, self.fixed_batch = self.cfg.run, fixed_batch
         self.inputs = inputs or LatentBatches(recipe, run_dir, env, pool=recipe.pool_clips)
         self.teacher = frozen_dit(recipe, teacher_weights, env)
-        self.student = dit_from_weights(recipe, teacher_weights)
+        self.student = dit_from_weights(recipe, teacher_weights if student_weights is None else student_weights,
+                                        self.cfg.student_attention, recipe.sla.topk, new_proj_l=True)
         self.fake = dit_from_weights(recipe, teacher_weights)
         self.student.to(env.device).train()
         self.fake.to(env.device).train()
@@ -167,7 +174,15 @@ class RCMTrainer:
         return self.ema.state_dict()
 
 
-def run_rcm(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None) -> Path:
+def run_rcm(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None,
+            init: str | Path | None = None) -> Path:
+    """The rCM stage into run_dir/rcm; `init`: the student's start weights (default: the teacher)."""
     out = Path(run_dir) / "rcm"
-    drive(RCMTrainer(recipe, run_dir, env, trained_teacher(run_dir, env)), out, env, until=until)
+    student = None
+    if init is not None:
+        if not Path(init).is_file():
+            raise ValueError(f"--init {init}: no such file")
+        student = load_weights(init)
+    drive(RCMTrainer(recipe, run_dir, env, trained_teacher(run_dir, env), student_weights=student), out, env,
+          until=until)
     return out / "final.safetensors"

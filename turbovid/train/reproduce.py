@@ -14,7 +14,8 @@ export/ holds the release files `ship` writes (what `turbovid train ship` copies
     dit_int8.safetensors     the same, W8A8 INT8 (fast format)
     dit_teacher.safetensors  the teacher, bf16 (50 steps with CFG)
     vae.safetensors, text_encoder.safetensors (bf16), spiece.model
-    config.json              latent mean/std, steps per stage, VAE reconstruction, eval summary
+    config.json              latent mean/std, steps per stage, SLA's default top-k (and the one it was tuned at),
+                             VAE reconstruction, eval summary
 When `--max-minutes` stops a stage, `reproduce` returns that stage's (still missing) final.safetensors path.
 """
 from __future__ import annotations
@@ -139,7 +140,8 @@ def ship(recipe: Recipe, run_dir: Path, dest: Path, summary: dict | None = None)
     stages["teacher"] = {"steps": sum(rounds), "rounds": rounds}
     config = {"recipe": recipe.name, "size": recipe.size, "frames": recipe.frames, "stages": stages,
               "vae_latent_stats": json.loads((run_dir / "vae" / "latent_stats.json").read_text()),
-              "student": recipe.ship_student, "sla_topk": recipe.sla.topk, "merge_weight": recipe.merge_weight}
+              "student": recipe.ship_student, "sla_topk": recipe.ship_topk or recipe.sla.topk,
+              "sla_topk_tuned": recipe.sla.topk, "merge_weight": recipe.merge_weight}
     recon = trained_vae_file(recipe, run_dir).parent / "reconstruction.json"
     if recon.is_file():
         config["vae_reconstruction"] = json.loads(recon.read_text())

@@ -206,7 +206,7 @@ class SLATrainer(_VelocityStage):
             loss = velocity_loss(self.model(x, t_net, context).float(), v_target)
         if not self.cfg.dense_weight:
             return self._finish(loss, step)
-        with swap_attention(self.net, SparseLinearAttention, DenseAttention), self.env.autocast():
+        with swap_attention(self.net, SparseLinearAttention, lambda _: DenseAttention()), self.env.autocast():
             loss_dense = velocity_loss(self.model(x, t_net, context).float(), v_target)
         logs = self._finish(loss + self.cfg.dense_weight * loss_dense, step)
         return {**logs, "loss_sla": loss.item(), "loss_dense": loss_dense.item()}

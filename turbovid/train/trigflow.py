@@ -9,7 +9,9 @@ Exact JVP. `student_F_jvp` runs `torch.func.jvp` through the whole DiT. Forward-
 have a forward derivative; fused SDPA kernels (flash / memory-efficient / cuDNN) do not, so during the JVP
 every DenseAttention is swapped for `MathAttention` (softmax(q k^T / sqrt(D)) v written with matmuls),
 the role TurboDiffusion's JVP flash-attention kernel plays (SPEC §10.6). It materialises [B, H, L, L]
-scores: fine for the mini model (L ~ 2000), not for Wan-scale sequences.
+scores: fine for the mini model (L ~ 2000), not for Wan-scale sequences. A student with SLA attention
+(`RCMStage.student_attention`, ours) gets `MathSLA` likewise: the references of kernels/sla.py, whose Triton
+sparse kernel has no forward derivative.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ import torch.nn.functional as F_
 from torch import nn
 
 from turbovid.attention import DenseAttention
+from turbovid.attention.sla import SparseLinearAttention
+from turbovid.kernels import sla as K
 from turbovid.models.dit import AttnOp
 from turbovid.train.losses import _b, trigflow_coefficients, trigflow_velocity
 
@@ -36,14 +40,34 @@ class MathAttention(nn.Module):
         return out.transpose(1, 2)
 
 
+class MathSLA(nn.Module):
+    """`sla` (a SparseLinearAttention) computed by the plain-PyTorch references of kernels/sla.py, with its
+    proj_l, dtype rule and block sizes, so that forward-mode AD runs through it. The block selection is taken
+    from the primal q, k and carries no tangent, as in training (a top-k is piecewise constant)."""
+
+    def __init__(self, sla: SparseLinearAttention):
+        super().__init__()
+        self.sla = sla
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        sla = self.sla
+        dtype = torch.float32 if q.dtype == torch.float32 else torch.bfloat16
+        bq, bk = sla.block_sizes(q.device)
+        qh, kh, vh = (x.to(dtype).transpose(1, 2) for x in (q, k, v))
+        lut = K.sla_block_map_ref(qh.detach(), kh.detach(), sla.topk, bq, bk)
+        o_l = F_.linear(K.sla_linear_ref(qh, kh, vh), sla.proj_l.weight.to(dtype), sla.proj_l.bias.to(dtype))
+        return (K.sla_sparse_ref(qh, kh, vh, lut, bq, bk) + o_l).to(q.dtype).transpose(1, 2)
+
+
 @contextmanager
-def swap_attention(net: nn.Module, kind: type, make: Callable[[], nn.Module]):
-    """Temporarily replace every `local_attn` of type `kind` in `net` (self and cross attention) by `make()`."""
+def swap_attention(net: nn.Module, kind: type, make: Callable[[nn.Module], nn.Module]):
+    """Temporarily replace every `local_attn` of type `kind` in `net` (self and cross attention) by
+    `make(local_attn)`."""
     swapped = []
     for module in net.modules():
         if isinstance(module, AttnOp) and isinstance(module.local_attn, kind):
             swapped.append((module, module.local_attn))
-            module.local_attn = make()
+            module.local_attn = make(module.local_attn)
     try:
         yield net
     finally:
@@ -51,9 +75,13 @@ def swap_attention(net: nn.Module, kind: type, make: Callable[[], nn.Module]):
             module.local_attn = original
 
 
+@contextmanager
 def math_attention(net: nn.Module):
-    """Every DenseAttention of `net` (self and cross) as MathAttention, for the duration of a `with`."""
-    return swap_attention(net, DenseAttention, MathAttention)
+    """Every DenseAttention of `net` (self and cross) as MathAttention and every SparseLinearAttention as
+    MathSLA, for the duration of a `with`."""
+    with swap_attention(net, DenseAttention, lambda _: MathAttention()), \
+            swap_attention(net, SparseLinearAttention, MathSLA):
+        yield net
 
 
 def rf_velocity(net: nn.Module, x: torch.Tensor, s: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
