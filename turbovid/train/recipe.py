@@ -240,8 +240,8 @@ def _mini() -> Recipe:
         sla=SLAStage(Schedule(steps=1610, batch=32, ckpt_every=1000), Optim(lr=5e-5, warmup=200, cosine=True),
                      topk=0.5, base="rcm", dense_weight=1.0),
         # The student tuned at top-k 0.5 runs at 0.75 by default (24 of 32 key blocks): `turbovid eval`, 128 held-out
-        # prompts, H100 (session 12), full stack 0.797 at 0.5 and 0.859 at 0.75 against the teacher's 0.867 and the
-        # dense student's 0.836; the DiT takes 0.13 s per video instead of 0.11 s.
+        # prompts, H100 (session 12), full stack 0.797 at 0.5 and 0.844 / 0.859 at 0.75 (two runs) against the
+        # teacher's 0.867 and the dense student's 0.836; the DiT takes 0.13-0.14 s per video instead of 0.11 s.
         ship_topk=0.75,
         rcm=RCMStage(Schedule(steps=743, batch=8, ckpt_every=1000),
                      # rCM: betas (0, 0.999), no gradient clipping (NaN/inf entries are still zeroed)

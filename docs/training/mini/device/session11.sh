@@ -14,14 +14,7 @@
 #   g5: rCM from the round-6 candidate, fitted to the command (pool encode included); weights to $OUT.
 #   g6: the SLA fine-tune (top-k 0.5) of g5's rCM student (carried to runs/carry/rcm6), fitted; weights to $OUT;
 #       then SageSLA on 128 held-out prompts. (0.797; kept in docs/training/mini/candidates/, bf16.)
-set -euo pipefail
-export PYTHONUNBUFFERED=1 PYTHONPATH=.
-T="python3 -m turbovid.cli train"
-START=$(date +%s)
-left() { echo $(( (${LIMIT:-570} - ($(date +%s) - START)) )); }     # seconds left in this command
-minutes_left() { python3 -c "print(max(0.5, ($(left) - $1) / 60))"; }  # minus a reserve, in minutes
-echo "group $1: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
-python3 -m pip install --no-deps -q .whl/ftfy-*.whl .whl/wcwidth-*.whl && python3 -c "import ftfy"
+source "$(dirname "$0")/prelude.sh" "$1"
 case "$1" in
 g1) python3 -m turbovid.cli eval --count "${COUNT:-128}" --device cuda \
       --out "$OUT/eval_mini_h100_2026-11-23.json" 2> "$OUT/eval_progress.log" | tee "$OUT/eval.log"

@@ -3,6 +3,8 @@
 #   h1: ship session 11's two candidates (teacher round 6 and its rCM student SLA-tuned at top-k 0.5, both in
 #       docs/training/mini/candidates/) into turbovid/assets/mini on the device (`train ship`), then `turbovid eval`
 #       of every configuration on 128 held-out prompts. The JSON is rewritten after each configuration.
+#       (Shipped afterwards; candidates/ was then removed, the same tensors as turbovid/assets/mini: to re-run h1,
+#       `git checkout 9495406 -- docs/training/mini/candidates`.)
 #   h2: (the candidates now ship in the working tree) rCM with the SLA student (new: --sla-student, top-k 0.5): the
 #       shipped SLA student distils again from the shipped teacher (--init), sCM for 700 steps, then DMD; the
 #       schedule fitted to the command (pool encode included); weights to $OUT.
@@ -12,14 +14,9 @@
 #   h4: `train eval`, 128 held-out prompts: the shipped student with SageSLA at top-k 0.75 and 1.0 (tuned at 0.5).
 #       (0.828 at both, against 0.797 at 0.5 and 0.820 dense.)
 #   h5: `turbovid eval --topk 0.75` (new flag) of the SLA configurations, 128 held-out prompts.
-set -euo pipefail
-export PYTHONUNBUFFERED=1 PYTHONPATH=.
-T="python3 -m turbovid.cli train"
-START=$(date +%s)
-left() { echo $(( (${LIMIT:-570} - ($(date +%s) - START)) )); }     # seconds left in this command
-minutes_left() { python3 -c "print(max(0.5, ($(left) - $1) / 60))"; }  # minus a reserve, in minutes
-echo "group $1: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
-python3 -m pip install --no-deps -q .whl/ftfy-*.whl .whl/wcwidth-*.whl && python3 -c "import ftfy"
+#       (SLA 0.836, SageSLA / W8A8 / full stack 0.859 against h1's teacher 0.867: SLA runs at 0.75 by default since.)
+#   h6: `turbovid eval` of the release as committed (every configuration, its default top-k 0.75), 128 prompts.
+source "$(dirname "$0")/prelude.sh" "$1"
 candidates() {   # run dir $1 from the shipped files with the session-11 candidates in place of teacher and student
   rm -rf "$1" && python3 docs/training/mini/device/assemble.py "$1" && mkdir -p "$1/sla"
   cp docs/training/mini/candidates/teacher_round6_session11.safetensors "$1/teacher/final.safetensors"
@@ -59,5 +56,8 @@ h5) python3 -m turbovid.cli eval --count 128 --device cuda --topk 0.75 \
       --configs student_sla,student_sagesla,student_sagesla_w8a8,turbo \
       --out "$OUT/eval_mini_h100_2026-11-23_topk075.json" 2> "$OUT/eval_progress.log" | tee "$OUT/eval.log"
     ;;
-*)  echo "usage: session12.sh h1|h2|h3|h4|h5"; exit 2 ;;
+h6) python3 -m turbovid.cli eval --count 128 --device cuda --out "$OUT/eval_mini_h100_2026-11-23_run3.json" \
+      2> "$OUT/eval_progress.log" | tee "$OUT/eval.log"
+    ;;
+*)  echo "usage: session12.sh h1|h2|h3|h4|h5|h6"; exit 2 ;;
 esac
