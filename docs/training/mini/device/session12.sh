@@ -16,6 +16,11 @@
 #   h5: `turbovid eval --topk 0.75` (new flag) of the SLA configurations, 128 held-out prompts.
 #       (SLA 0.836, SageSLA / W8A8 / full stack 0.859 against h1's teacher 0.867: SLA runs at 0.75 by default since.)
 #   h6: `turbovid eval` of the release as committed (every configuration, its default top-k 0.75), 128 prompts.
+#   h7: the shipped teacher's CFG scale, chosen on training prompts (not the held-out ones every eval reports):
+#       `train eval --split train`, 128 prompts, 50 steps, guidance 4 / 5 / 6 / 7 (rCM distils toward 6).
+#       (0.906 / 0.875 / 0.844 / 0.844.)
+#   h8: guidance 3 on the same training prompts, then guidance 4 and 5 on 128 held-out prompts (`train eval`).
+#       (train 0.859 at 3; held-out 0.883 at 4, 0.891 at 5: no gain on held-out prompts, CFG 5 stays.)
 source "$(dirname "$0")/prelude.sh" "$1"
 candidates() {   # run dir $1 from the shipped files with the session-11 candidates in place of teacher and student
   rm -rf "$1" && python3 docs/training/mini/device/assemble.py "$1" && mkdir -p "$1/sla"
@@ -59,5 +64,22 @@ h5) python3 -m turbovid.cli eval --count 128 --device cuda --topk 0.75 \
 h6) python3 -m turbovid.cli eval --count 128 --device cuda --out "$OUT/eval_mini_h100_2026-11-23_run3.json" \
       2> "$OUT/eval_progress.log" | tee "$OUT/eval.log"
     ;;
-*)  echo "usage: session12.sh h1|h2|h3|h4|h5|h6"; exit 2 ;;
+h7) S=runs/session12g && rm -rf $S && python3 docs/training/mini/device/assemble.py $S
+    for g in 5 6 4 7; do
+      $T eval --run-dir $S --count 128 --split train --dit turbovid/assets/mini/dit_teacher.safetensors \
+         --attention dense --sampler teacher --guidance $g 2>&1 | tail -2 | head -1 | sed "s|^|guidance $g: |" \
+         | tee -a "$OUT/eval.log"
+      cp $S/eval/*.json "$OUT/" 2>/dev/null || true
+    done
+    ;;
+h8) S=runs/session12g && rm -rf $S && python3 docs/training/mini/device/assemble.py $S
+    for job in "3 train" "4 heldout" "5 heldout"; do
+      set -- $job
+      $T eval --run-dir $S --count 128 --split $2 --dit turbovid/assets/mini/dit_teacher.safetensors \
+         --attention dense --sampler teacher --guidance $1 2>&1 | tail -2 | head -1 | sed "s|^|guidance $1 $2: |" \
+         | tee -a "$OUT/eval.log"
+      cp $S/eval/*.json "$OUT/" 2>/dev/null || true
+    done
+    ;;
+*)  echo "usage: session12.sh h1|h2|h3|h4|h5|h6|h7|h8"; exit 2 ;;
 esac
