@@ -150,11 +150,13 @@ def test_scm_jvp_through_sla_matches_finite_difference():
     h = 1e-3   # the random network is far from linear in t beyond this (dense attention alike)
     fd = (F(x_t + h * dx, t + h * dt) - F(x_t - h * dx, t - h * dt)) / (2 * h)
     assert torch.allclose(value, F(x_t, t), atol=1e-4)
-    assert ((tangent - fd).norm() / fd.norm()).item() < 2e-2
-    # The tangent of dense attention in the same place is far off: the check tells sparse from dense.
+    error = ((tangent - fd).norm() / fd.norm()).item()
+    assert error < 2e-2
+    # The tangent of dense attention in the same place is off by far more (0.12 here against 0.008): the check
+    # tells sparse from dense although the residual paths carry most of the tangent.
     with swap_attention(net, SparseLinearAttention, lambda _: MathAttention()):
         _, dense = student_F_jvp(net, x_t, t, ctx, dx, dt)
-    assert ((dense - fd).norm() / fd.norm()).item() > 0.1
+    assert ((dense - fd).norm() / fd.norm()).item() > 5 * error
 
 
 def test_math_attention_equals_sdpa():

@@ -4,8 +4,9 @@ Three networks, all starting from the teacher: the student (trained, full attent
 (queried with CFG against the negative prompt), and the fake-score network (trained to denoise the
 student's samples). Ours: the student may start from other weights (`--init`, e.g. an SLA-tuned rCM student)
 and distil with SLA attention (`RCMStage.student_attention = "sla"`): its samples, sCM target and DMD
-gradient are then those of the sparse network that ships, while teacher and fake score stay dense. Step n is a student step during the tangent warm-up and then every
-`student_update_freq`-th step; the others are fake-score (critic) steps (`losses.rcm_phase`).
+gradient are then those of the sparse network that ships, while teacher and fake score stay dense.
+Step n is a student step during the tangent warm-up and then every `student_update_freq`-th step; the
+others are fake-score (critic) steps (`losses.rcm_phase`).
 
 Student step, batch of data latents x0 with captions:
  1. t ~ p_G (t = atan(sigma sqrt(T_lat)), sigma log-normal), x_t = cos t x0 + sin t eps.
