@@ -55,6 +55,16 @@ def _stage(recipe, name, **changes):
     return dataclasses.replace(recipe, **{name: dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **changes))})
 
 
+def _parser():
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def _cli(*argv):
+    return cmd_train(_parser().parse_args(["train", *argv]))
+
+
 def _resume_copy(src, dst, step):
     """A run folder whose newest checkpoint is src's checkpoint at `step`."""
     (dst / "checkpoints").mkdir(parents=True)
@@ -312,8 +322,7 @@ def test_sla_proj_l_only_trains_the_linear_branch_alone(run, tmp_path):
     final = load_weights(tmp_path / "sla" / "final.safetensors")
     assert all(torch.equal(final[k], v.to(final[k].dtype)) for k, v in weights.items())   # the rest is untouched
     assert any(final[k].abs().sum() > 0 for k in final if "proj_l" in k)
-    parser = argparse.ArgumentParser()
-    add_train_parser(parser.add_subparsers(dest="command"))
+    parser = _parser()
     cli = _recipe(parser.parse_args(["train", "sla", "--proj-l-only"])).sla
     assert cli.proj_l_only and cli.dense_weight == 0
     with pytest.raises(ValueError, match="sla stage only"):
@@ -356,8 +365,7 @@ def test_rcm_with_an_sla_student_from_init_weights(run, tmp_path):
     # the export is an SLA network whose proj_l moved.
     run_dir, inputs = run
     teacher = load_weights(run_dir / "teacher" / "final.safetensors")
-    parser = argparse.ArgumentParser()
-    add_train_parser(parser.add_subparsers(dest="command"))
+    parser = _parser()
     from turbovid.train.cli import _recipe
     recipe = _recipe(parser.parse_args(["train", "rcm", "--recipe", "tiny", "--sla-student", "--topk", "0.5",
                                         "--tangent-warmup", "0", "--steps", "3"]))
@@ -380,10 +388,6 @@ def test_rcm_with_an_sla_student_from_init_weights(run, tmp_path):
         cmd_train(parser.parse_args(["train", "sla", "--sla-student", "--run-dir", str(tmp_path)]))
 
 
-def _cli(*argv):
-    parser = argparse.ArgumentParser()
-    add_train_parser(parser.add_subparsers(dest="command"))
-    return cmd_train(parser.parse_args(["train", *argv]))
 
 
 def test_cli_sla_rcm_merge_eval_and_export_load(run, capsys):
@@ -533,8 +537,7 @@ def test_reproduce_runs_the_whole_tiny_recipe_and_skips_finished_stages(tmp_path
 
 def test_cli_overrides_reach_the_stage_recipe():
     from turbovid.train.cli import _recipe
-    parser = argparse.ArgumentParser()
-    add_train_parser(parser.add_subparsers(dest="command"))
+    parser = _parser()
     args = parser.parse_args(["train", "teacher", "--compile", "--batch", "64", "--lr", "1e-4", "--steps", "10"])
     teacher = _recipe(args).teacher
     assert teacher.compile and teacher.run.batch == 64 and teacher.optim.lr == 1e-4 and teacher.run.steps == 10

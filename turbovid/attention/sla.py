@@ -47,7 +47,9 @@ class SparseLinearAttention(nn.Module):
         bq, bk = default_block_sizes(self.quantized, device)
         return self.block_q or bq, self.block_k or bk
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, reference: bool = False) -> torch.Tensor:
+        """`reference`: every step by the plain-PyTorch references of kernels/sla.py (no fused or SageSLA kernel),
+        so that forward-mode AD runs through it too (the rCM student's JVP, trigflow.MathSLA)."""
         if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape or q.shape[-1] != self.head_dim:
             raise ValueError(f"SLA expects q, k, v of one shape [B, L, H, {self.head_dim}], got "
                              f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -60,7 +62,7 @@ class SparseLinearAttention(nn.Module):
 
         weight, bias = self.proj_l.weight.to(dtype), self.proj_l.bias.to(dtype)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *self.proj_l.parameters()))
-        if not needs_grad:
+        if not needs_grad and not reference:
             # Inference: fused kernels (or the references) write O = O_s + proj_l(O_l) as [B, L, H, D].
             if self.quantized:
                 from turbovid.kernels.sage_attention import sagesla_forward
@@ -70,9 +72,12 @@ class SparseLinearAttention(nn.Module):
 
         # 1. Block map (no gradient through the selection).
         with torch.no_grad():
-            lut = K.sla_block_map(qh.detach(), kh.detach(), self.topk, bq, bk)
+            lut = (K.sla_block_map_ref if reference else K.sla_block_map)(qh.detach(), kh.detach(), self.topk, bq, bk)
         # 2. Sparse branch [B, H, L, D] (Triton forward/backward or the differentiable reference).
-        o_s = sparse_fn(qh, kh, vh, lut) if sparse_fn is not None else K.sla_sparse(qh, kh, vh, lut, bq, bk)
+        if reference:
+            o_s = K.sla_sparse_ref(qh, kh, vh, lut, bq, bk)
+        else:
+            o_s = sparse_fn(qh, kh, vh, lut) if sparse_fn is not None else K.sla_sparse(qh, kh, vh, lut, bq, bk)
         # 3. Linear branch over all tokens (PyTorch autograd, as TurboDiffusion), proj_l in the compute dtype.
         o_l = F.linear(K.sla_linear_ref(qh, kh, vh), weight, bias)
         return (o_s + o_l).to(out_dtype).transpose(1, 2).contiguous()

@@ -75,7 +75,8 @@ def evaluate(recipe: Recipe, run_dir: Path, env: Env, dit: str | Path, *, attent
         decoded.append(vae.decode_reference(z.to(vae.dtype), clamp=True).float().cpu())
     video = torch.cat(decoded)
     scores = adherence(list(video), [c.attributes() for c in clips])
-    result = {"detector_version": DETECTOR_VERSION, "dit": str(dit), "attention": attention, "sampler": sampler, "steps": steps, "split": split,
+    result = {"detector_version": DETECTOR_VERSION, "dit": str(dit), "attention": attention, "sampler": sampler,
+              "steps": steps, "split": split,
               **({"guidance": guidance, "shift": shift} if sampler == "teacher" else {}),
               "count": count, "seconds": time.perf_counter() - t0,
               **{k: v for k, v in scores.items() if k != "detections"},

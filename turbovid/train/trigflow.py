@@ -25,7 +25,6 @@ from torch import nn
 
 from turbovid.attention import DenseAttention
 from turbovid.attention.sla import SparseLinearAttention
-from turbovid.kernels import sla as K
 from turbovid.models.dit import AttnOp
 from turbovid.train.losses import _b, trigflow_coefficients, trigflow_velocity
 
@@ -41,22 +40,15 @@ class MathAttention(nn.Module):
 
 
 class MathSLA(nn.Module):
-    """`sla` (a SparseLinearAttention) computed by the plain-PyTorch references of kernels/sla.py, with its
-    proj_l, dtype rule and block sizes, so that forward-mode AD runs through it. The block selection is taken
-    from the primal q, k and carries no tangent, as in training (a top-k is piecewise constant)."""
+    """`sla` (a SparseLinearAttention) run by its references (`reference=True`), so that forward-mode AD runs
+    through it. The block selection is taken from the primal q, k and carries no tangent, as in training."""
 
     def __init__(self, sla: SparseLinearAttention):
         super().__init__()
         self.sla = sla
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        sla = self.sla
-        dtype = torch.float32 if q.dtype == torch.float32 else torch.bfloat16
-        bq, bk = sla.block_sizes(q.device)
-        qh, kh, vh = (x.to(dtype).transpose(1, 2) for x in (q, k, v))
-        lut = K.sla_block_map_ref(qh.detach(), kh.detach(), sla.topk, bq, bk)
-        o_l = F_.linear(K.sla_linear_ref(qh, kh, vh), sla.proj_l.weight.to(dtype), sla.proj_l.bias.to(dtype))
-        return (K.sla_sparse_ref(qh, kh, vh, lut, bq, bk) + o_l).to(q.dtype).transpose(1, 2)
+        return self.sla(q, k, v, reference=True)
 
 
 @contextmanager

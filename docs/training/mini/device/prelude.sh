@@ -8,3 +8,25 @@ left() { echo $(( (${LIMIT:-570} - ($(date +%s) - START)) )); }     # seconds le
 minutes_left() { python3 -c "print(max(0.5, ($(left) - $1) / 60))"; }  # minus a reserve, in minutes
 echo "group $1: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
 python3 -m pip install --no-deps -q .whl/ftfy-*.whl .whl/wcwidth-*.whl && python3 -c "import ftfy"
+
+# The commands the session scripts repeat. `fresh DIR`: S=DIR, a run directory from the shipped files.
+fresh() { S=$1 && rm -rf "$S" && python3 docs/training/mini/device/assemble.py "$S"; }
+# `stage NAME OUTDIR ARGS...`: `train NAME --run-dir $S ARGS`, its output to $OUT/NAME.log, its weights and log.jsonl
+# to $OUT/OUTDIR (also when the stage stopped early, whatever it left).
+stage() {
+  local name=$1 dir=$2; shift 2
+  $T "$name" --run-dir "$S" "$@" > "$OUT/$name.log" 2>&1 || echo "$name exit $?"
+  tail -2 "$OUT/$name.log"
+  mkdir -p "$OUT/$dir" && cp "$S/$name/final.safetensors" "$S/$name/log.jsonl" "$OUT/$dir/" || true
+}
+# `check LABEL ARGS...`: `train eval --run-dir $S ARGS`; its summary line, labelled, to $OUT/eval.log, its JSON to $OUT.
+check() {
+  local label=$1; shift
+  $T eval --run-dir "$S" "$@" 2>&1 | tail -2 | head -1 | sed "s|^|$label: |" | tee -a "$OUT/eval.log"
+  cp "$S"/eval/*.json "$OUT/" 2>/dev/null || true
+}
+# `release_eval NAME ARGS...`: `turbovid eval` of the model in turbovid/assets on the GPU, its JSON to $OUT/NAME.
+release_eval() {
+  local name=$1; shift
+  python3 -m turbovid.cli eval --device cuda --out "$OUT/$name" "$@" 2> "$OUT/eval_progress.log" | tee "$OUT/eval.log"
+}

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Session 11 (one H100): `bash session11.sh g1`.
+# Session 11 (one H100): `bash session11.sh g1`. (Written with prelude.sh's helpers since session 12; the commands
+# they run are unchanged.)
 #   g1: `turbovid eval` of the shipped mini model on the GPU, every configuration, 128 held-out prompts, graded by
 #       detector version 2 (rounded templates). The JSON is rewritten after each configuration, so a cut-off run
 #       still returns the rows it finished.
@@ -16,52 +17,32 @@
 #       then SageSLA on 128 held-out prompts. (0.797; kept in docs/training/mini/candidates/, bf16.)
 source "$(dirname "$0")/prelude.sh" "$1"
 case "$1" in
-g1) python3 -m turbovid.cli eval --count "${COUNT:-128}" --device cuda \
-      --out "$OUT/eval_mini_h100_2026-11-23.json" 2> "$OUT/eval_progress.log" | tee "$OUT/eval.log"
-    ;;
-g2) S=runs/session11 && rm -rf $S && python3 docs/training/mini/device/assemble.py $S && mkdir -p $S/rcm
+g1) release_eval eval_mini_h100_2026-11-23.json --count "${COUNT:-128}" ;;
+g2) fresh runs/session11 && mkdir -p $S/rcm
     cp turbovid/assets/mini/dit.safetensors $S/rcm/final.safetensors
-    $T sla --run-dir $S --topk 0.5 --steps 100000 --fit-minutes "$(minutes_left 230)" \
-       --max-minutes "$(minutes_left 150)" > "$OUT/sla.log" 2>&1 || echo "sla exit $?"
-    tail -1 "$OUT/sla.log"
-    mkdir -p "$OUT/sla" && cp $S/sla/final.safetensors $S/sla/log.jsonl "$OUT/sla/" || true
+    stage sla sla --topk 0.5 --steps 100000 --fit-minutes "$(minutes_left 230)" --max-minutes "$(minutes_left 150)"
     for attention in sagesla dense; do
-      $T eval --run-dir $S --count 128 --dit $S/sla/final.safetensors --attention $attention --sampler rcm --topk 0.5 \
-         2>&1 | tail -2 | head -1 | sed "s|^|$attention: |" | tee -a "$OUT/eval.log"
-      cp $S/eval/*.json "$OUT/" 2>/dev/null || true
+      check $attention --count 128 --dit $S/sla/final.safetensors --attention $attention --sampler rcm --topk 0.5
     done
     ;;
-g3) S=runs/session11t && rm -rf $S && python3 docs/training/mini/device/assemble.py $S && rm -rf $S/teacher
-    $T teacher --run-dir $S --init $S/init/teacher.safetensors --fg-weight 4 --lr 1e-4 --steps 200000 --compile \
-       --fit-minutes "$(minutes_left 60)" --max-minutes "$(minutes_left 40)" > "$OUT/teacher.log" 2>&1 \
-       || echo "teacher exit $?"
-    tail -2 "$OUT/teacher.log"
-    mkdir -p "$OUT/teacher_fg3" && cp $S/teacher/final.safetensors $S/teacher/log.jsonl "$OUT/teacher_fg3/" || true
+g3) fresh runs/session11t && rm -rf $S/teacher
+    stage teacher teacher_fg3 --init $S/init/teacher.safetensors --fg-weight 4 --lr 1e-4 --steps 200000 --compile \
+       --fit-minutes "$(minutes_left 60)" --max-minutes "$(minutes_left 40)"
     ;;
-g4) S=runs/session11e && rm -rf $S && python3 docs/training/mini/device/assemble.py $S
+g4) fresh runs/session11e
     for dit in runs/carry/teacher_fg3/final.safetensors turbovid/assets/mini/dit_teacher.safetensors; do
-      $T eval --run-dir $S --count 96 --dit $dit --attention dense --sampler teacher \
-         2>&1 | tail -2 | head -1 | sed "s|^|$dit: |" | tee -a "$OUT/eval.log"
-      cp $S/eval/*.json "$OUT/" 2>/dev/null || true
+      check $dit --count 96 --dit $dit --attention dense --sampler teacher
     done
     ;;
-g5) S=runs/session11s && rm -rf $S && python3 docs/training/mini/device/assemble.py $S
+g5) fresh runs/session11s
     cp docs/training/mini/candidates/teacher_round6_session11.safetensors $S/teacher/final.safetensors
-    $T rcm --run-dir $S --fit-minutes "$(minutes_left 60)" --max-minutes "$(minutes_left 40)" > "$OUT/rcm.log" 2>&1 \
-       || echo "rcm exit $?"
-    tail -1 "$OUT/rcm.log"
-    mkdir -p "$OUT/rcm" && cp $S/rcm/final.safetensors $S/rcm/log.jsonl "$OUT/rcm/" || true
+    stage rcm rcm --fit-minutes "$(minutes_left 60)" --max-minutes "$(minutes_left 40)"
     ;;
-g6) S=runs/session11k && rm -rf $S && python3 docs/training/mini/device/assemble.py $S && mkdir -p $S/rcm
+g6) fresh runs/session11k && mkdir -p $S/rcm
     cp docs/training/mini/candidates/teacher_round6_session11.safetensors $S/teacher/final.safetensors
     cp runs/carry/rcm6/final.safetensors $S/rcm/final.safetensors
-    $T sla --run-dir $S --topk 0.5 --steps 100000 --fit-minutes "$(minutes_left 150)" \
-       --max-minutes "$(minutes_left 125)" > "$OUT/sla.log" 2>&1 || echo "sla exit $?"
-    tail -1 "$OUT/sla.log"
-    mkdir -p "$OUT/sla" && cp $S/sla/final.safetensors $S/sla/log.jsonl "$OUT/sla/" || true
-    $T eval --run-dir $S --count 128 --dit $S/sla/final.safetensors --attention sagesla --sampler rcm --topk 0.5 \
-       2>&1 | tail -2 | head -1 | sed "s|^|sla sagesla: |" | tee -a "$OUT/eval.log"
-    cp $S/eval/*.json "$OUT/" 2>/dev/null || true
+    stage sla sla --topk 0.5 --steps 100000 --fit-minutes "$(minutes_left 150)" --max-minutes "$(minutes_left 125)"
+    check "sla sagesla" --count 128 --dit $S/sla/final.safetensors --attention sagesla --sampler rcm --topk 0.5
     ;;
 *)  echo "usage: session11.sh g1|g2|g3|g4|g5|g6"; exit 2 ;;
 esac

@@ -22,63 +22,50 @@
 #   h8: guidance 3 on the same training prompts, then guidance 4 and 5 on 128 held-out prompts (`train eval`).
 #       (train 0.859 at 3; held-out 0.883 at 4, 0.891 at 5: no gain on held-out prompts, CFG 5 stays.)
 source "$(dirname "$0")/prelude.sh" "$1"
-candidates() {   # run dir $1 from the shipped files with the session-11 candidates in place of teacher and student
-  rm -rf "$1" && python3 docs/training/mini/device/assemble.py "$1" && mkdir -p "$1/sla"
-  cp docs/training/mini/candidates/teacher_round6_session11.safetensors "$1/teacher/final.safetensors"
-  cp docs/training/mini/candidates/student_round6_session11.safetensors "$1/sla/final.safetensors"
+candidates() {   # S: a run dir from the shipped files with the session-11 candidates as teacher and student
+  fresh "$1" && mkdir -p "$S/sla"
+  cp docs/training/mini/candidates/teacher_round6_session11.safetensors "$S/teacher/final.safetensors"
+  cp docs/training/mini/candidates/student_round6_session11.safetensors "$S/sla/final.safetensors"
 }
 case "$1" in
 h1) candidates runs/ship12
-    $T ship --run-dir runs/ship12 --output turbovid/assets/mini --topk 0.5
-    python3 -m turbovid.cli eval --count "${COUNT:-128}" --device cuda \
-      --out "$OUT/eval_mini_h100_2026-11-23_candidates.json" 2> "$OUT/eval_progress.log" | tee "$OUT/eval.log"
+    $T ship --run-dir $S --output turbovid/assets/mini --topk 0.5
+    release_eval eval_mini_h100_2026-11-23_candidates.json --count "${COUNT:-128}"
     ;;
 h2) python3 docs/training/mini/device/jvp_sla_smoke.py
-    S=runs/session12r && rm -rf $S && python3 docs/training/mini/device/assemble.py $S
-    $T rcm --run-dir $S --init turbovid/assets/mini/dit.safetensors --sla-student --topk 0.5 --steps 1400 \
-       --tangent-warmup 700 --fit-minutes "$(minutes_left 60)" --max-minutes "$(minutes_left 40)" > "$OUT/rcm.log" 2>&1 \
-       || echo "rcm exit $?"
-    tail -1 "$OUT/rcm.log"
-    mkdir -p "$OUT/rcm" && cp $S/rcm/final.safetensors $S/rcm/log.jsonl "$OUT/rcm/" || true
+    fresh runs/session12r
+    stage rcm rcm --init turbovid/assets/mini/dit.safetensors --sla-student --topk 0.5 --steps 1400 \
+       --tangent-warmup 700 --fit-minutes "$(minutes_left 60)" --max-minutes "$(minutes_left 40)"
     ;;
-h3) S=runs/session12e && rm -rf $S && python3 docs/training/mini/device/assemble.py $S
+h3) fresh runs/session12e
     for job in "runs/carry/rcm12/final.safetensors sagesla" "runs/carry/rcm12/final.safetensors dense" \
                "turbovid/assets/mini/dit.safetensors dense"; do
       set -- $job
-      $T eval --run-dir $S --count 128 --dit "$1" --attention "$2" --sampler rcm --topk 0.5 \
-         2>&1 | tail -2 | head -1 | sed "s|^|$1 $2: |" | tee -a "$OUT/eval.log"
-      cp $S/eval/*.json "$OUT/" 2>/dev/null || true
+      check "$1 $2" --count 128 --dit "$1" --attention "$2" --sampler rcm --topk 0.5
     done
     ;;
-h4) S=runs/session12e && rm -rf $S && python3 docs/training/mini/device/assemble.py $S
-    for topk in 0.75 1.0; do
-      $T eval --run-dir $S --count 128 --dit turbovid/assets/mini/dit.safetensors --attention sagesla --sampler rcm \
-         --topk $topk 2>&1 | tail -2 | head -1 | sed "s|^|top-k $topk sagesla: |" | tee -a "$OUT/eval.log"
-      mv $S/eval/dit_sagesla_rcm4_heldout.json "$OUT/dit_sagesla_topk${topk}_rcm4_heldout.json" 2>/dev/null || true
+h4) fresh runs/session12e
+    for topk in 0.75 1.0; do   # both write dit_sagesla_rcm4_heldout.json: renamed after each
+      check "top-k $topk sagesla" --count 128 --dit turbovid/assets/mini/dit.safetensors --attention sagesla \
+         --sampler rcm --topk $topk
+      mv "$OUT/dit_sagesla_rcm4_heldout.json" "$OUT/dit_sagesla_topk${topk}_rcm4_heldout.json" 2>/dev/null || true
     done
     ;;
-h5) python3 -m turbovid.cli eval --count 128 --device cuda --topk 0.75 \
-      --configs student_sla,student_sagesla,student_sagesla_w8a8,turbo \
-      --out "$OUT/eval_mini_h100_2026-11-23_topk075.json" 2> "$OUT/eval_progress.log" | tee "$OUT/eval.log"
+h5) release_eval eval_mini_h100_2026-11-23_topk075.json --count 128 --topk 0.75 \
+      --configs student_sla,student_sagesla,student_sagesla_w8a8,turbo
     ;;
-h6) python3 -m turbovid.cli eval --count 128 --device cuda --out "$OUT/eval_mini_h100_2026-11-23_run3.json" \
-      2> "$OUT/eval_progress.log" | tee "$OUT/eval.log"
-    ;;
-h7) S=runs/session12g && rm -rf $S && python3 docs/training/mini/device/assemble.py $S
+h6) release_eval eval_mini_h100_2026-11-23_run3.json --count 128 ;;
+h7) fresh runs/session12g
     for g in 5 6 4 7; do
-      $T eval --run-dir $S --count 128 --split train --dit turbovid/assets/mini/dit_teacher.safetensors \
-         --attention dense --sampler teacher --guidance $g 2>&1 | tail -2 | head -1 | sed "s|^|guidance $g: |" \
-         | tee -a "$OUT/eval.log"
-      cp $S/eval/*.json "$OUT/" 2>/dev/null || true
+      check "guidance $g" --count 128 --split train --dit turbovid/assets/mini/dit_teacher.safetensors \
+         --attention dense --sampler teacher --guidance $g
     done
     ;;
-h8) S=runs/session12g && rm -rf $S && python3 docs/training/mini/device/assemble.py $S
+h8) fresh runs/session12g
     for job in "3 train" "4 heldout" "5 heldout"; do
       set -- $job
-      $T eval --run-dir $S --count 128 --split $2 --dit turbovid/assets/mini/dit_teacher.safetensors \
-         --attention dense --sampler teacher --guidance $1 2>&1 | tail -2 | head -1 | sed "s|^|guidance $1 $2: |" \
-         | tee -a "$OUT/eval.log"
-      cp $S/eval/*.json "$OUT/" 2>/dev/null || true
+      check "guidance $1 $2" --count 128 --split $2 --dit turbovid/assets/mini/dit_teacher.safetensors \
+         --attention dense --sampler teacher --guidance $1
     done
     ;;
 *)  echo "usage: session12.sh h1|h2|h3|h4|h5|h6|h7|h8"; exit 2 ;;
