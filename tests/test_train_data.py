@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from turbovid.config import WAN_NEGATIVE_PROMPT
 from turbovid.train.data import (BACKGROUNDS, COLORS, DIRECTIONS, MIN_CONTRAST, PATH_JITTER, SHAPES, ProceduralVideos,
-                                 is_heldout, latent_object_mask, parse_caption, render, sample_clip)
+                                 is_heldout, latent_object_mask, object_weights, parse_caption, render, sample_clip)
 from turbovid.train import detect as detect_module
 from turbovid.train.detect import ATTRIBUTES, adherence, detect
 from turbovid.train.recipe import MINI_TEXT
@@ -220,3 +220,25 @@ def test_latent_object_mask_covers_the_rendered_object_and_little_else():
     assert small and mask[small].mean() < 0.08
     with pytest.raises(ValueError, match="latent frames"):
         latent_object_mask(clips, 32, grid)
+
+
+def test_object_weights_give_the_object_its_share_whatever_its_size():
+    clips = [sample_clip(0, "train", i) for i in range(40)]
+    mask = latent_object_mask(clips, 33, (9, 30, 30))
+    sizes = [c.size for c in clips]
+    assert "small" in sizes and "large" in sizes
+    plain = object_weights(mask, fg_weight=4)
+    assert torch.equal(plain, 1 + 4 * mask)
+    shared = object_weights(mask, fg_share=0.5)
+    assert torch.allclose(shared.flatten(1).mean(1), torch.ones(40), atol=1e-5)        # mean 1 per sample
+    share = (shared * mask).flatten(1).sum(1) / shared.flatten(1).sum(1)
+    assert torch.allclose(share, torch.full((40,), 0.5), atol=1e-5)                   # small and large alike
+    plain_share = (plain * mask).flatten(1).sum(1) / plain.flatten(1).sum(1)
+    small = [i for i, s in enumerate(sizes) if s == "small"]
+    assert (plain_share[small] < 0.35).all()                                           # what fg_share corrects
+    # an empty mask (object outside the frame) weighs every cell alike; a full one too
+    assert torch.allclose(object_weights(torch.zeros(1, 2, 3, 3), fg_share=0.3), torch.ones(1, 2, 3, 3))
+    assert torch.allclose(object_weights(torch.ones(1, 2, 3, 3), fg_share=0.3), torch.ones(1, 2, 3, 3), atol=1e-4)
+    for bad in ({"fg_weight": 4, "fg_share": 0.5}, {"fg_share": 1.0}, {"fg_share": -0.1}, {"fg_weight": -1}):
+        with pytest.raises(ValueError, match="not both"):
+            object_weights(mask, **bad)

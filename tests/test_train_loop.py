@@ -452,6 +452,12 @@ def test_teacher_object_weight_trains_and_changes_the_loss(run):
     assert math.isfinite(b) and a != b
     losses = [weighted.train_step(i)["loss"] for i in range(1, 6)]
     assert all(math.isfinite(x) for x in losses)
+    shared_recipe = dataclasses.replace(TINY, teacher=dataclasses.replace(TINY.teacher, fg_share=0.5))
+    shared = TeacherTrainer(shared_recipe, run_dir, ENV, fixed_batch=True, inputs=inputs)
+    c = shared.train_step(0)["loss"]
+    assert math.isfinite(c) and c not in (a, b)
+    with pytest.raises(ValueError, match="not both"):
+        dataclasses.replace(TINY.teacher, fg_weight=4.0, fg_share=0.5)
 
 
 def test_teacher_init_starts_from_given_weights(run, tmp_path):
@@ -550,6 +556,21 @@ def test_cli_overrides_reach_the_stage_recipe():
     weighted = _recipe(parser.parse_args(["train", "teacher", "--fg-weight", "4"]))
     assert weighted.teacher.fg_weight == 4 and all(r.fg_weight == 4 for r in weighted.teacher_rounds)
     assert weighted.teacher_rounds and _recipe(parser.parse_args(["train", "teacher"])).teacher.fg_weight == 0
+    shared = _recipe(parser.parse_args(["train", "teacher", "--fg-share", "0.5"]))   # replaces the rounds' fg_weight
+    assert all(r.fg_share == 0.5 and r.fg_weight == 0 for r in (shared.teacher, *shared.teacher_rounds))
+    with pytest.raises(ValueError, match="give one"):
+        _recipe(parser.parse_args(["train", "teacher", "--fg-share", "0.5", "--fg-weight", "4"]))
+    with pytest.raises(ValueError, match=r"--fg-share must be in \[0, 1\)"):
+        _recipe(parser.parse_args(["train", "teacher", "--fg-share", "1"]))
+    # rcm --guidance: the CFG scale of the teacher it distils (the recipe's 6 unless given)
+    assert _recipe(parser.parse_args(["train", "rcm", "--guidance", "5"])).rcm.guidance == 5
+    assert _recipe(parser.parse_args(["train", "rcm"])).rcm.guidance == 6
+    assert _recipe(parser.parse_args(["train", "eval", "--guidance", "4"])).rcm.guidance == 6
+    with pytest.raises(ValueError, match="--guidance must be >= 1"):
+        _recipe(parser.parse_args(["train", "rcm", "--guidance", "0.5"]))
+    from turbovid.train.cli import cmd_train
+    with pytest.raises(ValueError, match="--guidance applies to the rcm, eval stages only"):
+        cmd_train(parser.parse_args(["train", "teacher", "--guidance", "5"]))
 
 
 def test_teacher_rounds_chain_their_weights_and_logs(run, tmp_path):

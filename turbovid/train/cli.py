@@ -44,6 +44,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--edge", type=float, help="vae / vae_decoder: weight of the edge loss term (recipe.VAEStage.edge)")
     p.add_argument("--fg-weight", type=float, help="teacher: latent cells near the object weigh 1 + this in the "
                                                    "velocity loss (recipe.TeacherStage.fg_weight)")
+    p.add_argument("--fg-share", type=float, help="teacher, instead of --fg-weight: the cells near the object carry "
+                                                  "this share (0-1) of each sample's loss, small objects and large "
+                                                  "alike (recipe.TeacherStage.fg_share)")
     p.add_argument("--proj-l-only", action="store_true",
                    help="sla: train only SLA's linear-branch projections; the dense output stays the base network's "
                         "(recipe.SLAStage.proj_l_only; no dense loss term then)")
@@ -68,8 +71,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--eval-steps", type=int, help="sampling steps (default: 4 rcm, 50 teacher)")
     e.add_argument("--count", type=int, help="number of prompts")
     e.add_argument("--split", default="heldout", choices=("heldout", "train"))
-    e.add_argument("--guidance", type=float, default=SampleConfig.guidance,
-                   help=f"teacher sampler: CFG scale (default {SampleConfig.guidance:g})")
+    e.add_argument("--guidance", type=float,
+                   help=f"eval, teacher sampler: CFG scale (default {SampleConfig.guidance:g}); rcm: the CFG scale of "
+                        "the teacher it distils, v_u + g (v_c - v_u) (recipe.RCMStage.guidance)")
     e.add_argument("--shift", type=float, default=SampleConfig.shift,
                    help=f"teacher sampler: flow shift (default {SampleConfig.shift:g})")
     return p
@@ -130,12 +134,21 @@ def _recipe(args, world: int = 1):
         if args.tangent_warmup < 0:
             raise ValueError(f"--tangent-warmup must be >= 0, got {args.tangent_warmup}")
         rcm["tangent_warmup"] = args.tangent_warmup
+    if args.guidance is not None and args.stage in ("rcm", "reproduce"):
+        if not args.guidance >= 1:
+            raise ValueError(f"--guidance must be >= 1 (1: no CFG), got {args.guidance}")
+        rcm["guidance"] = args.guidance
     if rcm:
         recipe = dataclasses.replace(recipe, rcm=dataclasses.replace(recipe.rcm, **rcm))
-    if args.fg_weight is not None:   # the teacher and each of its rounds
-        if args.fg_weight < 0:
+    if args.fg_weight is not None and args.fg_share is not None:
+        raise ValueError("--fg-weight and --fg-share are two ways to weigh the object: give one")
+    if args.fg_weight is not None or args.fg_share is not None:   # the teacher and each of its rounds
+        if args.fg_weight is not None and args.fg_weight < 0:
             raise ValueError(f"--fg-weight must be >= 0, got {args.fg_weight}")
-        weighted = lambda cfg: dataclasses.replace(cfg, fg_weight=args.fg_weight)  # noqa: E731
+        if args.fg_share is not None and not 0 <= args.fg_share < 1:
+            raise ValueError(f"--fg-share must be in [0, 1), got {args.fg_share}")
+        weighted = lambda cfg: dataclasses.replace(cfg, fg_weight=args.fg_weight or 0.0,  # noqa: E731
+                                                   fg_share=args.fg_share or 0.0)
         recipe = dataclasses.replace(recipe, teacher=weighted(recipe.teacher),
                                      teacher_rounds=tuple(map(weighted, recipe.teacher_rounds)))
     if args.compile:   # every DiT stage that trains with velocity regression (the teacher's rounds too)
@@ -168,10 +181,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     for flag, value, stages in (("--init", args.init, ("teacher", "vae", "rcm")),
                                 ("--edge", args.edge, ("vae", "vae_decoder")),
                                 ("--fg-weight", args.fg_weight, ("teacher", "reproduce")),
+                                ("--fg-share", args.fg_share, ("teacher", "reproduce")),
                                 ("--proj-l-only", args.proj_l_only or None, ("sla",)),
                                 ("--topk", args.topk, ("sla", "rcm", "eval", "ship", "reproduce")),
                                 ("--sla-student", args.sla_student or None, ("rcm", "reproduce")),
-                                ("--tangent-warmup", args.tangent_warmup, ("rcm", "reproduce"))):
+                                ("--tangent-warmup", args.tangent_warmup, ("rcm", "reproduce")),
+                                ("--guidance", args.guidance, ("rcm", "eval", "reproduce"))):
         if value is not None and args.stage not in stages:
             named = [st for st in stages if st != "reproduce"]   # reproduce passes the flag on to its stage
             raise ValueError(f"{flag} applies to the {', '.join(named)} stage{'s' * (len(named) > 1)} only")
@@ -208,13 +223,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             from turbovid.train.evaluate import evaluate
             dit = Path(args.dit) if args.dit else run_dir / "merged" / "model.safetensors"
             steps = args.eval_steps or (recipe.eval_teacher_steps if args.sampler == "teacher" else recipe.eval_rcm_steps)
-            cfg = f"_g{args.guidance:g}_s{args.shift:g}" if args.sampler == "teacher" else ""
+            from turbovid.config import SampleConfig
+            guidance = SampleConfig.guidance if args.guidance is None else args.guidance
+            cfg = f"_g{guidance:g}_s{args.shift:g}" if args.sampler == "teacher" else ""
             out = run_dir / "eval" / f"{dit.stem}_{args.attention}_{args.sampler}{steps}{cfg}_{args.split}.json"
             if env.main:   # rank 0 alone, as a single process (no collectives inside)
                 from turbovid.train.loop import Env
                 result = evaluate(recipe, run_dir, Env(env.device), dit, attention=args.attention, sampler=args.sampler,
                                   steps=steps, count=args.count, split=args.split, out=out,
-                                  guidance=args.guidance, shift=args.shift)
+                                  guidance=guidance, shift=args.shift)
                 print(f"adherence {result['all']:.3f}: " + ", ".join(
                     f"{k} {result[k]:.2f}" for k in ("color", "shape", "direction", "speed", "size")))
         else:

@@ -33,7 +33,7 @@ from turbovid.models.dit import WanDiT
 from turbovid.sampling import rcm_sample, rcm_times
 from turbovid.speedups import compile_blocks
 from turbovid.train.checkpoint import load_weights
-from turbovid.train.data import latent_object_mask
+from turbovid.train.data import latent_object_mask, object_weights
 from turbovid.train.ema import PowerEMA
 from turbovid.train.inputs import LatentBatches
 from turbovid.train.loop import (Env, drive, make_optimizer, optimizer_step, step_generator, step_indices, unwrap,
@@ -142,9 +142,9 @@ class TeacherTrainer(_VelocityStage):
         noise = torch.randn(x0.shape, generator=g, device=dev)
         x_s, target = flow_matching_pair(x0, noise, s)
         weight = None
-        if cfg.fg_weight > 0:   # the object's cells weigh more (latent_object_mask), [B, 1, T, h, w]
+        if cfg.fg_weight > 0 or cfg.fg_share > 0:   # the object's cells weigh more, [B, 1, T, h, w]
             mask = latent_object_mask(clips, self.recipe.frames, tuple(x0.shape[2:]), self.recipe.vae.temporal_factor)
-            weight = (1 + cfg.fg_weight * mask).unsqueeze(1).to(dev)
+            weight = object_weights(mask, cfg.fg_weight, cfg.fg_share).unsqueeze(1).to(dev)
         with self.env.autocast():
             v = rf_velocity(self.model, x_s, s, context)
         return self._finish(velocity_loss(v, target, weight), step)
