@@ -231,7 +231,7 @@ def _mini() -> Recipe:
             # the CPU's 24.
             TeacherStage(Schedule(steps=2309, batch=128, ckpt_every=500), Optim(lr=1e-4, warmup=500, cosine=True),
                          fg_weight=4.0, compile=True),
-            # round 7 (session 13, one H100, fitted to 8.3 minutes): the object's cells carry half of each sample's
+            # round 7 (session 13, one H100, 5.1 minutes of steps fitted beside the pool encode): the object's cells carry half of each sample's
             # loss whatever its size (fg_share 0.5; fg_weight 4 gave a small object 27%). `train eval`, 128 held-out
             # prompts: 0.891 -> 0.898 (shape 0.92 -> 0.95); `turbovid eval` (H100, 128 prompts) 0.867 -> 0.906.
             TeacherStage(Schedule(steps=2119, batch=128, ckpt_every=500), Optim(lr=1e-4, warmup=500, cosine=True),
