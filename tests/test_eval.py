@@ -50,11 +50,14 @@ def test_eval_arguments_are_checked():
 def test_eval_command_on_the_shipped_model(tmp_path, capsys, monkeypatch):
     out = tmp_path / "eval.json"
     assert main(["eval", "--configs", "student", "--count", "2", "--device", "cpu", "--out", str(out)]) == 0
-    assert "student" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "student" in printed and "drift" in printed
     result = json.loads(out.read_text())
     row = result["rows"][0]
     assert row["config"] == "student" and row["count"] == 2 and len(row["seconds"]) == 2
     assert 0 <= row["all"] <= 1 and row["frechet"] >= 0 and result["real_vs_real_frechet"] >= 0
+    assert row["hue_drift"] is None or 0 <= row["hue_drift"] <= 180      # mean |degrees| (detect.hue_drift)
+    assert all("hue_drift" in d for d in row["detections"])
     assert main(["eval", "--configs", "bogus"]) == 2
     # --topk reaches the SLA configurations, and each row records the top-k it ran at. (SLA through its PyTorch
     # reference, as on any CPU without the Triton interpreter that `make test` sets.)

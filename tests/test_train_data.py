@@ -13,7 +13,7 @@ from turbovid.config import WAN_NEGATIVE_PROMPT
 from turbovid.train.data import (BACKGROUNDS, COLORS, DIRECTIONS, MIN_CONTRAST, PATH_JITTER, SHAPES, ProceduralVideos,
                                  is_heldout, latent_object_mask, object_weights, parse_caption, render, sample_clip)
 from turbovid.train import detect as detect_module
-from turbovid.train.detect import ATTRIBUTES, adherence, detect
+from turbovid.train.detect import ATTRIBUTES, adherence, detect, hue_drift
 from turbovid.train.recipe import MINI_TEXT
 from turbovid.train.tokenizer import ASSET, CORPUS_CAPTIONS, train_spiece
 
@@ -183,6 +183,27 @@ def test_detector_on_empty_and_static_videos():
     assert found["direction"] == "none" and found["color"] == clip.color and found["shape"] == clip.shape
     with pytest.raises(ValueError):
         adherence([blank], [])
+
+
+def test_hue_drift_reads_a_colour_that_turns_and_nothing_on_clean_clips():
+    import colorsys
+    hue = lambda rgb: colorsys.rgb_to_hsv(*rgb)[0] * 360  # noqa: E731
+    videos, truth = _clips("heldout", 12, size=96, frames=17)
+    scores = adherence(videos, truth)
+    assert scores["hue_drift"] < 1.0 and all(abs(d["hue_drift"]) < 2 for d in scores["detections"])
+    blue = next(c for c in (sample_clip(0, "heldout", i) for i in range(200)) if c.color == "blue")
+    purple = dataclasses.replace(blue, rgb=COLORS["purple"])
+    a, b = render(blue, 96, 17), render(purple, 96, 17)
+    turning = torch.cat([a[:, :9], b[:, 9:]], dim=1)            # the same motion, blue then purple
+    want = hue(COLORS["purple"]) - hue(blue.rgb)                 # about +54 degrees
+    assert want > 30 and abs(hue_drift(turning) - want) < 3
+    assert abs(hue_drift(torch.cat([b[:, :9], a[:, 9:]], dim=1)) + want) < 3   # purple then blue: negative
+    red = dataclasses.replace(blue, rgb=COLORS["red"], bg_rgb=(0.1, 0.1, 0.3))
+    wraps = torch.cat([render(red, 96, 17)[:, :9], render(dataclasses.replace(red, rgb=COLORS["pink"]), 96, 17)[:, 9:]], 1)
+    assert -60 < hue_drift(wraps) < -20                           # red (~0) -> pink (~330) crosses 0: -30, not +330
+    assert hue_drift(torch.zeros(3, 5, 32, 32)) is None          # no object
+    grey = dataclasses.replace(blue, rgb=(0.9, 0.9, 0.9))
+    assert hue_drift(render(grey, 96, 17)) is None               # no hue to drift
 
 
 # ---- tokenizer -----------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ the first N held-out prompts (captions whose colour-shape-direction triple never
 seed `seed + i` for prompt i, and grades it:
 
 - prompt adherence: colour, shape and direction read back by the deterministic detector
-  (turbovid.train.detect); "all" = the three right at once. Speed and size are reported too.
+  (turbovid.train.detect); "all" = the three right at once. Speed and size are reported too, and the colour's
+  drift: the mean |hue change| in degrees of the object from frame 0 to the last quarter (detect.hue_drift).
 - distribution distance: Fréchet distance between Gaussian fits of a fixed 28-number descriptor of each
   clip (`clip_features`: colour mean/std, temporal and spatial gradient energy, a 4x4 map of the mean frame's
   luminance), generated clips against the real clips of the same prompts rendered by the data module.
@@ -105,7 +106,7 @@ def evaluate_config(name: str, clips, *, model: str, device: str | None, seed: i
     sparse = kwargs.get("attention") in ("sla", "sagesla")     # the rows that run SLA record its top-k
     return {"config": name, "what": what, "steps": steps, "topk": pipe.topk if sparse else None, "model": spec.name,
             "count": len(clips),
-            **{k: scores[k] for k in ("all", "color", "shape", "direction", "speed", "size")},
+            **{k: scores[k] for k in ("all", "color", "shape", "direction", "speed", "size", "hue_drift")},
             "frechet": frechet_distance(fake, real), "seconds_per_video": statistics.median(seconds),
             "dit_seconds_per_video": statistics.median(dit_seconds),
             "seconds": seconds, "detections": scores["detections"]}
@@ -165,13 +166,15 @@ def _write(out, rows, floor, count, seed) -> None:
 
 
 def print_table(result: dict) -> None:
-    print(f"{'config':<22}{'steps':>6}{'top-k':>6}{'all':>7}{'colour':>8}{'shape':>7}{'dir':>6}{'FD':>8}{'s/video':>9}"
-          f"{'DiT s':>8}")
+    print(f"{'config':<22}{'steps':>6}{'top-k':>6}{'all':>7}{'colour':>8}{'shape':>7}{'dir':>6}{'drift':>7}{'FD':>8}"
+          f"{'s/video':>9}{'DiT s':>8}")
     for r in result["rows"]:
         topk = "-" if r.get("topk") is None else f"{r['topk']:g}"
+        drift = "-" if r.get("hue_drift") is None else f"{r['hue_drift']:.1f}"
         print(f"{r['config']:<22}{r['steps']:>6}{topk:>6}{r['all']:>7.3f}{r['color']:>8.2f}{r['shape']:>7.2f}"
-              f"{r['direction']:>6.2f}{r['frechet']:>8.3f}{r['seconds_per_video']:>9.2f}"
+              f"{r['direction']:>6.2f}{drift:>7}{r['frechet']:>8.3f}{r['seconds_per_video']:>9.2f}"
               f"{r.get('dit_seconds_per_video', float('nan')):>8.2f}")
+    print("drift: mean |hue change| (degrees) of the object from frame 0 to the last quarter (detect.hue_drift)")
     print(f"real vs real Fréchet distance (floor): {result['real_vs_real']:.3f}")
 
 

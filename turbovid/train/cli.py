@@ -232,8 +232,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                 result = evaluate(recipe, run_dir, Env(env.device), dit, attention=args.attention, sampler=args.sampler,
                                   steps=steps, count=args.count, split=args.split, out=out,
                                   guidance=guidance, shift=args.shift)
+                drift = "-" if result["hue_drift"] is None else f"{result['hue_drift']:.1f}"
                 print(f"adherence {result['all']:.3f}: " + ", ".join(
-                    f"{k} {result[k]:.2f}" for k in ("color", "shape", "direction", "speed", "size")))
+                    f"{k} {result[k]:.2f}" for k in ("color", "shape", "direction", "speed", "size"))
+                    + f", hue drift {drift} deg")
         else:
             from turbovid.train.reproduce import reproduce
             out = reproduce(recipe, run_dir, env, evaluate_models=not args.no_eval)

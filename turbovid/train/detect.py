@@ -22,9 +22,15 @@ Deterministic, no learned parts, so it can grade generated videos against their 
    Size = mean bounding-box side -> nearest size class.
 
 A clip with no object pixels gets "none" for everything (always counted wrong).
+
+Beside the attributes, `hue_drift`: the object's core colour (as in 2) on frame 0 and over the last quarter of the
+frames, their hue difference in degrees. The truth holds one colour; the 4-step students turn some colours round
+the hue circle from frame to frame (blue to purple), which the colour attribute, read over the whole clip, counts
+only once the drift passes a palette boundary.
 """
 from __future__ import annotations
 
+import colorsys
 import functools
 import math
 
@@ -93,22 +99,54 @@ def _nearest(value: float, table: dict[str, float]) -> str:
 
 
 @torch.no_grad()
+def _distances(video: torch.Tensor):
+    """video [3, F, H, W] in [-1, 1] -> (x [3, F, H, W] in [0, 1], background [3], distance to it [F, H, W], and
+    that distance averaged over 3x3 pixels, so that pixel noise of generated videos averages out): steps 1-2."""
+    x = ((video.float() + 1) / 2).clamp(0, 1)
+    bg = x.flatten(1).median(dim=1).values                                   # [3]
+    raw = (x - bg.view(3, 1, 1, 1)).norm(dim=0)                              # [F, H, W]
+    dist = F.avg_pool2d(F.pad(raw[:, None], (1, 1, 1, 1), mode="replicate"), 3, stride=1)[:, 0]
+    return x, bg, raw, dist
+
+
+def _core_colour(x: torch.Tensor, dist: torch.Tensor) -> torch.Tensor | None:
+    """The object's colour [3]: per-channel median of its core (the most distant pixels), not of edges blended
+    with the background; None with fewer than MIN_PIXELS object pixels."""
+    fg = dist > FG_DISTANCE
+    if int(fg.sum()) < MIN_PIXELS:
+        return None
+    core = dist >= max(FG_DISTANCE, 0.75 * float(dist[fg].quantile(0.9)))
+    return x[:, core].median(dim=1).values
+
+
+def hue_drift(video: torch.Tensor) -> float | None:
+    """How far the object's colour turns during the clip: the hue (degrees) of its core colour over the last quarter
+    of the frames minus that on frame 0, wrapped to [-180, 180). The clips hold one colour, so a drawn video
+    should read ~0; a student whose later frames turn blue into purple reads about +50. None where either part
+    has no object, or no hue (a grey core)."""
+    x, _, _, dist = _distances(video)
+    frames = x.shape[1]
+    hues = []
+    for part in (slice(0, 1), slice(frames - max(1, frames // 4), frames)):
+        rgb = _core_colour(x[:, part], dist[part])
+        if rgb is None:
+            return None
+        hue, saturation, _ = colorsys.rgb_to_hsv(*rgb.tolist())
+        if saturation < 0.2:
+            return None
+        hues.append(hue * 360)
+    return (hues[1] - hues[0] + 180) % 360 - 180
+
+
 def detect(video: torch.Tensor) -> dict[str, str]:
     """video [3, F, H, W] in [-1, 1] -> {"color", "shape", "direction", "speed", "size"}."""
     if video.dim() != 4 or video.shape[0] != 3:
         raise ValueError(f"detect expects one video [3, F, H, W], got {tuple(video.shape)}")
-    x = ((video.float() + 1) / 2).clamp(0, 1)
+    x, bg, raw, dist = _distances(video)
     _, frames, height, width = x.shape
-    bg = x.flatten(1).median(dim=1).values                                   # [3]
-    # Distance to the background, averaged over 3x3 pixels: pixel noise of generated videos averages out.
-    raw = (x - bg.view(3, 1, 1, 1)).norm(dim=0)                              # [F, H, W]
-    dist = F.avg_pool2d(F.pad(raw[:, None], (1, 1, 1, 1), mode="replicate"), 3, stride=1)[:, 0]
-    fg = dist > FG_DISTANCE
-    if int(fg.sum()) < MIN_PIXELS:
+    obj = _core_colour(x, dist)
+    if obj is None:
         return {k: "none" for k in ATTRIBUTES}
-    # Object colour from its core (the most distant pixels), not from edges blended with the background.
-    core = dist >= max(FG_DISTANCE, 0.75 * float(dist[fg].quantile(0.9)))
-    obj = x[:, core].median(dim=1).values                                    # [3]
     color = min(COLORS, key=lambda c: float((obj - torch.tensor(COLORS[c], device=obj.device)).norm()))
     contrast = float((obj - bg).norm())
     alpha = ((dist - NOISE_FLOOR) / max(contrast - NOISE_FLOOR, 1e-3)).clamp(0, 1)   # [F, H, W] smoothed
@@ -173,13 +211,16 @@ def detect(video: torch.Tensor) -> dict[str, str]:
 
 def adherence(videos: torch.Tensor | list[torch.Tensor], attributes: list[dict[str, str]]) -> dict:
     """Accuracy of each attribute over a batch of (video [3, F, H, W], ground-truth attributes), plus
-    "all" = colour, shape and direction all right (the headline prompt-adherence score), and the
-    per-clip detections."""
+    "all" = colour, shape and direction all right (the headline prompt-adherence score), "hue_drift" = the mean
+    |hue_drift| in degrees over the clips that have one (None if none does), and the per-clip detections (each
+    with its signed hue_drift)."""
     if len(videos) != len(attributes) or len(attributes) == 0:
         raise ValueError(f"adherence needs as many videos as attribute dicts (> 0), got {len(videos)} and "
                          f"{len(attributes)}")
-    found = [detect(v) for v in videos]
+    found = [{**detect(v), "hue_drift": hue_drift(v)} for v in videos]
     scores = {k: sum(d[k] == a[k] for d, a in zip(found, attributes)) / len(found) for k in ATTRIBUTES}
+    drifts = [abs(d["hue_drift"]) for d in found if d["hue_drift"] is not None]
+    scores["hue_drift"] = sum(drifts) / len(drifts) if drifts else None   # mean |degrees| (hue_drift)
     scores["all"] = sum(all(d[k] == a[k] for k in ("color", "shape", "direction"))
                         for d, a in zip(found, attributes)) / len(found)
     scores["detections"] = found
