@@ -199,7 +199,8 @@ def test_hue_drift_reads_a_colour_that_turns_and_nothing_on_clean_clips():
     assert want > 30 and abs(hue_drift(turning) - want) < 3
     assert abs(hue_drift(torch.cat([b[:, :9], a[:, 9:]], dim=1)) + want) < 3   # purple then blue: negative
     red = dataclasses.replace(blue, rgb=COLORS["red"], bg_rgb=(0.1, 0.1, 0.3))
-    wraps = torch.cat([render(red, 96, 17)[:, :9], render(dataclasses.replace(red, rgb=COLORS["pink"]), 96, 17)[:, 9:]], 1)
+    pink = dataclasses.replace(red, rgb=COLORS["pink"])
+    wraps = torch.cat([render(red, 96, 17)[:, :9], render(pink, 96, 17)[:, 9:]], 1)
     assert -60 < hue_drift(wraps) < -20                           # red (~0) -> pink (~330) crosses 0: -30, not +330
     assert hue_drift(torch.zeros(3, 5, 32, 32)) is None          # no object
     grey = dataclasses.replace(blue, rgb=(0.9, 0.9, 0.9))

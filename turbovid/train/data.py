@@ -282,14 +282,20 @@ def latent_object_mask(clips: list[Clip], frames: int, grid: tuple[int, int, int
     return torch.cat([inside[:, :1], later], dim=1).float()
 
 
+def check_object_weighting(fg_weight: float, fg_share: float) -> None:
+    """The two ways to weigh the object's cells (object_weights, recipe.TeacherStage): one or neither."""
+    if fg_weight < 0 or not 0 <= fg_share < 1 or (fg_weight > 0 and fg_share > 0):
+        raise ValueError(f"object weighting: fg_weight >= 0 or fg_share in [0, 1), not both; got {fg_weight}, "
+                         f"{fg_share}")
+
+
 def object_weights(mask: torch.Tensor, fg_weight: float = 0.0, fg_share: float = 0.0) -> torch.Tensor:
     """Loss weights from an object mask [B, ...] in {0, 1} (latent_object_mask): 1 + fg_weight on the object's
     cells, or, with fg_share > 0, fg_share / f on them and (1 - fg_share) / (1 - f) elsewhere, f being the
     sample's fraction of object cells: the weights average 1 and the object carries fg_share of the sample's
     loss whatever its size. (fg_weight 4 gives a small object, 7% of the mini cells, 27% of its sample's loss and
     a large one, 19%, 54%; fg_share 0.5 gives both half.)"""
-    if fg_weight < 0 or not 0 <= fg_share < 1 or (fg_weight > 0 and fg_share > 0):
-        raise ValueError(f"object_weights: fg_weight >= 0 or fg_share in [0, 1), not both; got {fg_weight}, {fg_share}")
+    check_object_weighting(fg_weight, fg_share)
     if fg_share == 0:
         return 1 + fg_weight * mask
     view = (-1, *[1] * (mask.dim() - 1))

@@ -98,10 +98,11 @@ def _nearest(value: float, table: dict[str, float]) -> str:
     return min(table, key=lambda k: abs(math.log(value / table[k])))
 
 
-@torch.no_grad()
 def _distances(video: torch.Tensor):
     """video [3, F, H, W] in [-1, 1] -> (x [3, F, H, W] in [0, 1], background [3], distance to it [F, H, W], and
     that distance averaged over 3x3 pixels, so that pixel noise of generated videos averages out): steps 1-2."""
+    if video.dim() != 4 or video.shape[0] != 3:
+        raise ValueError(f"detect expects one video [3, F, H, W], got {tuple(video.shape)}")
     x = ((video.float() + 1) / 2).clamp(0, 1)
     bg = x.flatten(1).median(dim=1).values                                   # [3]
     raw = (x - bg.view(3, 1, 1, 1)).norm(dim=0)                              # [F, H, W]
@@ -119,12 +120,17 @@ def _core_colour(x: torch.Tensor, dist: torch.Tensor) -> torch.Tensor | None:
     return x[:, core].median(dim=1).values
 
 
+@torch.no_grad()
 def hue_drift(video: torch.Tensor) -> float | None:
     """How far the object's colour turns during the clip: the hue (degrees) of its core colour over the last quarter
     of the frames minus that on frame 0, wrapped to [-180, 180). The clips hold one colour, so a drawn video
     should read ~0; a student whose later frames turn blue into purple reads about +50. None where either part
     has no object, or no hue (a grey core)."""
     x, _, _, dist = _distances(video)
+    return _hue_drift(x, dist)
+
+
+def _hue_drift(x: torch.Tensor, dist: torch.Tensor) -> float | None:
     frames = x.shape[1]
     hues = []
     for part in (slice(0, 1), slice(frames - max(1, frames // 4), frames)):
@@ -138,11 +144,14 @@ def hue_drift(video: torch.Tensor) -> float | None:
     return (hues[1] - hues[0] + 180) % 360 - 180
 
 
+@torch.no_grad()
 def detect(video: torch.Tensor) -> dict[str, str]:
     """video [3, F, H, W] in [-1, 1] -> {"color", "shape", "direction", "speed", "size"}."""
-    if video.dim() != 4 or video.shape[0] != 3:
-        raise ValueError(f"detect expects one video [3, F, H, W], got {tuple(video.shape)}")
-    x, bg, raw, dist = _distances(video)
+    return _detect(*_distances(video))
+
+
+def _detect(x: torch.Tensor, bg: torch.Tensor, raw: torch.Tensor, dist: torch.Tensor) -> dict[str, str]:
+    """Steps 2-5 on what `_distances` returns (left unchanged, so `_hue_drift` can read the same tensors)."""
     _, frames, height, width = x.shape
     obj = _core_colour(x, dist)
     if obj is None:
@@ -209,6 +218,7 @@ def detect(video: torch.Tensor) -> dict[str, str]:
     return {"color": color, "shape": shape, "direction": direction, "speed": speed, "size": size}
 
 
+@torch.no_grad()
 def adherence(videos: torch.Tensor | list[torch.Tensor], attributes: list[dict[str, str]]) -> dict:
     """Accuracy of each attribute over a batch of (video [3, F, H, W], ground-truth attributes), plus
     "all" = colour, shape and direction all right (the headline prompt-adherence score), "hue_drift" = the mean
@@ -217,7 +227,10 @@ def adherence(videos: torch.Tensor | list[torch.Tensor], attributes: list[dict[s
     if len(videos) != len(attributes) or len(attributes) == 0:
         raise ValueError(f"adherence needs as many videos as attribute dicts (> 0), got {len(videos)} and "
                          f"{len(attributes)}")
-    found = [{**detect(v), "hue_drift": hue_drift(v)} for v in videos]
+    found = []
+    for video in videos:   # one background / distance pass per clip serves the attributes and the drift
+        x, bg, raw, dist = _distances(video)
+        found.append({**_detect(x, bg, raw, dist), "hue_drift": _hue_drift(x, dist)})
     scores = {k: sum(d[k] == a[k] for d, a in zip(found, attributes)) / len(found) for k in ATTRIBUTES}
     drifts = [abs(d["hue_drift"]) for d in found if d["hue_drift"] is not None]
     scores["hue_drift"] = sum(drifts) / len(drifts) if drifts else None   # mean |degrees| (hue_drift)

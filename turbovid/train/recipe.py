@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from turbovid.config import (MINI_DIT, MINI_TEXT, MINI_VAE, TINY_DIT, TINY_TEXT, TINY_VAE, DiTConfig, TextEncoderConfig,
                              VAEConfig)
+from turbovid.train.data import check_object_weighting
 
 # The mini model (configs in turbovid.config). Latent statistics start at (0, 1) for VAE training and are
 # measured afterwards (the vae stage writes them next to its weights; later stages and the export use them).
@@ -82,9 +83,7 @@ class TeacherStage:
     compile: bool = False         # torch.compile the DiT blocks (CUDA only)
 
     def __post_init__(self):
-        if self.fg_weight < 0 or not 0 <= self.fg_share < 1 or (self.fg_weight > 0 and self.fg_share > 0):
-            raise ValueError(f"teacher: fg_weight >= 0 or fg_share in [0, 1), not both; got {self.fg_weight}, "
-                             f"{self.fg_share}")
+        check_object_weighting(self.fg_weight, self.fg_share)
 
 
 @dataclass(frozen=True)
@@ -231,9 +230,10 @@ def _mini() -> Recipe:
             # the CPU's 24.
             TeacherStage(Schedule(steps=2309, batch=128, ckpt_every=500), Optim(lr=1e-4, warmup=500, cosine=True),
                          fg_weight=4.0, compile=True),
-            # round 7 (session 13, one H100, 5.1 minutes of steps fitted beside the pool encode): the object's cells carry half of each sample's
-            # loss whatever its size (fg_share 0.5; fg_weight 4 gave a small object 27%). `train eval`, 128 held-out
-            # prompts: 0.891 -> 0.898 (shape 0.92 -> 0.95); `turbovid eval` (H100, 128 prompts) 0.867 -> 0.906.
+            # round 7 (session 13, one H100, 5.1 minutes of steps fitted beside the pool encode): the object's cells
+            # carry half of each sample's loss whatever its size (fg_share 0.5; fg_weight 4 gave a small object 27%).
+            # `train eval`, 128 held-out prompts: 0.891 -> 0.898 (shape 0.92 -> 0.95); `turbovid eval` (H100, 128
+            # prompts) 0.867 -> 0.906.
             TeacherStage(Schedule(steps=2119, batch=128, ckpt_every=500), Optim(lr=1e-4, warmup=500, cosine=True),
                          fg_share=0.5, compile=True),
         ),

@@ -24,6 +24,13 @@ stage() {
   tail -2 "$OUT/$name.log"
   mkdir -p "$OUT/$dir" && cp "$S/$name/final.safetensors" "$S/$name/log.jsonl" "$OUT/$dir/" || true
 }
+# `tune_sla [FIT STOP]`: the mini recipe's SLA fine-tune (top-k 0.5) of $S/rcm's student as a `stage`, its schedule
+# fitted to what the command has left minus FIT seconds (default 150), stopped and checkpointed STOP seconds
+# (default 125) before the end.
+tune_sla() {
+  stage sla sla --topk 0.5 --steps 100000 --fit-minutes "$(minutes_left "${1:-150}")" \
+    --max-minutes "$(minutes_left "${2:-125}")"
+}
 # `check LABEL ARGS...`: `train eval --run-dir $S ARGS`; its summary line, labelled, to $OUT/eval.log, its JSON to $OUT.
 check() {
   local label=$1; shift

@@ -20,7 +20,7 @@ case "$1" in
 g1) release_eval eval_mini_h100_2026-11-23.json --count "${COUNT:-128}" ;;
 g2) fresh runs/session11 && mkdir -p $S/rcm
     cp turbovid/assets/mini/dit.safetensors $S/rcm/final.safetensors
-    stage sla sla --topk 0.5 --steps 100000 --fit-minutes "$(minutes_left 230)" --max-minutes "$(minutes_left 150)"
+    tune_sla 230 150
     for attention in sagesla dense; do
       check $attention --count 128 --dit $S/sla/final.safetensors --attention $attention --sampler rcm --topk 0.5
     done
@@ -41,7 +41,7 @@ g5) fresh runs/session11s
 g6) fresh runs/session11k && mkdir -p $S/rcm
     cp docs/training/mini/candidates/teacher_round6_session11.safetensors $S/teacher/final.safetensors
     cp runs/carry/rcm6/final.safetensors $S/rcm/final.safetensors
-    stage sla sla --topk 0.5 --steps 100000 --fit-minutes "$(minutes_left 150)" --max-minutes "$(minutes_left 125)"
+    tune_sla
     check "sla sagesla" --count 128 --dit $S/sla/final.safetensors --attention sagesla --sampler rcm --topk 0.5
     ;;
 *)  echo "usage: session11.sh g1|g2|g3|g4|g5|g6"; exit 2 ;;

@@ -39,7 +39,7 @@ i2) reuse
     check "rcm dense" --count 128 --dit $S/rcm/final.safetensors --attention dense --sampler rcm
     ;;
 i3) reuse && rm -rf $S/sla
-    stage sla sla --topk 0.5 --steps 100000 --fit-minutes "$(minutes_left 150)" --max-minutes "$(minutes_left 125)"
+    tune_sla
     check "sla sagesla 0.75" --count 128 --dit $S/sla/final.safetensors --attention sagesla --sampler rcm --topk 0.75
     $T ship --run-dir $S --output turbovid/assets/mini --topk 0.75
     mkdir -p "$OUT/assets" && cp turbovid/assets/mini/dit*.safetensors turbovid/assets/mini/config.json "$OUT/assets/"

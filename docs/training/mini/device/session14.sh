@@ -32,13 +32,13 @@ j3) S=runs/s14_${L:?set L=g5 or L=g6_scm, the student j1 / j2 graded higher}
       fresh $S && mkdir -p $S/rcm && cp runs/carry/s14/rcm.safetensors $S/rcm/final.safetensors
     fi
     rm -rf $S/sla $S/eval
-    stage sla sla --topk 0.5 --steps 100000 --fit-minutes "$(minutes_left 150)" --max-minutes "$(minutes_left 125)"
+    tune_sla
     rm -f "$OUT/sla/final.safetensors"   # the release's dit.safetensors (j4) is its bf16 copy
     check "sla sagesla 0.75" --count 128 --dit $S/sla/final.safetensors --attention sagesla --sampler rcm --topk 0.75
     ;;
 j4) S=runs/s14_${L:?set L as for j3}   # on j3's machine: ship (the teacher unchanged), its files to $OUT, then grade
     $T ship --run-dir $S --output turbovid/assets/mini --topk 0.75
-    mkdir -p "$OUT/assets" && cp turbovid/assets/mini/dit.safetensors turbovid/assets/mini/dit_int8.safetensors "$OUT/assets/"
+    mkdir -p "$OUT/assets" && cp turbovid/assets/mini/dit{,_int8}.safetensors "$OUT/assets/"
     release_eval eval_mini_h100_$(date +%F).json --count 128 ;;
 *)  echo "usage: session14.sh j1|j2|j3|j4 (j3, j4: L=g5|g6_scm)"; exit 2 ;;
 esac
