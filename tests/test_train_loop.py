@@ -12,7 +12,7 @@ import torch
 from turbovid.attention import DenseAttention
 from turbovid.attention.sla import SparseLinearAttention
 from turbovid.loading import load_dit, load_vae
-from turbovid.train.checkpoint import LATEST, load_weights
+from turbovid.train.checkpoint import LATEST, history_metadata, load_weights, save_weights, weights_history
 from turbovid.train.cli import add_train_parser, cmd_train
 from turbovid.train.data import ProceduralVideos
 from turbovid.train.distill import RCMTrainer
@@ -534,6 +534,13 @@ def test_reproduce_runs_the_whole_tiny_recipe_and_skips_finished_stages(tmp_path
     merged = load_weights(run_dir / "merged" / "model.safetensors")
     key = "blocks.0.ffn.0.weight"
     assert torch.equal(load_weights(export / "dit.safetensors")[key], merged[key].to(torch.bfloat16))
+    # the shipped files keep their weights' history: the merged student is the rCM student plus the SLA change
+    teacher_steps = {"stage": "teacher", "steps": TINY.teacher.run.steps}
+    assert weights_history(export / "dit_teacher.safetensors") == [teacher_steps]
+    assert weights_history(export / "dit.safetensors") == [
+        teacher_steps, {"stage": "rcm", "steps": TINY.rcm.run.steps}, {"stage": "sla", "steps": TINY.sla.run.steps},
+        {"stage": "merge", "weight": TINY.merge_weight}]
+    assert [e["stage"] for e in weights_history(export / "vae.safetensors")] == ["vae", "vae_decoder"]
     finals = sorted(run_dir.glob("*/final.safetensors"))
     assert [p.parent.name for p in finals] == ["rcm", "sla", "teacher", "vae", "vae_decoder"]
     before = {p: p.read_bytes() for p in finals}
@@ -594,6 +601,45 @@ def test_teacher_rounds_chain_their_weights_and_logs(run, tmp_path):
     steps = [r["step"] for r in teacher_log(run_dir, recipe)]
     assert steps == list(range(TINY.teacher.run.steps + 3))   # round 2's steps counted on after round 1's
     assert run_teacher(recipe, run_dir, ENV) == out          # finished rounds are skipped
+    # the last round's weights record both rounds (what `train ship` reports)
+    assert weights_history(out) == [{"stage": "teacher", "steps": TINY.teacher.run.steps},
+                                    {"stage": "teacher", "steps": 3}]
+
+
+def test_weights_history_reads_old_files_and_other_formats(tmp_path):
+    state = {"w": torch.zeros(2)}
+    assert weights_history(save_weights(tmp_path / "plain.safetensors", state)) == []
+    old = save_weights(tmp_path / "old.safetensors", state, metadata={"stage": "rcm", "steps": "7"})
+    assert weights_history(old) == [{"stage": "rcm", "steps": 7}]   # written before histories existed
+    new = save_weights(tmp_path / "new.safetensors", state, metadata={"stage": "rcm", "steps": "7",
+                                                                     **history_metadata([{"stage": "vae", "steps": 1}])})
+    assert weights_history(new) == [{"stage": "vae", "steps": 1}]
+    torch.save(state, tmp_path / "official.pth")
+    assert weights_history(tmp_path / "official.pth") == []
+
+
+def test_ship_from_a_run_assembled_from_a_release_counts_every_stage_behind_it(run, tmp_path):
+    # A run directory built from shipped files (docs/training/mini/device/assemble.py) holds only the release's
+    # teacher; the stages run on it and the new release still record the teacher's earlier rounds.
+    src, _ = run
+    run_dir = tmp_path / "assembled"
+    run_dir.mkdir()
+    for name in ("vae", "vae_decoder", "spiece.model", "text_encoder.safetensors"):
+        (shutil.copytree if (src / name).is_dir() else shutil.copyfile)(src / name, run_dir / name)
+    rounds = [{"stage": "teacher", "steps": 11}, {"stage": "teacher", "steps": 5}]
+    save_weights(run_dir / "teacher" / "final.safetensors", load_weights(src / "teacher" / "final.safetensors"),
+                 metadata=history_metadata(rounds))
+    common = ["--run-dir", str(run_dir), "--recipe", "tiny", "--device", "cpu"]
+    assert _cli("rcm", *common, "--steps", "2") == 0
+    assert weights_history(run_dir / "rcm" / "final.safetensors") == [*rounds, {"stage": "rcm", "steps": 2}]
+    assert _cli("sla", *common, "--steps", "1") == 0 and _cli("merge", *common) == 0
+    assert _cli("ship", *common, "--output", str(run_dir / "release")) == 0
+    stages = json.loads((run_dir / "release" / "config.json").read_text())["stages"]
+    assert stages["teacher"] == {"steps": 16, "rounds": [11, 5]}
+    assert (stages["rcm"]["steps"], stages["sla"]["steps"]) == (2, 1)
+    assert (stages["vae"]["steps"], stages["vae_decoder"]["steps"]) == (TINY.vae_stage.run.steps,
+                                                                         TINY.vae_decoder.run.steps)
+    assert weights_history(run_dir / "release" / "dit_teacher.safetensors") == rounds
 
 
 def test_for_world_keeps_the_global_batch():

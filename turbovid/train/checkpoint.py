@@ -9,11 +9,13 @@ replaced atomically afterwards, so a crash at any point leaves the previous chec
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 LATEST = "latest"
@@ -50,6 +52,27 @@ def save_weights(path: str | Path, state: dict[str, torch.Tensor], metadata: dic
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     return load_file(str(path), device=str(device))
+
+
+def weights_history(path: str | Path) -> list[dict]:
+    """What produced a safetensors weights file, oldest stage first: its "history" metadata (a JSON list of
+    {"stage": name, "steps": n, ...}, written by `drive`, `train merge` and `train ship`). A file from before the
+    history existed yields the one stage its "stage"/"steps" metadata names, or [] if it has neither (or is not a
+    safetensors file: --init of a VAE reads the official formats too)."""
+    if Path(path).suffix != ".safetensors":
+        return []
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if "history" in meta:
+        return json.loads(meta["history"])
+    if "stage" in meta and "steps" in meta:
+        return [{"stage": meta["stage"], "steps": int(meta["steps"])}]
+    return []
+
+
+def history_metadata(history: list[dict]) -> dict[str, str]:
+    """The safetensors metadata entry that `weights_history` reads back."""
+    return {"history": json.dumps(history)}
 
 
 def save_checkpoint(root: str | Path, step: int, weights: dict[str, dict[str, torch.Tensor]], state: dict,

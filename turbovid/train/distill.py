@@ -30,14 +30,14 @@ from pathlib import Path
 
 import torch
 
-from turbovid.train.checkpoint import load_weights
+from turbovid.train.checkpoint import load_weights, weights_history
 from turbovid.train.ema import PowerEMA
 from turbovid.train.inputs import LatentBatches
 from turbovid.train.loop import Env, drive, make_optimizer, optimizer_step, step_generator, step_indices, unwrap, wrap_ddp
 from turbovid.train.losses import (_b, dmd_loss, fake_score_loss, rcm_phase, sample_p_d, sample_p_g, scm_loss,
                                    scm_target, trigflow_velocity)
 from turbovid.train.recipe import Recipe
-from turbovid.train.teacher import dit_from_weights, frozen_dit, trained_teacher
+from turbovid.train.teacher import dit_from_weights, frozen_dit, teacher_file
 from turbovid.train.trigflow import denoise, guided_denoise, student_F_jvp
 
 
@@ -51,10 +51,11 @@ class RCMTrainer:
 
     def __init__(self, recipe: Recipe, run_dir: Path, env: Env, teacher_weights: dict[str, torch.Tensor],
                  fixed_batch: bool = False, inputs: LatentBatches | None = None,
-                 student_weights: dict[str, torch.Tensor] | None = None):
+                 student_weights: dict[str, torch.Tensor] | None = None, history: list[dict] | None = None):
         """`student_weights`: the student's start (default: the teacher's weights; an SLA student without
-        proj_l starts it at zero)."""
+        proj_l starts it at zero); `history`: the start's (checkpoint.weights_history)."""
         self.recipe, self.env, self.cfg = recipe, env, recipe.rcm
+        self.history = list(history or [])
         self.schedule, self.fixed_batch = self.cfg.run, fixed_batch
         self.inputs = inputs or LatentBatches(recipe, run_dir, env, pool=recipe.pool_clips)
         self.teacher = frozen_dit(recipe, teacher_weights, env)
@@ -179,11 +180,12 @@ def run_rcm(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None,
             init: str | Path | None = None) -> Path:
     """The rCM stage into run_dir/rcm; `init`: the student's start weights (default: the teacher)."""
     out = Path(run_dir) / "rcm"
-    student = None
+    teacher, student = teacher_file(run_dir), None
     if init is not None:
         if not Path(init).is_file():
             raise ValueError(f"--init {init}: no such file")
         student = load_weights(init)
-    drive(RCMTrainer(recipe, run_dir, env, trained_teacher(run_dir, env), student_weights=student), out, env,
-          until=until)
+    trainer = RCMTrainer(recipe, run_dir, env, load_weights(teacher, env.device), student_weights=student,
+                         history=weights_history(teacher if init is None else init))
+    drive(trainer, out, env, until=until)
     return out / "final.safetensors"

@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from turbovid.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
+from turbovid.train.checkpoint import (history_metadata, latest_checkpoint, load_checkpoint, save_checkpoint,
+                                       save_weights)
 from turbovid.train.recipe import Optim, Schedule, lr_at
 
 
@@ -168,7 +169,9 @@ class JsonlLog:
 
 
 class Stage(Protocol):
-    """A training stage: networks + optimizers + one `train_step`. `drive` does the rest."""
+    """A training stage: networks + optimizers + one `train_step`. `drive` does the rest. A stage that starts
+    from trained weights also has `history`, theirs (checkpoint.weights_history): its final weights record that
+    history followed by itself."""
     name: str
     schedule: Schedule
 
@@ -253,6 +256,8 @@ def drive(stage: Stage, out_dir: str | Path, env: Env, until: int | None = None,
                                 keep=sched.keep_checkpoints)
             env.barrier()
     if until == total and env.main:
-        save_weights(out_dir / "final.safetensors", stage.export(), metadata={"stage": stage.name, "steps": str(total)})
+        history = [*getattr(stage, "history", []), {"stage": stage.name, "steps": total}]
+        save_weights(out_dir / "final.safetensors", stage.export(),
+                     metadata={"stage": stage.name, "steps": str(total), **history_metadata(history)})
     env.barrier()
     return records

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from turbovid.train.checkpoint import save_weights
+from turbovid.train.checkpoint import history_metadata, save_weights, weights_history
 
 
 def merge_state_dicts(base: dict[str, torch.Tensor], diff_base: dict[str, torch.Tensor],
@@ -33,8 +33,12 @@ def merge_state_dicts(base: dict[str, torch.Tensor], diff_base: dict[str, torch.
 
 def merge_files(base: str | Path, diff_base: str | Path, diff_target: str | Path, out: str | Path,
                 weight: float = 1.0) -> Path:
-    """The same on checkpoint files (any format `turbovid.loading.read_state_dict` reads); writes safetensors."""
+    """The same on checkpoint files (any format `turbovid.loading.read_state_dict` reads); writes safetensors.
+    Its history (checkpoint.weights_history) is base's, then target's last stage (the change added), then
+    {"stage": "merge", "weight": weight}."""
     from turbovid.loading import read_state_dict
 
     merged = merge_state_dicts(read_state_dict(base), read_state_dict(diff_base), read_state_dict(diff_target), weight)
-    return save_weights(out, merged, metadata={"merge": f"base + {weight} * (target - diff_base)"})
+    history = [*weights_history(base), *weights_history(diff_target)[-1:], {"stage": "merge", "weight": weight}]
+    return save_weights(out, merged, metadata={"merge": f"base + {weight} * (target - diff_base)",
+                                               **history_metadata(history)})

@@ -105,12 +105,16 @@ def ship(recipe: Recipe, run_dir: Path, dest: Path, summary: dict | None = None)
     """The files the package ships for the model (turbovid/assets/<name>/, read by pipeline.shipped_files):
     teacher and merged 4-step student in bf16, the student as W8A8 INT8 (`turbovid quantize` fast format),
     VAE and frozen text encoder in bf16, the tokenizer, and config.json (latent statistics, what each stage
-    ran, and `summary`: the evaluations of `reproduce`). Each file is written under a temporary name and renamed."""
+    ran, and `summary`: the evaluations of `reproduce`). Each file is written under a temporary name and renamed.
+
+    What each stage ran is read from the shipped files' histories (checkpoint.weights_history, which the shipped
+    files keep), so a run assembled from an earlier release's files counts every stage behind them; a stage no
+    history records falls back to the step count of run_dir/<stage>/final.safetensors."""
     import torch
-    from safetensors.torch import load_file, safe_open
+    from safetensors.torch import load_file
 
     from turbovid.quantize import quantize_checkpoint
-    from turbovid.train.checkpoint import save_weights
+    from turbovid.train.checkpoint import history_metadata, save_weights, weights_history
 
     run_dir, dest = Path(run_dir), Path(dest)
     students = {"merged": run_dir / "merged" / "model.safetensors", "rcm": run_dir / "rcm" / "final.safetensors",
@@ -121,22 +125,28 @@ def ship(recipe: Recipe, run_dir: Path, dest: Path, summary: dict | None = None)
     if missing:
         raise ValueError(f"ship needs a finished run; missing {', '.join(missing)}")
     dest.mkdir(parents=True, exist_ok=True)
+    histories = {role: weights_history(src) for role, src in sources.items()}
     for role, src in sources.items():
         state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in load_file(str(src)).items()}
-        save_weights(dest / f"{role}.safetensors", state, metadata={"source": src.relative_to(run_dir).as_posix()})
+        save_weights(dest / f"{role}.safetensors", state, metadata={"source": src.relative_to(run_dir).as_posix(),
+                                                                      **history_metadata(histories[role])})
     quantize_checkpoint(dest / "dit.safetensors", dest / "dit_int8.safetensors", model=recipe.name, fmt="fast")
     shutil.copyfile(run_dir / "spiece.model", dest / ".spiece.model.tmp")
     (dest / ".spiece.model.tmp").replace(dest / "spiece.model")
-    def steps(folder: str) -> int:
+    def folder_steps(folder: str) -> int:
         path = run_dir / folder / "final.safetensors"
-        if not path.is_file():
-            return 0
-        with safe_open(str(path), "pt") as f:
-            return int((f.metadata() or {}).get("steps", 0))
+        history = weights_history(path) if path.is_file() else []
+        return history[-1].get("steps", 0) if history else 0
+    recorded = [entry for role in ("vae", "dit") for entry in histories[role]]
+
+    def steps(stage: str) -> int:   # the shipped files' last record of the stage, else its run folder's
+        found = [entry["steps"] for entry in recorded if entry["stage"] == stage]
+        return found[-1] if found else folder_steps(stage)
     stages = {stage: {"steps": steps(stage)} for stage in ("vae", "sla", "rcm")}
     if recipe.vae_decoder is not None:
         stages["vae_decoder"] = {"steps": steps("vae_decoder")}
-    rounds = [steps(name) for name in teacher_dirs(recipe)]
+    rounds = [entry["steps"] for entry in histories["dit_teacher"] if entry["stage"] == "teacher"]
+    rounds = rounds or [folder_steps(name) for name in teacher_dirs(recipe)]
     stages["teacher"] = {"steps": sum(rounds), "rounds": rounds}
     config = {"recipe": recipe.name, "size": recipe.size, "frames": recipe.frames, "stages": stages,
               "vae_latent_stats": json.loads((run_dir / "vae" / "latent_stats.json").read_text()),

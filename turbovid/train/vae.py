@@ -39,6 +39,7 @@ from torch import nn
 
 from turbovid.loading import read_state_dict
 from turbovid.models.vae import WanVAE
+from turbovid.train.checkpoint import weights_history
 from turbovid.train.data import ProceduralVideos
 from turbovid.train.detect import FG_DISTANCE, adherence
 from turbovid.train.loop import (Env, drive, make_optimizer, optimizer_step, step_generator, step_indices, unwrap,
@@ -119,6 +120,8 @@ class VAETrainer:
         self.recipe, self.env = recipe, env
         self.cfg = recipe.vae_stage if decoder_of is None else recipe.vae_decoder
         self.schedule, self.fixed_batch = self.cfg.run, fixed_batch
+        start = init if init is not None else decoder_of
+        self.history = weights_history(start) if start is not None and Path(start).is_file() else []
         if (self.cfg.crop_frames - 1) % recipe.vae.temporal_factor or self.cfg.crop % recipe.vae.spatial_factor:
             raise ValueError(f"VAE crop {self.cfg.crop} px x {self.cfg.crop_frames} frames must be a multiple of "
                              f"{recipe.vae.spatial_factor} px and 4k+1 frames")

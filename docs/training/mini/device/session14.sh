@@ -15,8 +15,9 @@
 #       warm-up is 500 steps), so this is the shipped run's sCM part alone (pool cached).
 #   j3: L=g5|g6_scm (the better of j1 / j2): the SLA fine-tune (top-k 0.5) of that student (carried to
 #       runs/carry/s14/rcm.safetensors if the machine is new), SageSLA at top-k 0.75 on the same prompts.
-#   j4: L as j3, on j3's machine: `train ship` (config.json's stage counts then come from the recipe, as in session
-#       13), the student's files to $OUT, `turbovid eval` of that release, 128 held-out prompts.
+#   j4: L as j3, on j3's machine: `train ship` (config.json's stage counts come from the weights' histories, which
+#       assemble.py seeds from the release's config.json), the student's files to $OUT, `turbovid eval` of that
+#       release, 128 held-out prompts.
 source "$(dirname "$0")/prelude.sh" "$1"
 rcm_at() {   # rcm_at LABEL ARGS...: rCM in runs/s14_LABEL with ARGS, its dense check, its weights to $OUT/rcm_LABEL
   local label=$1; shift
