@@ -65,6 +65,9 @@ def plot_run(run_dir: str | Path, output: str | Path, recipe: Recipe, window: in
             ax.legend(fontsize=8)
             if log_y:
                 ax.set_yscale("log")
+        else:   # e.g. an rCM run that ends at its tangent warm-up has no DMD steps
+            ax.text(0.5, 0.5, f"not logged in this run ({', '.join(keys)})", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=9, color="grey")
     fig.suptitle(f"training curves: {run_dir.name}")
     fig.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)

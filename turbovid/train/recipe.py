@@ -249,14 +249,20 @@ def _mini() -> Recipe:
         # 0.25 at 0.5 (CPU, 24 prompts). At top-k 0.5 (16 of 32 key blocks; fitted to 1491 steps, 5.6 min) the
         # tuned student keeps its dense output (64 prompts, GPU: 0.56, as the rCM student) with SageSLA 0.50.
         # Session 11 re-ran rCM (743 steps) and this stage (fitted to 1610 steps) from round 6's teacher; session 13
-        # from round 7's (rCM 743 steps, this stage fitted to 1649).
-        sla=SLAStage(Schedule(steps=1649, batch=32, ckpt_every=1000), Optim(lr=5e-5, warmup=200, cosine=True),
+        # from round 7's (rCM 743 steps, this stage fitted to 1649); session 14 from the sCM-only student below
+        # (fitted to 2759 steps on an H200).
+        sla=SLAStage(Schedule(steps=2759, batch=32, ckpt_every=1000), Optim(lr=5e-5, warmup=200, cosine=True),
                      topk=0.5, base="rcm", dense_weight=1.0),
         # The student tuned at top-k 0.5 runs at 0.75 by default (24 of 32 key blocks): `turbovid eval`, 128 held-out
         # prompts, H100 (session 12), full stack 0.797 at 0.5 and 0.844 / 0.859 at 0.75 (two runs) against the
         # teacher's 0.867 and the dense student's 0.836; the DiT takes 0.13-0.14 s per video instead of 0.11 s.
         ship_topk=0.75,
-        rcm=RCMStage(Schedule(steps=743, batch=8, ckpt_every=1000),
+        # rCM ends at the tangent warm-up: 500 steps of sCM alone, no DMD (session 14, H200, `train eval` dense on 128
+        # held-out prompts): the students of round 7 read 0.820 with DMD to 743 steps at CFG 6 (session 13, H100;
+        # colour 0.91), 0.844 at CFG 5 (colour 0.93, hue drift 7.7 degrees) and 0.852 with sCM alone at CFG 6
+        # (colour 0.97, drift 6.2).
+        # DMD's mode-seeking turned large crosses' hue over the frames (docs/training/mini/session13_checks).
+        rcm=RCMStage(Schedule(steps=500, batch=8, ckpt_every=1000),
                      # rCM: betas (0, 0.999), no gradient clipping (NaN/inf entries are still zeroed)
                      Optim(lr=2e-5, betas=(0.0, 0.999), warmup=0, grad_clip=0.0),
                      Optim(lr=4e-6, betas=(0.0, 0.999), warmup=0, grad_clip=0.0),
