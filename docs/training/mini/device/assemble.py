@@ -30,5 +30,7 @@ copy("vae", run / "vae" / "final.safetensors")
 shutil.copyfile(assets / "text_encoder.safetensors", run / "text_encoder.safetensors")
 shutil.copyfile(assets / "spiece.model", run / "spiece.model")
 (run / "vae" / "latent_stats.json").write_text(json.dumps(config["vae_latent_stats"]))
+if "vae_reconstruction" in config:   # the VAE's report, which `train ship` puts back in config.json
+    (run / "vae" / "reconstruction.json").write_text(json.dumps(config["vae_reconstruction"], indent=1))
 copy("dit_teacher", run / "init" / "teacher.safetensors")
 copy("dit_teacher", run / "teacher" / "final.safetensors")   # the rCM / SLA stages read the teacher from here
