@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from turbovid.train.checkpoint import load_weights, weights_history
+from turbovid.train.checkpoint import load_weights
 from turbovid.train.ema import PowerEMA
 from turbovid.train.inputs import LatentBatches
 from turbovid.train.loop import Env, drive, make_optimizer, optimizer_step, step_generator, step_indices, unwrap, wrap_ddp
@@ -51,11 +51,10 @@ class RCMTrainer:
 
     def __init__(self, recipe: Recipe, run_dir: Path, env: Env, teacher_weights: dict[str, torch.Tensor],
                  fixed_batch: bool = False, inputs: LatentBatches | None = None,
-                 student_weights: dict[str, torch.Tensor] | None = None, history: list[dict] | None = None):
+                 student_weights: dict[str, torch.Tensor] | None = None):
         """`student_weights`: the student's start (default: the teacher's weights; an SLA student without
-        proj_l starts it at zero); `history`: the start's (checkpoint.weights_history)."""
+        proj_l starts it at zero)."""
         self.recipe, self.env, self.cfg = recipe, env, recipe.rcm
-        self.history = list(history or [])
         self.schedule, self.fixed_batch = self.cfg.run, fixed_batch
         self.inputs = inputs or LatentBatches(recipe, run_dir, env, pool=recipe.pool_clips)
         self.teacher = frozen_dit(recipe, teacher_weights, env)
@@ -185,7 +184,6 @@ def run_rcm(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None,
         if not Path(init).is_file():
             raise ValueError(f"--init {init}: no such file")
         student = load_weights(init)
-    trainer = RCMTrainer(recipe, run_dir, env, load_weights(teacher, env.device), student_weights=student,
-                         history=weights_history(teacher if init is None else init))
-    drive(trainer, out, env, until=until)
+    drive(RCMTrainer(recipe, run_dir, env, load_weights(teacher, env.device), student_weights=student), out, env,
+          until=until, init=teacher if init is None else init)
     return out / "final.safetensors"

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from turbovid.train.checkpoint import (history_metadata, latest_checkpoint, load_checkpoint, save_checkpoint,
-                                       save_weights)
+                                       save_weights, weights_history)
 from turbovid.train.recipe import Optim, Schedule, lr_at
 
 
@@ -169,9 +169,7 @@ class JsonlLog:
 
 
 class Stage(Protocol):
-    """A training stage: networks + optimizers + one `train_step`. `drive` does the rest. A stage that starts
-    from trained weights also has `history`, theirs (checkpoint.weights_history): its final weights record that
-    history followed by itself."""
+    """A training stage: networks + optimizers + one `train_step`. `drive` does the rest."""
     name: str
     schedule: Schedule
 
@@ -184,10 +182,12 @@ class Stage(Protocol):
 
 
 def drive(stage: Stage, out_dir: str | Path, env: Env, until: int | None = None, resume: bool = True,
-          quiet: bool = False) -> list[dict]:
+          quiet: bool = False, init: str | Path | None = None) -> list[dict]:
     """Run `stage` from its newest checkpoint (if any) up to `until` (default: schedule.steps) steps,
     checkpointing every `ckpt_every` steps and at the end, logging to out_dir/log.jsonl. When the schedule is
-    complete, the exported weights go to out_dir/final.safetensors. Returns the records of the steps run.
+    complete, the exported weights go to out_dir/final.safetensors, their history (checkpoint.weights_history) being
+    that of `init`, the weights file the stage started from (if any), followed by this stage. Returns the records of
+    the steps run.
 
     Time-fitted schedules (env.fit_until, `--fit-minutes`): a stage starting from step 0 times steps
     FIT_PROBE[0]..FIT_PROBE[1] and then shortens its schedule (never lengthens) to the steps that fit before
@@ -256,7 +256,7 @@ def drive(stage: Stage, out_dir: str | Path, env: Env, until: int | None = None,
                                 keep=sched.keep_checkpoints)
             env.barrier()
     if until == total and env.main:
-        history = [*getattr(stage, "history", []), {"stage": stage.name, "steps": total}]
+        history = [*(weights_history(init) if init is not None else []), {"stage": stage.name, "steps": total}]
         save_weights(out_dir / "final.safetensors", stage.export(),
                      metadata={"stage": stage.name, "steps": str(total), **history_metadata(history)})
     env.barrier()

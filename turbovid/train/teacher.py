@@ -32,7 +32,7 @@ from turbovid.config import MODELS
 from turbovid.models.dit import WanDiT
 from turbovid.sampling import rcm_sample, rcm_times
 from turbovid.speedups import compile_blocks
-from turbovid.train.checkpoint import load_weights, weights_history
+from turbovid.train.checkpoint import load_weights
 from turbovid.train.data import latent_object_mask, object_weights
 from turbovid.train.ema import PowerEMA
 from turbovid.train.inputs import LatentBatches
@@ -130,7 +130,6 @@ class TeacherTrainer(_VelocityStage):
         if init is not None and not Path(init).is_file():
             raise ValueError(f"--init {init}: no such file")
         net = new_dit(recipe) if init is None else dit_from_weights(recipe, load_weights(init, "cpu"))
-        self.history = [] if init is None else weights_history(init)
         self._setup(recipe, run_dir, env, net, stage or recipe.teacher, fixed_batch, inputs)
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -155,11 +154,10 @@ class SLATrainer(_VelocityStage):
     name = "sla"
 
     def __init__(self, recipe: Recipe, run_dir: Path, env: Env, base_weights: dict[str, torch.Tensor],
-                 fixed_batch: bool = False, inputs: LatentBatches | None = None, history: list[dict] | None = None):
+                 fixed_batch: bool = False, inputs: LatentBatches | None = None):
         """`base_weights`: the frozen full-attention network and the student's start (the teacher, or the rCM
-        student when recipe.sla.base is "rcm"); `history`: theirs (checkpoint.weights_history)."""
+        student when recipe.sla.base is "rcm")."""
         cfg = recipe.sla
-        self.history = list(history or [])
         self.teacher = frozen_dit(recipe, base_weights, env)
         student = dit_from_weights(recipe, base_weights, "sla", cfg.topk, new_proj_l=True)
         if cfg.proj_l_only:        # everything else frozen: the dense-attention output stays the base network's
@@ -232,7 +230,7 @@ def run_teacher(recipe: Recipe, run_dir: Path, env: Env, until: int | None = Non
         if not (out / "final.safetensors").is_file():
             trainer = TeacherTrainer(recipe, run_dir, env, init=init, stage=stage, inputs=inputs)
             inputs = trainer.inputs
-            drive(trainer, out, env, until=until)
+            drive(trainer, out, env, until=until, init=init)
             if not (out / "final.safetensors").is_file():
                 break
         init = out / "final.safetensors"
@@ -247,10 +245,6 @@ def teacher_file(run_dir: Path) -> Path:
     return teacher
 
 
-def trained_teacher(run_dir: Path, env: Env) -> dict[str, torch.Tensor]:
-    return load_weights(teacher_file(run_dir), env.device)
-
-
 def run_sla(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None) -> Path:
     """SLA fine-tune of the teacher (SPEC) or, with recipe.sla.base == "rcm", of the finished rCM student."""
     out = Path(run_dir) / "sla"
@@ -261,5 +255,5 @@ def run_sla(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None) -
     else:
         path = teacher_file(run_dir)
     base = load_weights(path, env.device)
-    drive(SLATrainer(recipe, run_dir, env, base, history=weights_history(path)), out, env, until=until)
+    drive(SLATrainer(recipe, run_dir, env, base), out, env, until=until, init=path)
     return out / "final.safetensors"

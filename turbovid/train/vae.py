@@ -39,7 +39,6 @@ from torch import nn
 
 from turbovid.loading import read_state_dict
 from turbovid.models.vae import WanVAE
-from turbovid.train.checkpoint import weights_history
 from turbovid.train.data import ProceduralVideos
 from turbovid.train.detect import FG_DISTANCE, adherence
 from turbovid.train.loop import (Env, drive, make_optimizer, optimizer_step, step_generator, step_indices, unwrap,
@@ -120,8 +119,6 @@ class VAETrainer:
         self.recipe, self.env = recipe, env
         self.cfg = recipe.vae_stage if decoder_of is None else recipe.vae_decoder
         self.schedule, self.fixed_batch = self.cfg.run, fixed_batch
-        start = init if init is not None else decoder_of
-        self.history = weights_history(start) if start is not None and Path(start).is_file() else []
         if (self.cfg.crop_frames - 1) % recipe.vae.temporal_factor or self.cfg.crop % recipe.vae.spatial_factor:
             raise ValueError(f"VAE crop {self.cfg.crop} px x {self.cfg.crop_frames} frames must be a multiple of "
                              f"{recipe.vae.spatial_factor} px and 4k+1 frames")
@@ -254,10 +251,10 @@ def run_vae(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None, d
     decoder of run_dir/vae)."""
     if recipe.vae.mean != (0.0,) * recipe.vae.z_dim or recipe.vae.std != (1.0,) * recipe.vae.z_dim:
         raise ValueError("VAE training needs the recipe's VAE mean/std to be 0/1 (they are measured afterwards)")
-    trainer = VAETrainer(recipe, env, decoder_of=Path(run_dir) / "vae" / "final.safetensors" if decoder else None,
-                         init=init)
+    decoder_of = Path(run_dir) / "vae" / "final.safetensors" if decoder else None
+    trainer = VAETrainer(recipe, env, decoder_of=decoder_of, init=init)
     out = Path(run_dir) / trainer.name
-    drive(trainer, out, env, until=until)
+    drive(trainer, out, env, until=until, init=decoder_of or init)
     if (out / "final.safetensors").exists() and (until is None or until >= trainer.schedule.steps):
         stats = None if decoder else trainer.latent_stats()   # the decoder stage keeps the encoder's statistics
         if env.main:
