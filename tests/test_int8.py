@@ -13,8 +13,9 @@ from torch import nn
 
 from turbovid.kernels import int8_gemm as K
 from turbovid.kernels import interpreting, use_triton
-from turbovid.quant.int8 import (FastInt8Linear, Int8Linear, convert_td_to_fast_, quantize_linears_,
-                                 quantize_td, swap_block_linears, td_to_fast)
+from turbovid.quant.int8 import (FakeQuantLinear, FastInt8Linear, Int8Linear, convert_td_to_fast_,
+                                 fake_quantized_linears, quantize_linears_, quantize_td, swap_block_linears,
+                                 td_to_fast)
 
 needs_kernels = pytest.mark.skipif(not interpreting(), reason="set TRITON_INTERPRET=1 to run Triton kernels on CPU")
 
@@ -435,3 +436,35 @@ def test_tuned_kernels_collect_the_cycles_a_tuning_call_leaves(monkeypatch):
         assert len(collections) == 1
     finally:
         gc.enable()
+
+
+def test_fake_quant_linear_rounds_like_fast_int8_and_passes_gradients_straight_through():
+    # Quantization-aware training's stand-in: the forward is FastInt8Linear's (dequantized), the backward the
+    # plain Linear's evaluated at the rounded operands.
+    lin = nn.Linear(192, 96)
+    x = _activations(2 * 37, 192, outlier=8.0).float().view(2, 37, 192).requires_grad_()
+    fake = FakeQuantLinear(lin)
+    y = fake(x)
+    with torch.no_grad():
+        torch.testing.assert_close(y, FastInt8Linear.from_linear(lin)(x), atol=1e-4, rtol=1e-4)
+        assert (y - lin(x)).abs().max() > 1e-3      # it does round
+    g = torch.randn_like(y)
+    y.backward(g)
+    qx, sx = K.quant_per_token_ref(x.detach().reshape(-1, 192))
+    qw, sw = K.quant_per_token_ref(lin.weight.detach())
+    xr, wr = qx.float() * sx[:, None], qw.float() * sw[:, None]
+    torch.testing.assert_close(x.grad, (g.reshape(-1, 96) @ wr).view_as(x), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lin.weight.grad, g.reshape(-1, 96).T @ xr, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(lin.bias.grad, g.sum(dim=(0, 1)))
+
+
+def test_fake_quantized_linears_swaps_the_block_linears_and_puts_them_back():
+    model = nn.Module()
+    model.blocks = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8))])
+    model.head = nn.Linear(8, 4)
+    before = list(model.blocks[0])
+    with fake_quantized_linears(model):
+        assert [type(m).__name__ for m in model.blocks[0]] == ["FakeQuantLinear", "GELU", "FakeQuantLinear"]
+        assert isinstance(model.head, nn.Linear)                    # outside the blocks: untouched
+        assert {id(p) for p in model.parameters()} == {id(p) for m in (*before, model.head) for p in m.parameters()}
+    assert list(model.blocks[0]) == before

@@ -15,7 +15,7 @@ from turbovid.kernels import use_triton
 from turbovid.kernels import sage_attention as SA
 from turbovid.kernels import sla as S
 from turbovid.kernels.sage_attention import (
-    attention_ref, kv_stats, outlier_qkv, quantize_int8, quantize_int8_ref, quantize_qkv,
+    attention_ref, fake_quantize_qkv, kv_stats, outlier_qkv, quantize_int8, quantize_int8_ref, quantize_qkv,
     quantize_qkv_ref, quantize_v, quantize_v_ref, sage_attention, sage_attention_ref, sagesla_forward,
     sagesla_forward_ref, sagesla_prep, sagesla_stats)
 
@@ -282,6 +282,23 @@ def test_sagesla_errors(kwargs, match):
     q = torch.zeros(1, 2, 8, 64, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=match):
         sagesla_forward(q, q, q, args["weight"], args["bias"], args["topk"], args["block_q"], args["block_k"])
+
+
+@pytest.mark.parametrize("length, block_q, block_k", [(300, 64, 128), (333, 128, 64)])
+def test_fake_quantize_qkv_is_what_the_kernel_multiplies(length, block_q, block_k):
+    # Quantization-aware training's rounding: exact attention over the dequantized q, k, v is the FP8-PV reference
+    # up to the e4m3 rounding of P (not modelled), and it is as far from exact attention as that reference.
+    q, k, v = outlier_qkv(2, 2, length, 64, seed=21)
+    qf, kf, vf = fake_quantize_qkv(q, k, v, block_q, block_k)
+    assert qf.shape == kf.shape == vf.shape == q.shape and qf.dtype == torch.float32
+    q8, qs = quantize_int8_ref(q, block_q)
+    assert torch.equal(qf[:, :, :block_q], q8[:, :, :block_q].float() * qs[:, :, :1, None])   # one block by hand
+    sage = sage_attention_ref(q, k, v, block_q=block_q, block_k=block_k, pv="fp8")
+    exact = attention_ref(q.float(), k.float(), v.float())
+    fake = attention_ref(qf, kf, vf)
+    assert metrics(fake, sage)[1] < 0.005
+    assert metrics(fake, exact)[1] == pytest.approx(metrics(sage, exact)[1], rel=0.1)
+    assert metrics(fake, exact)[1] > 0.01          # the rounding is there
 
 
 # ---------------------------------------------------------------------------------------------- GPU, Wan shapes

@@ -339,3 +339,22 @@ def test_gpu_backward_1p3b():
     lowp = grads(K.sla_sparse_ref, q, k, v)
     for g, lp, r in zip(got, lowp, ref32):
         check_vs_fp64(g, lp, r, torch.bfloat16)
+
+
+def test_quantized_module_trains_through_the_kernel_rounding():
+    # SageSLA with gradients (quantization-aware training): the forward is the inference SageSLA's up to the e4m3
+    # rounding of P, and gradients reach q, k, v and proj_l (straight through the rounding).
+    q, k, v = (x.transpose(1, 2) for x in outlier_qkv(2, 2, 333, 64, seed=15, dit_layout=True))
+    m = SparseLinearAttention(64, topk=0.4, quantized=True)
+    torch.nn.init.normal_(m.proj_l.weight, std=0.1)
+    with torch.no_grad():
+        inference = m(q, k, v)
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    trained = m(q, k, v)
+    assert rel(trained.detach(), inference) < 0.01
+    plain = SparseLinearAttention(64, topk=0.4)
+    plain.load_state_dict(m.state_dict())
+    assert rel(plain(q, k, v).detach(), inference) > 2 * rel(trained.detach(), inference)   # it does round
+    trained.float().square().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
+               for t in (q, k, v, m.proj_l.weight))

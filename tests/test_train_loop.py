@@ -327,7 +327,7 @@ def test_sla_proj_l_only_trains_the_linear_branch_alone(run, tmp_path):
     assert cli.proj_l_only and cli.dense_weight == 0
     with pytest.raises(ValueError, match="sla stage only"):
         cmd_train(parser.parse_args(["train", "teacher", "--proj-l-only", "--run-dir", str(tmp_path)]))
-    with pytest.raises(ValueError, match="--topk applies to the sla, rcm, eval, ship stages only"):
+    with pytest.raises(ValueError, match="--topk applies to the sla, qat, rcm, eval, ship stages only"):
         cmd_train(parser.parse_args(["train", "teacher", "--topk", "0.5", "--run-dir", str(tmp_path)]))
 
 
@@ -652,3 +652,56 @@ def test_for_world_keeps_the_global_batch():
     assert (four.teacher.run.batch, four.rcm.run.batch) == (32, 2)
     with pytest.raises(ValueError, match="does not split over 3 GPUs"):
         for_world(mini, 3)
+
+
+def test_qat_stage_continues_the_sla_student_quantization_aware(run, tmp_path):
+    # The qat stage (teacher.QATTrainer): the SLA-tuned rCM student, trained against the frozen rCM student on the
+    # sla stage's loss terms plus the loss of its output run as the turbo path runs it (SageSLA + W8A8 rounding).
+    from turbovid.train.reproduce import ship
+    from turbovid.train.teacher import QATTrainer, quantization_aware, run_qat, run_sla
+
+    src, _ = run
+    for name in ("vae", "vae_decoder", "teacher"):
+        shutil.copytree(src / name, tmp_path / name)
+    for name in ("text_encoder.safetensors", "spiece.model"):
+        shutil.copyfile(src / name, tmp_path / name)
+    rcm_history = [{"stage": "rcm", "steps": 3}]      # the teacher's weights stand in for an rCM student
+    save_weights(tmp_path / "rcm" / "final.safetensors", load_weights(src / "teacher" / "final.safetensors"),
+                 metadata=history_metadata(rcm_history))
+    sla = dataclasses.replace(TINY.sla, base="rcm", dense_weight=0.5, run=dataclasses.replace(TINY.sla.run, steps=2))
+    qat = dataclasses.replace(sla, quant_weight=2.0, run=dataclasses.replace(TINY.sla.run, steps=3),
+                              optim=dataclasses.replace(TINY.sla.optim, lr=1e-5))
+    recipe = dataclasses.replace(TINY, sla=sla, qat=qat, ship_student="qat", size=128, frames=9)
+    with pytest.raises(ValueError, match="missing"):
+        run_qat(recipe, tmp_path, ENV)                 # the sla stage first
+    run_sla(recipe, tmp_path, ENV)
+    trainer = QATTrainer(recipe, tmp_path, ENV, load_weights(tmp_path / "rcm" / "final.safetensors"),
+                         fixed_batch=True, start_weights=load_weights(tmp_path / "sla" / "final.safetensors"))
+    start = load_weights(tmp_path / "sla" / "final.safetensors")
+    assert all(torch.equal(v, start[k]) for k, v in trainer.net.state_dict().items())   # starts as the SLA student
+    modules = list(trainer.net.modules())
+    with quantization_aware(trainer.net):
+        kinds = {type(m).__name__ for m in trainer.net.modules()}
+        assert "FakeQuantLinear" in kinds and all(b.self_attn.attn_op.local_attn.quantized for b in trainer.net.blocks)
+    assert list(trainer.net.modules()) == modules and not any(
+        b.self_attn.attn_op.local_attn.quantized for b in trainer.net.blocks)                # put back
+    record = trainer.train_step(0)
+    assert record["loss"] == pytest.approx(record["loss_sla"] + 0.5 * record["loss_dense"] + 2.0 * record["loss_quant"],
+                                           rel=1e-6)
+    assert math.isfinite(record["loss_quant"]) and record["loss_quant"] != record["loss_sla"]
+    out = run_qat(recipe, tmp_path, ENV)
+    logs = _log(tmp_path / "qat" / "log.jsonl")
+    assert len(logs) == 3 and all(math.isfinite(r["loss_quant"]) for r in logs)
+    assert weights_history(out) == [*rcm_history, {"stage": "sla", "steps": 2}, {"stage": "qat", "steps": 3}]
+    dest = ship(recipe, tmp_path, tmp_path / "export")
+    config = json.loads((dest / "config.json").read_text())
+    assert config["student"] == "qat" and (config["stages"]["sla"], config["stages"]["qat"]) == ({"steps": 2},
+                                                                                               {"steps": 3})
+    key = "blocks.0.ffn.0.weight"
+    assert torch.equal(load_weights(dest / "dit.safetensors")[key], load_weights(out)[key].to(torch.bfloat16))
+    with pytest.raises(ValueError, match="has no qat stage"):
+        _cli("qat", "--recipe", "tiny", "--run-dir", str(tmp_path), "--device", "cpu")
+    with pytest.raises(ValueError, match="--quant-weight applies to the sla, qat stages only"):
+        _cli("teacher", "--quant-weight", "1", "--recipe", "tiny", "--run-dir", str(tmp_path), "--device", "cpu")
+    with pytest.raises(ValueError, match="qat stage continues"):
+        dataclasses.replace(recipe, qat=dataclasses.replace(qat, quant_weight=0.0))

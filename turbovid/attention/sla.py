@@ -9,6 +9,9 @@ Without gradients the fused inference paths run: kernels/sla.py `sla_forward` (b
 kernels/sage_attention.py `sagesla_forward` (SageSLA: statistics, Q/K/V quantization, pooling, linear
 branch and proj_l in two memory passes, then block map and the INT8/FP8 sparse kernel). With gradients the
 sparse branch uses the Triton forward/backward and the linear branch plain autograd, as TurboDiffusion.
+SageSLA with gradients (quantization-aware training, ours; the INT8/FP8 kernel has no backward): the sparse
+branch sees q, k, v rounded as the kernel rounds them (`fake_quantize_qkv`), and the gradient passes through
+the rounding unchanged (straight-through estimator).
 """
 from __future__ import annotations
 
@@ -68,7 +71,6 @@ class SparseLinearAttention(nn.Module):
                 from turbovid.kernels.sage_attention import sagesla_forward
                 return sagesla_forward(qh, kh, vh, weight, bias, self.topk, bq, bk).to(out_dtype)
             return K.sla_forward(qh, kh, vh, self.topk, bq, bk, weight, bias).to(out_dtype)
-        sparse_fn = self._sage_sparse(bq, bk) if self.quantized else None
 
         # 1. Block map (no gradient through the selection).
         with torch.no_grad():
@@ -76,17 +78,14 @@ class SparseLinearAttention(nn.Module):
         # 2. Sparse branch [B, H, L, D] (Triton forward/backward or the differentiable reference).
         if reference:
             o_s = K.sla_sparse_ref(qh, kh, vh, lut, bq, bk)
+        elif self.quantized:     # straight-through: the forward sees the kernel's rounding, the backward does not
+            from turbovid.kernels.sage_attention import fake_quantize_qkv
+            with torch.no_grad():
+                rounded = fake_quantize_qkv(qh, kh, vh, bq, bk)
+            qr, kr, vr = (x - x.detach() + r.to(dtype) for x, r in zip((qh, kh, vh), rounded))
+            o_s = K.sla_sparse(qr, kr, vr, lut, bq, bk)
         else:
-            o_s = sparse_fn(qh, kh, vh, lut) if sparse_fn is not None else K.sla_sparse(qh, kh, vh, lut, bq, bk)
+            o_s = K.sla_sparse(qh, kh, vh, lut, bq, bk)
         # 3. Linear branch over all tokens (PyTorch autograd, as TurboDiffusion), proj_l in the compute dtype.
         o_l = F.linear(K.sla_linear_ref(qh, kh, vh), weight, bias)
         return (o_s + o_l).to(out_dtype).transpose(1, 2).contiguous()
-
-    @staticmethod
-    def _sage_sparse(block_q: int, block_k: int):
-        # SageSLA: INT8 QK / FP8 PV block-sparse attention over the same LUT (inference only).
-        from turbovid.kernels.sage_attention import sage_attention
-
-        def sparse(q, k, v, lut):
-            return sage_attention(q, k, v, lut=lut, block_q=block_q, block_k=block_k)
-        return sparse

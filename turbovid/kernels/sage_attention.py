@@ -159,6 +159,24 @@ def quantize_qkv_ref(q, k, v, block_q: int, block_k: int, pv: str, stats=None):
     return q8, qs, k8, ks, quantize_v_ref(v, block_k, v_mean, v_scale), v_scale, v_mean
 
 
+def fake_quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_k: int):
+    """The q, k, v that the FP8-PV kernel multiplies, dequantized ([B, H, L, D] fp32 each): Q through its
+    per-block INT8, K through smooth-K and INT8 (the mean added back, which changes no softmax), V through
+    smooth-V and per-channel e4m3. For quantization-aware training (attention/sla.py); the kernel's e4m3
+    rounding of P is not modelled (it happens inside the fused softmax)."""
+    b, h, length, d = q.shape
+    k_mean, v_mean, v_scale = kv_stats(k, v, "fp8")
+
+    def dequant(x8, scale, block):
+        n = scale.shape[-1]
+        return (x8.view(b, h, n, block, d).float() * scale[..., None, None]).view(b, h, n * block, d)[:, :, :length]
+    qf = dequant(*quantize_int8_ref(q, block_q), block_q)
+    kf = dequant(*quantize_int8_ref(k, block_k, mean=k_mean), block_k) + k_mean[:, :, None, :]
+    v8 = quantize_v_ref(v, block_k, v_mean, v_scale)                     # [B, H, D, L_pad] e4m3
+    vf = v8.float().transpose(2, 3)[:, :, :length] * v_scale[:, :, None, :] + v_mean[:, :, None, :]
+    return qf, kf, vf
+
+
 # ------------------------------------------------------------------------------------------------------------
 # 1. Quantization: Triton
 # ------------------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ Models never import this module; the loader and `speedups` call `swap_block_line
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -145,6 +146,32 @@ class FastInt8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fast"
 
 
+class FakeQuantLinear(nn.Module):
+    """Quantization-aware training's stand-in for a block Linear (ours): the forward computes what
+    `FastInt8Linear.from_linear(linear)` would (per-token INT8 activations, per-channel INT8 weights, here
+    dequantized), the backward treats both roundings as the identity (straight-through estimator). It holds
+    the Linear itself, so the parameters being trained stay the Linear's."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear
+
+    @staticmethod
+    def _rounded(x2: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            q, s = K.quant_per_token_ref(x2)
+            r = (q.float() * s[:, None]).to(x2.dtype)
+        return x2 - x2.detach() + r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lin = self.linear
+        _check_input(x, lin.in_features)
+        x2 = self._rounded(x.reshape(-1, lin.in_features))
+        w = self._rounded(lin.weight).to(x2.dtype)
+        y = torch.nn.functional.linear(x2, w, None if lin.bias is None else lin.bias.to(x2.dtype))
+        return y.view(*x.shape[:-1], lin.out_features)
+
+
 def _block_linears(model: nn.Module, kind: type = nn.Linear):
     """(parent, child_name, child) for every `kind` module inside model.blocks not named *proj_l*."""
     if not hasattr(model, "blocks"):
@@ -183,6 +210,20 @@ def quantize_linears_(model: nn.Module, fmt: str = "td") -> nn.Module:
             raise ValueError("cannot quantize weights on the meta device; load the checkpoint first")
         setattr(parent, name, cls.from_linear(lin))
     return model
+
+
+@contextlib.contextmanager
+def fake_quantized_linears(model: nn.Module):
+    """Within the block: every block Linear of `model` runs as a `FakeQuantLinear` (quantization-aware training);
+    the Linears are put back on exit."""
+    found = _block_linears(model)
+    try:
+        for parent, name, lin in found:
+            setattr(parent, name, FakeQuantLinear(lin))
+        yield model
+    finally:
+        for parent, name, lin in found:
+            setattr(parent, name, lin)
 
 
 def convert_td_to_fast_(model: nn.Module) -> nn.Module:

@@ -1,4 +1,5 @@
-"""`turbovid train <stage>`: vae | vae_decoder | teacher | sla | rcm | merge | eval | reproduce | tokenizer | ship | plot.
+"""`turbovid train <stage>`: vae | vae_decoder | teacher | sla | qat | rcm | merge | eval | reproduce | tokenizer |
+ship | plot.
 
 Single process (CPU or one GPU):   turbovid train reproduce --run-dir runs/mini
 Several GPUs of one host:          torchrun --nproc-per-node 8 -m turbovid.cli train reproduce --run-dir runs/mini
@@ -13,7 +14,8 @@ import dataclasses
 import os
 from pathlib import Path
 
-STAGES = ("vae", "vae_decoder", "teacher", "sla", "rcm", "merge", "eval", "reproduce", "tokenizer", "ship", "plot")
+STAGES = ("vae", "vae_decoder", "teacher", "sla", "qat", "rcm", "merge", "eval", "reproduce", "tokenizer", "ship",
+          "plot")
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
@@ -36,7 +38,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--fit-minutes", type=float, help="shorten a fresh stage's schedule (warm-up and decay included) "
                    "to the steps that fit in this many minutes, measured on its first steps")
     p.add_argument("--device", help="cuda | cpu (default: cuda if available)")
-    p.add_argument("--compile", action="store_true", help="teacher / sla: torch.compile the DiT blocks (CUDA only)")
+    p.add_argument("--compile", action="store_true",
+                   help="teacher / sla / qat: torch.compile the DiT blocks (CUDA only)")
     p.add_argument("--init", help="teacher: start the first round from these DiT weights (e.g. an earlier run's "
                                   "teacher/final.safetensors) instead of random ones; vae: fine-tune these VAE "
                                   "weights (the latents move, so the DiT stages must train on the new ones); rcm: "
@@ -50,8 +53,11 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--proj-l-only", action="store_true",
                    help="sla: train only SLA's linear-branch projections; the dense output stays the base network's "
                         "(recipe.SLAStage.proj_l_only; no dense loss term then)")
-    p.add_argument("--topk", type=float, help="sla / rcm / eval: fraction of key blocks SLA keeps (recipe.SLAStage"
-                                              ".topk); ship: the release's default (recipe.ship_topk)")
+    p.add_argument("--topk", type=float, help="sla / qat / rcm / eval: fraction of key blocks SLA keeps (recipe."
+                                              "SLAStage.topk); ship: the release's default (recipe.ship_topk)")
+    p.add_argument("--quant-weight", type=float,
+                   help="sla / qat: weight of the loss of the student run quantized (SageSLA + W8A8, "
+                        "straight-through; recipe.SLAStage.quant_weight)")
     p.add_argument("--sla-student", action="store_true",
                    help="rcm: the student distils with SLA attention at the top-k (recipe.RCMStage.student_attention)")
     p.add_argument("--tangent-warmup", type=int, help="rcm: steps of sCM alone, its tangent ramped in, before DMD "
@@ -84,12 +90,12 @@ def _recipe(args, world: int = 1):
     --steps or --lr for the teacher replaces its recorded rounds by one round; --compile applies to all."""
     from turbovid.train.recipe import RECIPES, for_world
 
-    stage_field = {"vae": "vae_stage", "vae_decoder": "vae_decoder", "teacher": "teacher", "sla": "sla",
+    stage_field = {"vae": "vae_stage", "vae_decoder": "vae_decoder", "teacher": "teacher", "sla": "sla", "qat": "qat",
                    "rcm": "rcm"}.get(args.stage)
     recipe = RECIPES[args.recipe]
-    if args.stage == "vae_decoder" and recipe.vae_decoder is None:
-        raise ValueError(f"recipe {recipe.name!r} has no vae_decoder stage")
-    fields = [stage_field] if stage_field else [f for f in ("vae_stage", "vae_decoder", "teacher", "sla", "rcm")
+    if args.stage in ("vae_decoder", "qat") and getattr(recipe, args.stage) is None:
+        raise ValueError(f"recipe {recipe.name!r} has no {args.stage} stage")
+    fields = [stage_field] if stage_field else [f for f in ("vae_stage", "vae_decoder", "teacher", "sla", "qat", "rcm")
                                                 if getattr(recipe, f) is not None]
     recipe = for_world(recipe, world, () if args.batch is not None else tuple(fields))
     if "teacher" in fields and (args.steps is not None or args.lr is not None):
@@ -125,8 +131,13 @@ def _recipe(args, world: int = 1):
             sla["topk"] = args.topk
     if args.proj_l_only:      # the dense output cannot move, so its loss term would be a constant
         sla.update(proj_l_only=True, dense_weight=0.0)
+    if args.quant_weight is not None:
+        if args.quant_weight < 0 or (args.stage == "qat" and args.quant_weight == 0):
+            raise ValueError(f"--quant-weight must be >= 0 (> 0 for qat), got {args.quant_weight}")
+        sla["quant_weight"] = args.quant_weight
     if sla:
-        recipe = dataclasses.replace(recipe, sla=dataclasses.replace(recipe.sla, **sla))
+        field = "qat" if args.stage == "qat" else "sla"    # the settings of the stage being run
+        recipe = dataclasses.replace(recipe, **{field: dataclasses.replace(getattr(recipe, field), **sla)})
     rcm = {}
     if args.sla_student:
         rcm["student_attention"] = "sla"
@@ -154,6 +165,7 @@ def _recipe(args, world: int = 1):
     if args.compile:   # every DiT stage that trains with velocity regression (the teacher's rounds too)
         compiled = lambda cfg: dataclasses.replace(cfg, compile=True)  # noqa: E731
         recipe = dataclasses.replace(recipe, teacher=compiled(recipe.teacher), sla=compiled(recipe.sla),
+                                     qat=recipe.qat and compiled(recipe.qat),
                                      teacher_rounds=tuple(map(compiled, recipe.teacher_rounds)))
     return recipe
 
@@ -183,7 +195,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 ("--fg-weight", args.fg_weight, ("teacher", "reproduce")),
                                 ("--fg-share", args.fg_share, ("teacher", "reproduce")),
                                 ("--proj-l-only", args.proj_l_only or None, ("sla",)),
-                                ("--topk", args.topk, ("sla", "rcm", "eval", "ship", "reproduce")),
+                                ("--topk", args.topk, ("sla", "qat", "rcm", "eval", "ship", "reproduce")),
+                                ("--quant-weight", args.quant_weight, ("sla", "qat")),
                                 ("--sla-student", args.sla_student or None, ("rcm", "reproduce")),
                                 ("--tangent-warmup", args.tangent_warmup, ("rcm", "reproduce")),
                                 ("--guidance", args.guidance, ("rcm", "eval", "reproduce"))):
@@ -213,6 +226,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         elif args.stage == "sla":
             from turbovid.train.teacher import run_sla
             out = run_sla(recipe, run_dir, env, until=args.until)
+        elif args.stage == "qat":
+            from turbovid.train.teacher import run_qat
+            out = run_qat(recipe, run_dir, env, until=args.until)
         elif args.stage == "rcm":
             from turbovid.train.distill import run_rcm
             out = run_rcm(recipe, run_dir, env, until=args.until, init=args.init)

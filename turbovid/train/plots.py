@@ -15,6 +15,7 @@ PANELS = (   # (stage, [keys], title, log y)
     ("vae", ["l1", "l2"], "VAE: reconstruction (foreground-weighted)", True),
     ("teacher", ["loss"], "teacher: flow-matching velocity MSE", True),
     ("sla", ["loss", "loss_sla", "loss_dense"], "SLA fine-tune: MSE to the frozen dense network", True),
+    ("qat", ["loss_sla", "loss_dense", "loss_quant"], "quantization-aware fine-tune: MSE per output", True),
     ("rcm", ["loss_scm"], "rCM: sCM loss (x loss_scale)", False),
     ("rcm", ["loss_dmd", "loss_fake"], "rCM: DMD loss / fake-score loss", True),
     ("teacher", ["lr"], "teacher: learning rate", False),
@@ -44,12 +45,15 @@ def plot_run(run_dir: str | Path, output: str | Path, recipe: Recipe, window: in
     except ImportError:
         raise ValueError("plotting needs matplotlib: pip install 'turbovid[train]'") from None
     run_dir, output = Path(run_dir), Path(output)
-    logs = {s: read_log(run_dir / s / "log.jsonl") for s in ("vae", "sla", "rcm") if (run_dir / s / "log.jsonl").is_file()}
+    logs = {s: read_log(run_dir / s / "log.jsonl") for s in ("vae", "sla", "qat", "rcm")
+            if (run_dir / s / "log.jsonl").is_file()}
     if teacher := teacher_log(run_dir, recipe):
         logs["teacher"] = teacher
     if not logs:
         raise ValueError(f"no stage logs (<stage>/log.jsonl) under {run_dir}")
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8))
+    for ax in axes.flat[len(PANELS):]:
+        ax.set_visible(False)
     for ax, (stage, keys, title, log_y) in zip(axes.flat, PANELS):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(f"{stage} step" + (" (all rounds)" if stage == "teacher" else ""))

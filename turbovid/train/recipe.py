@@ -94,6 +94,7 @@ class SLAStage:
     base: str = "teacher"        # what is SLA-tuned: "teacher" (TD; shipped via the merge) or "rcm" (the rCM
                                  # student, on the states of its own 4-step sampling; shipped as is: teacher.py)
     dense_weight: float = 0.0    # > 0: also fit the student's dense-attention output, with this weight (ours)
+    quant_weight: float = 0.0    # > 0: also fit its quantized output (SageSLA + W8A8, straight-through; ours)
     proj_l_only: bool = False    # train only SLA's linear-branch projections (ours): the dense-attention output
                                  # stays exactly the base network's, so one file serves every --attention
     p_mean: float = 1.5          # RF time s = sigma / (1 + sigma), sigma ~ LogNormal(p_mean, p_std)  (TD)
@@ -138,6 +139,8 @@ class Recipe:
     teacher: TeacherStage
     sla: SLAStage
     rcm: RCMStage
+    qat: SLAStage | None = None  # optional quantization-aware fine-tune of the SLA-tuned rCM student (ours,
+                                 # teacher.QATTrainer: quant_weight > 0, base "rcm"), after the sla stage
     vae_decoder: VAEStage | None = None   # optional second VAE stage: fine-tune the decoder, encoder frozen
                                  # (latents unchanged, so it may run any time after the vae stage; vae.py)
     teacher_rounds: tuple[TeacherStage, ...] = ()   # further teacher rounds, each started from the previous
@@ -146,7 +149,8 @@ class Recipe:
     ship_topk: float | None = None  # the top-k the release runs SLA at by default (config.json sla_topk); None:
                                  # sla.topk, the one it was tuned at (config.json sla_topk_tuned either way)
     ship_student: str = "merged"  # the 4-step student `ship` releases: "merged" (TD), "rcm" (the rCM student
-                                 # alone) or "sla" (the SLA-tuned rCM student, with sla.base = "rcm")
+                                 # alone), "sla" (the SLA-tuned rCM student, with sla.base = "rcm") or "qat" (that
+                                 # student after the qat stage)
     data_seed: int = 0
     pool_clips: int = 0          # > 0: DiT stages train on this many pre-encoded clips (inputs.LatentBatches)
     text_seed: int = 1234        # the frozen text encoder is this seeded random umT5
@@ -158,11 +162,16 @@ class Recipe:
     def __post_init__(self):
         if self.sla.base not in ("teacher", "rcm"):
             raise ValueError(f"sla.base must be teacher or rcm, got {self.sla.base!r}")
-        wanted = {"merged": "teacher", "sla": "rcm"}.get(self.ship_student)
-        if self.ship_student not in ("merged", "rcm", "sla"):
-            raise ValueError(f"ship_student must be merged, rcm or sla, got {self.ship_student!r}")
+        wanted = {"merged": "teacher", "sla": "rcm", "qat": "rcm"}.get(self.ship_student)
+        if self.ship_student not in ("merged", "rcm", "sla", "qat"):
+            raise ValueError(f"ship_student must be merged, rcm, sla or qat, got {self.ship_student!r}")
         if wanted and self.sla.base != wanted:
             raise ValueError(f"ship_student={self.ship_student!r} needs sla.base={wanted!r}, got {self.sla.base!r}")
+        if self.qat is not None and (self.sla.base != "rcm" or self.qat.base != "rcm" or not self.qat.quant_weight > 0):
+            raise ValueError("the qat stage continues the SLA-tuned rCM student: it needs sla.base and qat.base "
+                             "'rcm' and qat.quant_weight > 0")
+        if self.ship_student == "qat" and self.qat is None:
+            raise ValueError("ship_student='qat' needs a qat stage")
         if self.ship_topk is not None and not 0 < self.ship_topk <= 1:
             raise ValueError(f"ship_topk must be in (0, 1], got {self.ship_topk}")
 
@@ -253,6 +262,11 @@ def _mini() -> Recipe:
         # (fitted to 2759 steps on an H200).
         sla=SLAStage(Schedule(steps=2759, batch=32, ckpt_every=1000), Optim(lr=5e-5, warmup=200, cosine=True),
                      topk=0.5, base="rcm", dense_weight=1.0),
+        # Quantization-aware fine-tune of that student (session 15): the same terms plus its output run as the turbo
+        # path runs it (SageSLA with the GPU's block sizes, W8A8), straight-through. Every release before lost 1-4
+        # of 128 held-out clips from SLA to SageSLA + W8A8 (README).
+        qat=SLAStage(Schedule(steps=1000, batch=32, ckpt_every=1000), Optim(lr=2e-5, warmup=100, cosine=True),
+                     topk=0.5, base="rcm", dense_weight=1.0, quant_weight=1.0),
         # The student tuned at top-k 0.5 runs at 0.75 by default (24 of 32 key blocks): `turbovid eval`, 128 held-out
         # prompts, H100 (session 12), full stack 0.797 at 0.5 and 0.844 / 0.859 at 0.75 (two runs) against the
         # teacher's 0.867 and the dense student's 0.836; the DiT takes 0.13-0.14 s per video instead of 0.11 s.
@@ -272,7 +286,7 @@ def _mini() -> Recipe:
         # prompts, CPU): merged student 0.21 adherence with dense attention and 0.08 with SLA, vs 0.42 for the rCM
         # student alone (= the teacher's 0.42); the rCM student with SLA and a zero proj_l scored 0.04. So the
         # release ships the rCM student SLA-tuned on its own sampling states.
-        ship_student="sla",
+        ship_student="qat",
     )
 
 
@@ -294,7 +308,7 @@ RECIPES: dict[str, Recipe] = {"mini": _mini(), "tiny": _tiny()}
 
 
 def for_world(recipe: Recipe, world: int,
-              stages: tuple[str, ...] = ("vae_stage", "vae_decoder", "teacher", "sla", "rcm")) -> Recipe:
+              stages: tuple[str, ...] = ("vae_stage", "vae_decoder", "teacher", "sla", "qat", "rcm")) -> Recipe:
     """The recipe for a run on `world` GPUs: the per-GPU batch of each named stage (the teacher with all its
     rounds) becomes batch * gpus / world, the recorded global batch; a one-line ValueError if that does not divide."""
     def scale(cfg):

@@ -1,16 +1,17 @@
 """The whole recipe from scratch, in order, with one command (resumable: finished stages are skipped,
 an interrupted one continues from its newest checkpoint):
 
-    tokenizer + frozen text encoder -> VAE (-> VAE decoder fine-tune) -> teacher -> rCM distillation -> SLA fine-tune -> merge
-    -> evaluation of teacher / rCM / merged -> export/
+    tokenizer + frozen text encoder -> VAE (-> VAE decoder fine-tune) -> teacher -> rCM distillation -> SLA fine-tune
+    (-> quantization-aware fine-tune) -> merge -> evaluation of teacher / rCM / merged -> export/
 (SLA tunes the teacher and the merge adds its change to the rCM student, SPEC §10.1; with recipe.sla.base =
-"rcm" SLA tunes the rCM student itself and there is no merge.)
+"rcm" SLA tunes the rCM student itself and there is no merge, and a recipe with a qat stage continues that
+student quantization-aware, teacher.QATTrainer.)
 
 Each stage writes run_dir/<stage>/{log.jsonl, checkpoints/, final.safetensors}. Evaluations run on rank 0
 (held-out prompts, `turbovid.train.evaluate`) and land in run_dir/eval/*.json (+ an mp4 of 8 samples).
 export/ holds the release files `ship` writes (what `turbovid train ship` copies into turbovid/assets/):
-    dit.safetensors          the 4-step student, bf16 (recipe.ship_student: merged rCM + SLA, the rCM student, or
-                             the SLA-tuned rCM student)
+    dit.safetensors          the 4-step student, bf16 (recipe.ship_student: merged rCM + SLA, the rCM student, the
+                             SLA-tuned rCM student, or that student after the qat stage)
     dit_int8.safetensors     the same, W8A8 INT8 (fast format)
     dit_teacher.safetensors  the teacher, bf16 (50 steps with CFG)
     vae.safetensors, text_encoder.safetensors (bf16), spiece.model
@@ -32,7 +33,7 @@ from turbovid.train.inputs import build_text_encoder, trained_vae_file
 from turbovid.train.loop import Env
 from turbovid.train.merge import merge_files
 from turbovid.train.recipe import Recipe
-from turbovid.train.teacher import run_sla, run_teacher, teacher_dirs
+from turbovid.train.teacher import run_qat, run_sla, run_teacher, teacher_dirs
 from turbovid.train.vae import run_vae
 
 
@@ -63,6 +64,8 @@ def _evaluate_all(recipe: Recipe, run_dir: Path, env: Env) -> dict:
         jobs["merged_sla"] = (run_dir / "merged" / "model.safetensors", "sla", "rcm", recipe.eval_rcm_steps)
     else:
         jobs["rcm_sla"] = (run_dir / "sla" / "final.safetensors", "sla", "rcm", recipe.eval_rcm_steps)
+    if recipe.qat is not None:
+        jobs["qat_sagesla"] = (run_dir / "qat" / "final.safetensors", "sagesla", "rcm", recipe.eval_rcm_steps)
     summary = {}
     if env.main:
         local = Env(env.device)   # rank 0 alone: no collective calls may happen in here
@@ -85,6 +88,8 @@ def reproduce(recipe: Recipe, run_dir: Path, env: Env, evaluate_models: bool = T
     stages = [(run_vae, "vae"), (run_teacher, "teacher"), (run_rcm, "rcm"), (run_sla, "sla")]
     if recipe.vae_decoder is not None:
         stages.insert(1, (functools.partial(run_vae, decoder=True), "vae_decoder"))
+    if recipe.qat is not None:
+        stages.append((run_qat, "qat"))
     for stage, name in stages:
         if not (run_dir / name / "final.safetensors").is_file():
             stage(recipe, run_dir, env)
@@ -118,7 +123,7 @@ def ship(recipe: Recipe, run_dir: Path, dest: Path, summary: dict | None = None)
 
     run_dir, dest = Path(run_dir), Path(dest)
     students = {"merged": run_dir / "merged" / "model.safetensors", "rcm": run_dir / "rcm" / "final.safetensors",
-                "sla": run_dir / "sla" / "final.safetensors"}
+                "sla": run_dir / "sla" / "final.safetensors", "qat": run_dir / "qat" / "final.safetensors"}
     sources = {"dit_teacher": run_dir / "teacher" / "final.safetensors", "dit": students[recipe.ship_student],
                "vae": trained_vae_file(recipe, run_dir), "text_encoder": run_dir / "text_encoder.safetensors"}
     missing = [str(p) for p in sources.values() if not p.is_file()]
@@ -143,6 +148,8 @@ def ship(recipe: Recipe, run_dir: Path, dest: Path, summary: dict | None = None)
         found = [entry["steps"] for entry in recorded if entry["stage"] == stage]
         return found[-1] if found else folder_steps(stage)
     stages = {stage: {"steps": steps(stage)} for stage in ("vae", "sla", "rcm")}
+    if recipe.qat is not None:
+        stages["qat"] = {"steps": steps("qat")}
     if recipe.vae_decoder is not None:
         stages["vae_decoder"] = {"steps": steps("vae_decoder")}
     rounds = [entry["steps"] for entry in histories["dit_teacher"] if entry["stage"] == "teacher"]

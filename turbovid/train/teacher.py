@@ -19,9 +19,13 @@ The 1-3-step schedules use a prefix of the 4-step times, so the 4-step trajector
 `recipe.sla.dense_weight` > 0 (ours) adds that weight times the same loss for the student run with dense
 attention: the one released file serves every --attention, and SLA tuning alone moves its dense output away.
 `recipe.sla.proj_l_only` (ours) trains SLA's linear-branch projections alone, so the dense output cannot move.
+`recipe.sla.quant_weight` > 0 (ours, quantization-aware) adds that weight times the same loss for the student
+as the turbo path runs it: SageSLA (its Q/K/V rounding, its block sizes on this GPU) and W8A8 block Linears,
+both straight-through (`quantization_aware`), so the shipped INT8 file loses less to its rounding.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -30,6 +34,7 @@ from turbovid.attention import DenseAttention
 from turbovid.attention.sla import SparseLinearAttention
 from turbovid.config import MODELS
 from turbovid.models.dit import WanDiT
+from turbovid.quant.int8 import fake_quantized_linears
 from turbovid.sampling import rcm_sample, rcm_times
 from turbovid.speedups import compile_blocks
 from turbovid.train.checkpoint import load_weights
@@ -151,15 +156,17 @@ class TeacherTrainer(_VelocityStage):
 
 
 class SLATrainer(_VelocityStage):
-    name = "sla"
+    name = "sla"     # also the recipe field of the stage's settings
 
     def __init__(self, recipe: Recipe, run_dir: Path, env: Env, base_weights: dict[str, torch.Tensor],
-                 fixed_batch: bool = False, inputs: LatentBatches | None = None):
-        """`base_weights`: the frozen full-attention network and the student's start (the teacher, or the rCM
-        student when recipe.sla.base is "rcm")."""
-        cfg = recipe.sla
+                 fixed_batch: bool = False, inputs: LatentBatches | None = None,
+                 start_weights: dict[str, torch.Tensor] | None = None):
+        """`base_weights`: the frozen full-attention network, and the student's start unless `start_weights`
+        are given (the teacher, or the rCM student when the stage's base is "rcm")."""
+        cfg = getattr(recipe, self.name)
         self.teacher = frozen_dit(recipe, base_weights, env)
-        student = dit_from_weights(recipe, base_weights, "sla", cfg.topk, new_proj_l=True)
+        start = base_weights if start_weights is None else start_weights
+        student = dit_from_weights(recipe, start, "sla", cfg.topk, new_proj_l=True)
         if cfg.proj_l_only:        # everything else frozen: the dense-attention output stays the base network's
             for name, p in student.named_parameters():
                 p.requires_grad_("proj_l" in name)
@@ -204,12 +211,40 @@ class SLATrainer(_VelocityStage):
                 v_target = self.teacher(x, t_net, context).float()
         with self.env.autocast():
             loss = velocity_loss(self.model(x, t_net, context).float(), v_target)
-        if not self.cfg.dense_weight:
+        terms = {}
+        if self.cfg.dense_weight:
+            with swap_attention(self.net, SparseLinearAttention, lambda _: DenseAttention()), self.env.autocast():
+                terms["loss_dense"] = (self.cfg.dense_weight,
+                                       velocity_loss(self.model(x, t_net, context).float(), v_target))
+        if self.cfg.quant_weight:
+            with quantization_aware(self.net), self.env.autocast():
+                terms["loss_quant"] = (self.cfg.quant_weight,
+                                       velocity_loss(self.model(x, t_net, context).float(), v_target))
+        if not terms:
             return self._finish(loss, step)
-        with swap_attention(self.net, SparseLinearAttention, lambda _: DenseAttention()), self.env.autocast():
-            loss_dense = velocity_loss(self.model(x, t_net, context).float(), v_target)
-        logs = self._finish(loss + self.cfg.dense_weight * loss_dense, step)
-        return {**logs, "loss_sla": loss.item(), "loss_dense": loss_dense.item()}
+        logs = self._finish(loss + sum(w * term for w, term in terms.values()), step)
+        return {**logs, "loss_sla": loss.item(), **{k: term.item() for k, (_, term) in terms.items()}}
+
+
+@contextlib.contextmanager
+def quantization_aware(net: torch.nn.Module):
+    """Within the block `net` runs as the turbo path does, straight-through: its SLA self-attentions as SageSLA
+    (attention/sla.py) and its block Linears as W8A8 (quant.int8.FakeQuantLinear). Put back on exit."""
+    slas = [m for m in net.modules() if isinstance(m, SparseLinearAttention) and not m.quantized]
+    try:
+        for m in slas:
+            m.quantized = True
+        with fake_quantized_linears(net):
+            yield net
+    finally:
+        for m in slas:
+            m.quantized = False
+
+
+class QATTrainer(SLATrainer):
+    """The quantization-aware fine-tune (ours): the SLA stage's training, with the settings of recipe.qat
+    (quant_weight > 0), continued from the SLA-tuned student."""
+    name = "qat"
 
 
 def teacher_dirs(recipe: Recipe) -> list[str]:
@@ -257,3 +292,17 @@ def run_sla(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None) -
     base = load_weights(path, env.device)
     drive(SLATrainer(recipe, run_dir, env, base), out, env, until=until, init=path)
     return out / "final.safetensors"
+
+
+def run_qat(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None) -> Path:
+    """Quantization-aware fine-tune (recipe.qat) of the SLA-tuned rCM student, against the frozen rCM student."""
+    if recipe.qat is None:
+        raise ValueError(f"recipe {recipe.name!r} has no qat stage")
+    base, start = (Path(run_dir) / name / "final.safetensors" for name in ("rcm", "sla"))
+    missing = [str(p) for p in (base, start) if not p.is_file()]
+    if missing:
+        raise ValueError(f"the qat stage fine-tunes the SLA-tuned rCM student; missing {', '.join(missing)}")
+    trainer = QATTrainer(recipe, run_dir, env, load_weights(base, env.device),
+                         start_weights=load_weights(start, env.device))
+    drive(trainer, Path(run_dir) / "qat", env, until=until, init=start)
+    return Path(run_dir) / "qat" / "final.safetensors"

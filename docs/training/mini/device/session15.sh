@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Session 15, one GPU: the quantization-aware fine-tune (the recipe's new qat stage) of the shipped SLA-tuned student.
+# The question: every release so far lost 1-4 of 128 held-out clips from SLA (level with the teacher) to SageSLA and
+# W8A8 (session 14: H200 SLA 0.906 -> SageSLA 0.883 -> full stack 0.875; CPU 0.906 -> 0.898 -> 0.891). The qat stage
+# trains the student on the sla stage's terms plus its output run with SageSLA's Q/K/V rounding (at the GPU's SageSLA
+# block sizes: 64 x 128 on sm90, where SLA uses 128 x 64) and W8A8 linears, straight-through.
+#   k1: a run directory from the release (assemble.py), the sCM-only rCM student of session 14 (carry
+#       runs/carry/s14/rcm.safetensors) as rcm/, the shipped dit.safetensors (the SLA-tuned student) as sla/; the qat
+#       stage fitted to the command's time; `train ship` (recipe.ship_student = qat), the new files to $OUT/assets.
+#   k2: `turbovid eval` of the release in the working tree (k1's files committed first), every row, 128 held-out
+#       prompts: the teacher beside the students in one run.
+source "$(dirname "$0")/prelude.sh" "$1"
+case "$1" in
+k1) fresh runs/s15
+    mkdir -p $S/rcm $S/sla
+    cp runs/carry/s14/rcm.safetensors $S/rcm/final.safetensors
+    cp turbovid/assets/mini/dit.safetensors $S/sla/final.safetensors
+    stage qat qat --steps 100000 --fit-minutes "$(minutes_left ${FIT:-110})" --max-minutes "$(minutes_left ${STOP:-80})"
+    rm -f "$OUT/qat/final.safetensors"   # the release's dit.safetensors is its bf16 copy
+    $T ship --run-dir $S --output turbovid/assets/mini
+    mkdir -p "$OUT/assets" && cp turbovid/assets/mini/dit{,_int8}.safetensors turbovid/assets/mini/config.json "$OUT/assets/"
+    ;;
+k2) gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o 'H[0-9]*' | tr H h)
+    release_eval eval_mini_${gpu}_$(date +%F).json --count 128 ${CONFIGS:+--configs $CONFIGS} ;;
+*)  echo "usage: session15.sh k1|k2 (k1: FIT / STOP reserves in seconds; k2: CONFIGS=a,b,... to grade some rows)"
+    exit 2 ;;
+esac
