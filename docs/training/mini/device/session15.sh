@@ -20,7 +20,7 @@ k1) fresh runs/s15
     $T ship --run-dir $S --output turbovid/assets/mini
     mkdir -p "$OUT/assets" && cp turbovid/assets/mini/dit{,_int8}.safetensors turbovid/assets/mini/config.json "$OUT/assets/"
     ;;
-k2) gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o 'H[0-9]*' | tr H h)
+k2) gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o 'H[0-9]\+' | head -1 | tr H h)
     release_eval eval_mini_${gpu}_$(date +%F).json --count 128 ${CONFIGS:+--configs $CONFIGS} ;;
 *)  echo "usage: session15.sh k1|k2 (k1: FIT / STOP reserves in seconds; k2: CONFIGS=a,b,... to grade some rows)"
     exit 2 ;;
