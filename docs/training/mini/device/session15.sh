@@ -9,6 +9,9 @@
 #       stage fitted to the command's time; `train ship` (recipe.ship_student = qat), the new files to $OUT/assets.
 #   k2: `turbovid eval` of the release in the working tree (k1's files committed first), every row, 128 held-out
 #       prompts: the teacher beside the students in one run.
+# As run: k1 fitted the qat stage to 909 steps (2.2 steps/s, H100); k2 (H100) teacher 0.898, dense 0.883, SLA 0.891,
+# SageSLA 0.883, W8A8 0.875, full stack 0.875. Then k2 with COUNT=256 CONFIGS=teacher,student_sla,turbo: the same
+# seeds for the first 128 prompts and 128 more, to see how much of the 3-clip gap is the sample.
 source "$(dirname "$0")/prelude.sh" "$1"
 case "$1" in
 k1) fresh runs/s15
@@ -21,7 +24,9 @@ k1) fresh runs/s15
     mkdir -p "$OUT/assets" && cp turbovid/assets/mini/dit{,_int8}.safetensors turbovid/assets/mini/config.json "$OUT/assets/"
     ;;
 k2) gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o 'H[0-9]\+' | head -1 | tr H h)
-    release_eval eval_mini_${gpu}_$(date +%F).json --count 128 ${CONFIGS:+--configs $CONFIGS} ;;
-*)  echo "usage: session15.sh k1|k2 (k1: FIT / STOP reserves in seconds; k2: CONFIGS=a,b,... to grade some rows)"
+    n=${COUNT:-128}; [ "$n" = 128 ] && tag= || tag=_n$n
+    release_eval eval_mini_${gpu}_$(date +%F)$tag.json --count $n ${CONFIGS:+--configs $CONFIGS} ;;
+*)  echo "usage: session15.sh k1|k2 (k1: FIT / STOP reserves in seconds; k2: CONFIGS=a,b,... to grade some rows,"
+    echo "COUNT=n held-out prompts instead of 128)"
     exit 2 ;;
 esac
