@@ -359,6 +359,27 @@ def test_rcm_stage_runs_scm_dmd_critic_and_resumes_exactly(run, tmp_path):
     assert resumed[1]["loss"] == full[4]["loss"] and resumed[1]["loss_dmd"] == full[4]["loss_dmd"]
 
 
+def test_rcm_object_weighted_scm_loss(run, tmp_path):
+    # RCMStage.fg_share: the sCM loss of each sample weighs its object's latent cells (data.object_weights); with
+    # weights of mean 1 the loss changes, the update stays finite.
+    from turbovid.train.losses import scm_loss
+    F, g = torch.randn(2, 3, 2, 4, 4), torch.randn(2, 3, 2, 4, 4)
+    w = torch.ones(2, 1, 2, 4, 4)
+    torch.testing.assert_close(scm_loss(F, g, 10.0, w), scm_loss(F, g, 10.0))
+    w[:, :, :, :2] = 2.0
+    manual = 10.0 * (w.double() * g.double().pow(2)).flatten(1).sum(1)
+    torch.testing.assert_close(scm_loss(F, g, 10.0, w), manual)
+    run_dir, inputs = run
+    teacher = load_weights(run_dir / "teacher" / "final.safetensors")
+    plain = _stage(TINY, "rcm", steps=1)
+    weighted = dataclasses.replace(plain, rcm=dataclasses.replace(plain.rcm, fg_share=0.5))
+    a = drive(RCMTrainer(plain, run_dir, ENV, teacher, inputs=inputs), tmp_path / "a", ENV, quiet=True)
+    b = drive(RCMTrainer(weighted, run_dir, ENV, teacher, inputs=inputs), tmp_path / "b", ENV, quiet=True)
+    assert math.isfinite(b[0]["loss_scm"]) and b[0]["loss_scm"] != a[0]["loss_scm"]
+    with pytest.raises(ValueError, match="object weighting"):
+        dataclasses.replace(TINY.rcm, fg_share=1.0)
+
+
 def test_rcm_with_an_sla_student_from_init_weights(run, tmp_path):
     # --sla-student --init FILE --tangent-warmup 0: the student starts from given weights (here the teacher's with
     # a non-zero proj_l), distils with SLA attention (its JVP through MathSLA), DMD from the first student step;
@@ -578,6 +599,18 @@ def test_cli_overrides_reach_the_stage_recipe():
     from turbovid.train.cli import cmd_train
     with pytest.raises(ValueError, match="--guidance applies to the rcm, eval stages only"):
         cmd_train(parser.parse_args(["train", "teacher", "--guidance", "5"]))
+    # rcm --fg-share weighs the sCM loss, and leaves the teacher's settings alone
+    rcm = _recipe(parser.parse_args(["train", "rcm", "--fg-share", "0.5"]))
+    assert rcm.rcm.fg_share == 0.5 and rcm.teacher == RECIPES["mini"].teacher
+    with pytest.raises(ValueError, match=r"--fg-share must be in \[0, 1\)"):
+        _recipe(parser.parse_args(["train", "rcm", "--fg-share", "1"]))
+    # qat: its own settings take --steps / --lr / --topk / --quant-weight; sla's stay as they are
+    qat = _recipe(parser.parse_args(["train", "qat", "--steps", "7", "--lr", "1e-5", "--topk", "0.6",
+                                     "--quant-weight", "2"]))
+    assert (qat.qat.run.steps, qat.qat.optim.lr, qat.qat.topk, qat.qat.quant_weight) == (7, 1e-5, 0.6, 2.0)
+    assert qat.sla == RECIPES["mini"].sla
+    with pytest.raises(ValueError, match="> 0 for qat"):
+        _recipe(parser.parse_args(["train", "qat", "--quant-weight", "0"]))
 
 
 def test_teacher_rounds_chain_their_weights_and_logs(run, tmp_path):

@@ -49,7 +49,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                                                    "velocity loss (recipe.TeacherStage.fg_weight)")
     p.add_argument("--fg-share", type=float, help="teacher, instead of --fg-weight: the cells near the object carry "
                                                   "this share (0-1) of each sample's loss, small objects and large "
-                                                  "alike (recipe.TeacherStage.fg_share)")
+                                                  "alike (recipe.TeacherStage.fg_share); rcm: the same for the sCM "
+                                                  "loss (recipe.RCMStage.fg_share)")
     p.add_argument("--proj-l-only", action="store_true",
                    help="sla: train only SLA's linear-branch projections; the dense output stays the base network's "
                         "(recipe.SLAStage.proj_l_only; no dense loss term then)")
@@ -149,11 +150,15 @@ def _recipe(args, world: int = 1):
         if not args.guidance >= 1:
             raise ValueError(f"--guidance must be >= 1 (1: no CFG), got {args.guidance}")
         rcm["guidance"] = args.guidance
+    if args.fg_share is not None and args.stage == "rcm":   # the sCM loss's object weighting
+        if not 0 <= args.fg_share < 1:
+            raise ValueError(f"--fg-share must be in [0, 1), got {args.fg_share}")
+        rcm["fg_share"] = args.fg_share
     if rcm:
         recipe = dataclasses.replace(recipe, rcm=dataclasses.replace(recipe.rcm, **rcm))
     if args.fg_weight is not None and args.fg_share is not None:
         raise ValueError("--fg-weight and --fg-share are two ways to weigh the object: give one")
-    if args.fg_weight is not None or args.fg_share is not None:   # the teacher and each of its rounds
+    if (args.fg_weight is not None or args.fg_share is not None) and args.stage != "rcm":   # teacher, every round
         if args.fg_weight is not None and args.fg_weight < 0:
             raise ValueError(f"--fg-weight must be >= 0, got {args.fg_weight}")
         if args.fg_share is not None and not 0 <= args.fg_share < 1:
@@ -193,7 +198,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     for flag, value, stages in (("--init", args.init, ("teacher", "vae", "rcm")),
                                 ("--edge", args.edge, ("vae", "vae_decoder")),
                                 ("--fg-weight", args.fg_weight, ("teacher", "reproduce")),
-                                ("--fg-share", args.fg_share, ("teacher", "reproduce")),
+                                ("--fg-share", args.fg_share, ("teacher", "rcm", "reproduce")),
                                 ("--proj-l-only", args.proj_l_only or None, ("sla",)),
                                 ("--topk", args.topk, ("sla", "qat", "rcm", "eval", "ship", "reproduce")),
                                 ("--quant-weight", args.quant_weight, ("sla", "qat")),

@@ -15,7 +15,8 @@ Student step, batch of data latents x0 with captions:
  4. After the warm-up, backward simulation: from pure noise at t = pi/2, (n_eff mod 4) no-grad student
     steps (x0_hat, re-noise at a fresh non-increasing angle from p_D), then one student call with grad
     -> G_x0; it shares one batched forward with the sCM call at (x_t, t), as in rCM.
- 5. sCM loss with the warm-up ratio r = min(1, n / warmup) (`losses.scm_target`, `scm_loss`), plus
+ 5. sCM loss with the warm-up ratio r = min(1, n / warmup) (`losses.scm_target`, `scm_loss`; with
+    `RCMStage.fg_share` > 0, ours, the object's latent cells carry that share of each sample's), plus
     after the warm-up the DMD loss at x_D = cos t_D G_x0 + sin t_D eps, t_D ~ p_D, from the fake score
     and the guided teacher (`losses.dmd_loss`). Per-sample losses are summed, then averaged over the batch.
 Critic step: G_x0 by a no-grad backward simulation of ((n_fake mod 4) + 1) student calls, re-noised at
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 
 from turbovid.train.checkpoint import load_weights
+from turbovid.train.data import latent_object_mask, object_weights
 from turbovid.train.ema import PowerEMA
 from turbovid.train.inputs import LatentBatches
 from turbovid.train.loop import Env, drive, make_optimizer, optimizer_step, step_generator, step_indices, unwrap, wrap_ddp
@@ -90,7 +92,7 @@ class RCMTrainer:
 
     # -- steps -------------------------------------------------------------------------------------
 
-    def _student_step(self, step: int, n_eff: int, x0, context, g) -> dict[str, float]:
+    def _student_step(self, step: int, n_eff: int, x0, context, g, clips) -> dict[str, float]:
         cfg, B, dev = self.cfg, x0.shape[0], x0.device
         t = sample_p_g(B, g, cfg.p_mean, cfg.p_std, self.noise_multiplier, dev)
         x_t = _renoise(x0, t, g)
@@ -111,7 +113,11 @@ class RCMTrainer:
         F_theta = trigflow_velocity(x_t, t, x0_theta.float())
         r = min(1.0, step / cfg.tangent_warmup) if cfg.tangent_warmup > 0 else 1.0
         g_dir = scm_target(F_theta.detach(), F_teacher, tangent.float(), x_t, t, r)
-        loss_scm = scm_loss(F_theta, g_dir, cfg.loss_scale)
+        weight = None
+        if cfg.fg_share > 0:     # the object's cells carry fg_share of each sample's loss, [B, 1, T, h, w]
+            mask = latent_object_mask(clips, self.recipe.frames, tuple(x0.shape[2:]), self.recipe.vae.temporal_factor)
+            weight = object_weights(mask, fg_share=cfg.fg_share).unsqueeze(1).to(dev)
+        loss_scm = scm_loss(F_theta, g_dir, cfg.loss_scale, weight)
         loss = loss_scm
         logs = {"loss_scm": loss_scm.mean().item()}
         if dmd:
@@ -146,11 +152,11 @@ class RCMTrainer:
 
     def train_step(self, step: int) -> dict[str, float]:
         data_step = 0 if self.fixed_batch else step
-        x0, context, _ = self.inputs.get(step_indices(data_step, self.env, self.schedule.batch))
+        x0, context, clips = self.inputs.get(step_indices(data_step, self.env, self.schedule.batch))
         g = step_generator(self.recipe.seed, data_step, self.env.rank, self.env.device)
         phase, n = rcm_phase(step, self.cfg.tangent_warmup, self.cfg.student_update_freq)
         if phase == "student":
-            return {"student": 1.0, **self._student_step(step, n, x0, context, g)}
+            return {"student": 1.0, **self._student_step(step, n, x0, context, g, clips)}
         return {"student": 0.0, **self._critic_step(n, x0, context, g)}
 
     # -- checkpoint interface ----------------------------------------------------------------------

@@ -121,8 +121,11 @@ class RCMStage:
     ema_sigma_rel: float = 0.1   # (TD)
     student_attention: str = "dense"  # "sla" (ours): the student distils with SLA attention at the recipe's
                                  # sla.topk (teacher and fake score stay dense); its export keeps proj_l
+    fg_share: float = 0.0        # > 0 (ours): the object's latent cells carry this share of each sample's sCM loss
+                                 # (data.object_weights, as the teacher's TeacherStage.fg_share)
 
     def __post_init__(self):
+        check_object_weighting(0.0, self.fg_share)
         if self.student_attention not in ("dense", "sla"):
             raise ValueError(f"rcm.student_attention must be dense or sla, got {self.student_attention!r}")
 
