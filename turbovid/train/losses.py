@@ -119,7 +119,8 @@ def scm_target(F_sg: torch.Tensor, F_teacher: torch.Tensor, tangent: torch.Tenso
     return g / (_b(g.flatten(1).norm(dim=1), g) + 0.1)
 
 
-def scm_loss(F: torch.Tensor, g: torch.Tensor, scale: float = 100.0, weight: torch.Tensor | None = None) -> torch.Tensor:
+def scm_loss(F: torch.Tensor, g: torch.Tensor, scale: float = 100.0,
+             weight: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample scale * sum w (F - sg(F) - g)^2 [B]: its gradient moves F along w g; its value is ~ scale ||g||^2.
     `weight` (ours; broadcast to F, e.g. data.object_weights [B, 1, T, h, w]) weighs the cells, default 1."""
     bad = ~torch.isfinite(F.detach()).flatten(1).all(1)
