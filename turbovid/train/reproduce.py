@@ -4,8 +4,8 @@ an interrupted one continues from its newest checkpoint):
     tokenizer + frozen text encoder -> VAE (-> VAE decoder fine-tune) -> teacher -> rCM distillation -> SLA fine-tune
     (-> quantization-aware fine-tune) -> merge -> evaluation of teacher / rCM / merged -> export/
 (SLA tunes the teacher and the merge adds its change to the rCM student, SPEC §10.1; with recipe.sla.base =
-"rcm" SLA tunes the rCM student itself and there is no merge, and a recipe with a qat stage continues that
-student quantization-aware, teacher.QATTrainer.)
+"rcm" SLA tunes the rCM student itself and there is no merge, and a recipe that ships the qat stage's student
+continues that student quantization-aware, teacher.QATTrainer.)
 
 Each stage writes run_dir/<stage>/{log.jsonl, checkpoints/, final.safetensors}. Evaluations run on rank 0
 (held-out prompts, `turbovid.train.evaluate`) and land in run_dir/eval/*.json (+ an mp4 of 8 samples).
@@ -64,7 +64,7 @@ def _evaluate_all(recipe: Recipe, run_dir: Path, env: Env) -> dict:
         jobs["merged_sla"] = (run_dir / "merged" / "model.safetensors", "sla", "rcm", recipe.eval_rcm_steps)
     else:
         jobs["rcm_sla"] = (run_dir / "sla" / "final.safetensors", "sla", "rcm", recipe.eval_rcm_steps)
-    if recipe.qat is not None:
+    if recipe.ship_student == "qat":
         jobs["qat_sagesla"] = (run_dir / "qat" / "final.safetensors", "sagesla", "rcm", recipe.eval_rcm_steps)
     summary = {}
     if env.main:
@@ -88,7 +88,7 @@ def reproduce(recipe: Recipe, run_dir: Path, env: Env, evaluate_models: bool = T
     stages = [(run_vae, "vae"), (run_teacher, "teacher"), (run_rcm, "rcm"), (run_sla, "sla")]
     if recipe.vae_decoder is not None:
         stages.insert(1, (functools.partial(run_vae, decoder=True), "vae_decoder"))
-    if recipe.qat is not None:
+    if recipe.ship_student == "qat":
         stages.append((run_qat, "qat"))
     for stage, name in stages:
         if not (run_dir / name / "final.safetensors").is_file():
@@ -148,7 +148,7 @@ def ship(recipe: Recipe, run_dir: Path, dest: Path, summary: dict | None = None)
         found = [entry["steps"] for entry in recorded if entry["stage"] == stage]
         return found[-1] if found else folder_steps(stage)
     stages = {stage: {"steps": steps(stage)} for stage in ("vae", "sla", "rcm")}
-    if recipe.qat is not None:
+    if recipe.ship_student == "qat":
         stages["qat"] = {"steps": steps("qat")}
     if recipe.vae_decoder is not None:
         stages["vae_decoder"] = {"steps": steps("vae_decoder")}

@@ -9,9 +9,12 @@
 #       stage fitted to the command's time; `train ship` (recipe.ship_student = qat), the new files to $OUT/assets.
 #   k2: `turbovid eval` of the release in the working tree (k1's files committed first), every row, 128 held-out
 #       prompts: the teacher beside the students in one run.
-# As run: k1 fitted the qat stage to 909 steps (2.2 steps/s, H100); k2 (H100) teacher 0.898, dense 0.883, SLA 0.891,
-# SageSLA 0.883, W8A8 0.875, full stack 0.875. Then k2 with COUNT=256 CONFIGS=teacher,student_sla,turbo: the same
-# seeds for the first 128 prompts and 128 more, to see how much of the 3-clip gap is the sample.
+# As run: k1 fitted the qat stage to 909 steps (2.2 steps/s, H100) and shipped its student (recipe.ship_student was
+# "qat" then, commit e706908); k2 (H100) teacher 0.898, dense 0.883, SLA 0.891, SageSLA 0.883, W8A8 0.875, full
+# stack 0.875. Then k2 with COUNT=256 CONFIGS=teacher,student_sla,turbo (the same seeds for the first 128 prompts, and
+# 128 more, to see how much of the 3-clip gap is the sample): teacher 0.906, SLA 0.855, full stack 0.863. The CPU graded
+# the qat release's full stack 0.875 against session 14's 0.891 on the same prompts and seeds, so the release went
+# back to session 14's student and the recipe ships "sla" again (docs/training/mini/README.md).
 source "$(dirname "$0")/prelude.sh" "$1"
 case "$1" in
 k1) fresh runs/s15
