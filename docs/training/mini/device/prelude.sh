@@ -42,3 +42,16 @@ release_eval() {
   local name=$1; shift
   python3 -m turbovid.cli eval --device cuda --out "$OUT/$name" "$@" 2> "$OUT/eval_progress.log" | tee "$OUT/eval.log"
 }
+# `release_eval_gpu`: release_eval named eval_mini_<gpu>_<date>[_n<COUNT>].json: COUNT held-out prompts (default
+# 128), the rows in CONFIGS (default all).
+release_eval_gpu() {
+  local gpu n tag
+  gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o 'H[0-9]\+' | head -1 | tr H h)
+  n=${COUNT:-128}; [ "$n" = 128 ] && tag= || tag=_n$n
+  release_eval "eval_mini_${gpu}_$(date +%F)$tag.json" --count "$n" ${CONFIGS:+--configs $CONFIGS}
+}
+# `ship_release`: `train ship` of $S into turbovid/assets/mini, the student's files and config.json to $OUT/assets.
+ship_release() {
+  $T ship --run-dir "$S" --output turbovid/assets/mini
+  mkdir -p "$OUT/assets" && cp turbovid/assets/mini/dit{,_int8}.safetensors turbovid/assets/mini/config.json "$OUT/assets/"
+}

@@ -23,12 +23,9 @@ k1) fresh runs/s15
     cp turbovid/assets/mini/dit.safetensors $S/sla/final.safetensors
     stage qat qat --steps 100000 --fit-minutes "$(minutes_left ${FIT:-110})" --max-minutes "$(minutes_left ${STOP:-80})"
     rm -f "$OUT/qat/final.safetensors"   # the release's dit.safetensors is its bf16 copy
-    $T ship --run-dir $S --output turbovid/assets/mini
-    mkdir -p "$OUT/assets" && cp turbovid/assets/mini/dit{,_int8}.safetensors turbovid/assets/mini/config.json "$OUT/assets/"
+    ship_release
     ;;
-k2) gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o 'H[0-9]\+' | head -1 | tr H h)
-    n=${COUNT:-128}; [ "$n" = 128 ] && tag= || tag=_n$n
-    release_eval eval_mini_${gpu}_$(date +%F)$tag.json --count $n ${CONFIGS:+--configs $CONFIGS} ;;
+k2) release_eval_gpu ;;
 *)  echo "usage: session15.sh k1|k2 (k1: FIT / STOP reserves in seconds; k2: CONFIGS=a,b,... to grade some rows,"
     echo "COUNT=n held-out prompts instead of 128)"
     exit 2 ;;
