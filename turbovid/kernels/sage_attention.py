@@ -151,30 +151,37 @@ def quantize_v_ref(v: torch.Tensor, block: int, mean: Optional[torch.Tensor] = N
     return v8.transpose(2, 3).contiguous()
 
 
-def quantize_qkv_ref(q, k, v, block_q: int, block_k: int, pv: str, stats=None):
-    """(q8, q_scale, k8, k_scale, V^T, v_scale, v_mean); `stats` = (k_mean, v_mean, v_scale), default kv_stats."""
+def quantize_qkv_ref(q, k, v, block_q: int, block_k: int, pv: str, stats=None, q_multiplier: float | None = None):
+    """(q8, q_scale, k8, k_scale, V^T, v_scale, v_mean); `stats` = (k_mean, v_mean, v_scale), default kv_stats;
+    Q is scaled by `q_multiplier` first (default the kernel's sm_scale·log2(e))."""
     k_mean, v_mean, v_scale = stats if stats is not None else kv_stats(k, v, pv)
-    q8, qs = quantize_int8_ref(q, block_q, multiplier=_q_multiplier(q.shape[-1]))
+    multiplier = _q_multiplier(q.shape[-1]) if q_multiplier is None else q_multiplier
+    q8, qs = quantize_int8_ref(q, block_q, multiplier=multiplier)
     k8, ks = quantize_int8_ref(k, block_k, mean=k_mean)
     return q8, qs, k8, ks, quantize_v_ref(v, block_k, v_mean, v_scale), v_scale, v_mean
 
 
-def fake_quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_k: int):
-    """The q, k, v that the FP8-PV kernel multiplies, dequantized ([B, H, L, D] fp32 each): Q through its
-    per-block INT8, K through smooth-K and INT8 (the mean added back, which changes no softmax), V through
-    smooth-V and per-channel e4m3. For quantization-aware training (attention/sla.py); the kernel's e4m3
-    rounding of P is not modelled (it happens inside the fused softmax)."""
-    b, h, length, d = q.shape
-    k_mean, v_mean, v_scale = kv_stats(k, v, "fp8")
+def dequantize_qkv_ref(quantized, length: int, block_q: int, block_k: int):
+    """`quantize_qkv_ref`'s output -> the fp32 q, k, v [B, H, L, D] the kernel multiplies: Q as scaled before
+    quantization, K minus its smoothing mean, V with smooth-V undone (FP8) or as given (FP16)."""
+    q8, qs, k8, ks, vt, vs, vm = quantized
+    qd = (q8.float() * qs.repeat_interleave(block_q, dim=-1)[..., None])[:, :, :length]
+    kd = (k8.float() * ks.repeat_interleave(block_k, dim=-1)[..., None])[:, :, :length]
+    vd = vt.float().transpose(2, 3)[:, :, :length]
+    if vs is not None:
+        vd = vd * vs[:, :, None, :] + vm[:, :, None, :]
+    return qd, kd, vd
 
-    def dequant(x8, scale, block):
-        n = scale.shape[-1]
-        return (x8.view(b, h, n, block, d).float() * scale[..., None, None]).view(b, h, n * block, d)[:, :, :length]
-    qf = dequant(*quantize_int8_ref(q, block_q), block_q)
-    kf = dequant(*quantize_int8_ref(k, block_k, mean=k_mean), block_k) + k_mean[:, :, None, :]
-    v8 = quantize_v_ref(v, block_k, v_mean, v_scale)                     # [B, H, D, L_pad] e4m3
-    vf = v8.float().transpose(2, 3)[:, :, :length] * v_scale[:, :, None, :] + v_mean[:, :, None, :]
-    return qf, kf, vf
+
+def fake_quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_k: int):
+    """The q, k, v that the FP8-PV kernel multiplies, dequantized, in the inputs' units ([B, H, L, D] fp32 each):
+    Q through its per-block INT8 (unscaled), K through smooth-K and INT8 (the mean added back, which changes no
+    softmax), V through smooth-V and per-channel e4m3. For quantization-aware training (attention/sla.py); the
+    kernel's e4m3 rounding of P is not modelled (it happens inside the fused softmax)."""
+    stats = kv_stats(k, v, "fp8")
+    quantized = quantize_qkv_ref(q, k, v, block_q, block_k, "fp8", stats, q_multiplier=1.0)
+    qd, kd, vd = dequantize_qkv_ref(quantized, q.shape[2], block_q, block_k)
+    return qd, kd + stats[0][:, :, None, :], vd
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -332,13 +339,7 @@ def sage_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, lut
     Differs from the kernel only by accumulation order, the rounding of the smoothing means, and (FP8 PV) the
     e4m3 rounding of P. Returns q's dtype.
     """
-    length = q.shape[2]
-    q8, qs, k8, ks, vt, vs, vm = quantize_qkv_ref(q, k, v, block_q, block_k, pv)
-    qd = (q8.float() * qs.repeat_interleave(block_q, dim=-1)[..., None])[:, :, :length]
-    kd = (k8.float() * ks.repeat_interleave(block_k, dim=-1)[..., None])[:, :, :length]
-    vd = vt.float().transpose(2, 3)[:, :, :length]
-    if vs is not None:
-        vd = vd * vs[:, :, None, :] + vm[:, :, None, :]
+    qd, kd, vd = dequantize_qkv_ref(quantize_qkv_ref(q, k, v, block_q, block_k, pv), q.shape[2], block_q, block_k)
     # qd·kd are base-2 logits (sm_scale·log2 e is folded into Q), so the natural-log softmax scale is ln 2.
     return attention_ref(qd, kd, vd, lut, block_q, block_k, scale=math.log(2)).to(q.dtype)
 

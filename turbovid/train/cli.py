@@ -89,15 +89,13 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 def _recipe(args, world: int = 1):
     """The named recipe for `world` GPUs (recipe.for_world) with the command line's overrides. An explicit
     --steps or --lr for the teacher replaces its recorded rounds by one round; --compile applies to all."""
-    from turbovid.train.recipe import RECIPES, for_world
+    from turbovid.train.recipe import RECIPES, STAGE_FIELDS, for_world
 
-    stage_field = {"vae": "vae_stage", "vae_decoder": "vae_decoder", "teacher": "teacher", "sla": "sla", "qat": "qat",
-                   "rcm": "rcm"}.get(args.stage)
+    stage_field = STAGE_FIELDS.get(args.stage)
     recipe = RECIPES[args.recipe]
     if args.stage in ("vae_decoder", "qat") and getattr(recipe, args.stage) is None:
         raise ValueError(f"recipe {recipe.name!r} has no {args.stage} stage")
-    fields = [stage_field] if stage_field else [f for f in ("vae_stage", "vae_decoder", "teacher", "sla", "qat", "rcm")
-                                                if getattr(recipe, f) is not None]
+    fields = [stage_field] if stage_field else [f for f in STAGE_FIELDS.values() if getattr(recipe, f) is not None]
     recipe = for_world(recipe, world, () if args.batch is not None else tuple(fields))
     if "teacher" in fields and (args.steps is not None or args.lr is not None):
         recipe = dataclasses.replace(recipe, teacher_rounds=())

@@ -45,8 +45,8 @@ def plot_run(run_dir: str | Path, output: str | Path, recipe: Recipe, window: in
     except ImportError:
         raise ValueError("plotting needs matplotlib: pip install 'turbovid[train]'") from None
     run_dir, output = Path(run_dir), Path(output)
-    logs = {s: read_log(run_dir / s / "log.jsonl") for s in ("vae", "sla", "qat", "rcm")
-            if (run_dir / s / "log.jsonl").is_file()}
+    stages = {stage for stage, *_ in PANELS if stage != "teacher"}    # the teacher's rounds: teacher_log
+    logs = {s: read_log(run_dir / s / "log.jsonl") for s in stages if (run_dir / s / "log.jsonl").is_file()}
     if teacher := teacher_log(run_dir, recipe):
         logs["teacher"] = teacher
     if not logs:

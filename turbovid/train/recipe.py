@@ -314,8 +314,12 @@ def _tiny() -> Recipe:
 RECIPES: dict[str, Recipe] = {"mini": _mini(), "tiny": _tiny()}
 
 
-def for_world(recipe: Recipe, world: int,
-              stages: tuple[str, ...] = ("vae_stage", "vae_decoder", "teacher", "sla", "qat", "rcm")) -> Recipe:
+# `turbovid train <stage>` -> the Recipe field holding that stage's settings (run, optim, ...).
+STAGE_FIELDS = {"vae": "vae_stage", "vae_decoder": "vae_decoder", "teacher": "teacher", "sla": "sla", "qat": "qat",
+                "rcm": "rcm"}
+
+
+def for_world(recipe: Recipe, world: int, stages: tuple[str, ...] = tuple(STAGE_FIELDS.values())) -> Recipe:
     """The recipe for a run on `world` GPUs: the per-GPU batch of each named stage (the teacher with all its
     rounds) becomes batch * gpus / world, the recorded global batch; a one-line ValueError if that does not divide."""
     def scale(cfg):
