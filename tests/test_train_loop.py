@@ -359,6 +359,24 @@ def test_rcm_stage_runs_scm_dmd_critic_and_resumes_exactly(run, tmp_path):
     assert resumed[1]["loss"] == full[4]["loss"] and resumed[1]["loss_dmd"] == full[4]["loss_dmd"]
 
 
+def test_rcm_without_dmd_is_scm_alone_every_step(run, tmp_path):
+    # RCMStage.dmd off: no critic steps and no DMD term after the warm-up (tiny: 2 steps); the first steps are
+    # exactly those of the recipe with DMD (the same draws), after the warm-up the tangent stays at full weight.
+    run_dir, inputs = run
+    teacher = load_weights(run_dir / "teacher" / "final.safetensors")
+    recipe = _stage(TINY, "rcm", steps=5)
+    plain = dataclasses.replace(recipe, rcm=dataclasses.replace(recipe.rcm, dmd=False))
+    with_dmd = drive(RCMTrainer(recipe, run_dir, ENV, teacher, inputs=inputs), tmp_path / "a", ENV, until=2,
+                     quiet=True)
+    logs = drive(RCMTrainer(plain, run_dir, ENV, teacher, inputs=inputs), tmp_path / "b", ENV, quiet=True)
+    assert [r["student"] for r in logs] == [1.0] * 5
+    assert not any("loss_dmd" in r or "loss_fake" in r for r in logs)
+    assert [r["warmup_ratio"] for r in logs] == [0.0, 0.5, 1.0, 1.0, 1.0]
+    assert [r["loss"] for r in logs[:2]] == [r["loss"] for r in with_dmd]
+    assert all(math.isfinite(r["loss"]) for r in logs)
+    assert (tmp_path / "b" / "final.safetensors").is_file()
+
+
 def test_rcm_object_weighted_scm_loss(run, tmp_path):
     # RCMStage.fg_share: the sCM loss of each sample weighs its object's latent cells (data.object_weights); with
     # weights of mean 1 the loss changes, the update stays finite.
@@ -604,6 +622,11 @@ def test_cli_overrides_reach_the_stage_recipe():
     assert rcm.rcm.fg_share == 0.5 and rcm.teacher == RECIPES["mini"].teacher
     with pytest.raises(ValueError, match=r"--fg-share must be in \[0, 1\)"):
         _recipe(parser.parse_args(["train", "rcm", "--fg-share", "1"]))
+    # rcm --no-dmd: sCM alone
+    assert not _recipe(parser.parse_args(["train", "rcm", "--no-dmd"])).rcm.dmd
+    assert _recipe(parser.parse_args(["train", "rcm"])).rcm.dmd
+    with pytest.raises(ValueError, match="--no-dmd applies to the rcm stage only"):
+        cmd_train(parser.parse_args(["train", "sla", "--no-dmd"]))
     # qat: its own settings take --steps / --lr / --topk / --quant-weight; sla's stay as they are
     qat = _recipe(parser.parse_args(["train", "qat", "--steps", "7", "--lr", "1e-5", "--topk", "0.6",
                                      "--quant-weight", "2"]))

@@ -64,6 +64,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tangent-warmup", type=int, help="rcm: steps of sCM alone, its tangent ramped in, before DMD "
                                                       "(recipe.RCMStage.tangent_warmup; 0 for an --init student "
                                                       "that is distilled already)")
+    p.add_argument("--no-dmd", action="store_true", help="rcm: sCM alone for the whole run, no DMD after the "
+                                                         "tangent warm-up (recipe.RCMStage.dmd)")
     p.add_argument("--no-eval", action="store_true", help="reproduce: skip the final evaluations")
     g = p.add_argument_group("merge of arbitrary files (all three given: TurboDiffusion's merge_models.py)")
     g.add_argument("--base", help="rCM student checkpoint")
@@ -144,6 +146,8 @@ def _recipe(args, world: int = 1):
         if args.tangent_warmup < 0:
             raise ValueError(f"--tangent-warmup must be >= 0, got {args.tangent_warmup}")
         rcm["tangent_warmup"] = args.tangent_warmup
+    if args.no_dmd:
+        rcm["dmd"] = False
     if args.guidance is not None and args.stage in ("rcm", "reproduce"):
         if not args.guidance >= 1:
             raise ValueError(f"--guidance must be >= 1 (1: no CFG), got {args.guidance}")
@@ -202,6 +206,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 ("--quant-weight", args.quant_weight, ("sla", "qat")),
                                 ("--sla-student", args.sla_student or None, ("rcm", "reproduce")),
                                 ("--tangent-warmup", args.tangent_warmup, ("rcm", "reproduce")),
+                                ("--no-dmd", args.no_dmd or None, ("rcm", "reproduce")),
                                 ("--guidance", args.guidance, ("rcm", "eval", "reproduce"))):
         if value is not None and args.stage not in stages:
             named = [st for st in stages if st != "reproduce"]   # reproduce passes the flag on to its stage

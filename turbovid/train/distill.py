@@ -6,7 +6,8 @@ student's samples). Ours: the student may start from other weights (`--init`, e.
 and distil with SLA attention (`RCMStage.student_attention = "sla"`): its samples, sCM target and DMD
 gradient are then those of the sparse network that ships, while teacher and fake score stay dense.
 Step n is a student step during the tangent warm-up and then every `student_update_freq`-th step; the
-others are fake-score (critic) steps (`losses.rcm_phase`).
+others are fake-score (critic) steps (`losses.rcm_phase`). With `RCMStage.dmd` off (ours) every step is a
+student step and the stage is sCM alone, its tangent at full weight after the warm-up.
 
 Student step, batch of data latents x0 with captions:
  1. t ~ p_G (t = atan(sigma sqrt(T_lat)), sigma log-normal), x_t = cos t x0 + sin t eps.
@@ -100,7 +101,7 @@ class RCMTrainer:
         cs = torch.cos(t) * torch.sin(t)
         with self.env.autocast():
             _, tangent = student_F_jvp(self.student, x_t, t, context, (_b(cs, x_t) * F_teacher).to(x_t.dtype), cs)
-        dmd = step >= cfg.tangent_warmup
+        dmd = cfg.dmd and step >= cfg.tangent_warmup
         if dmd:
             G_x, G_t = self._simulate(x0, context, n_eff % cfg.max_simulation_steps, g)
             with self.env.autocast():
@@ -154,7 +155,8 @@ class RCMTrainer:
         data_step = 0 if self.fixed_batch else step
         x0, context, clips = self.inputs.get(step_indices(data_step, self.env, self.schedule.batch))
         g = step_generator(self.recipe.seed, data_step, self.env.rank, self.env.device)
-        phase, n = rcm_phase(step, self.cfg.tangent_warmup, self.cfg.student_update_freq)
+        phase, n = (rcm_phase(step, self.cfg.tangent_warmup, self.cfg.student_update_freq) if self.cfg.dmd
+                    else ("student", step))
         if phase == "student":
             return {"student": 1.0, **self._student_step(step, n, x0, context, g, clips)}
         return {"student": 0.0, **self._critic_step(n, x0, context, g)}

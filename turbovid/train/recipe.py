@@ -123,6 +123,8 @@ class RCMStage:
                                  # sla.topk (teacher and fake score stay dense); its export keeps proj_l
     fg_share: float = 0.0        # > 0 (ours): the object's latent cells carry this share of each sample's sCM loss
                                  # (data.object_weights, as the teacher's TeacherStage.fg_share)
+    dmd: bool = True             # False (ours): sCM alone for the whole run, every step a student step (no critic),
+                                 # the tangent at full weight after the warm-up
 
     def __post_init__(self):
         check_object_weighting(0.0, self.fg_share)

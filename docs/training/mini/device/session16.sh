@@ -1,25 +1,37 @@
 #!/usr/bin/env bash
-# Prepared in session 15 for the next device session (not run yet). One GPU; each command may get a new machine.
-# The question: session 15 measured the full stack 11 of 256 held-out clips (4.3 points) under the teacher and level
-# with SLA, so the gap is the 4-step student's: shapes (10 of the 21 clips only the student misses), colours (7),
-# directions (5), mostly crosses and diamonds. Teacher round 7 gained shape accuracy (0.92 -> 0.95) when the object's
-# latent cells carried half of each sample's loss (--fg-share 0.5); rCM's sCM loss has the same option now.
-#   m1: rCM (sCM alone, 500 steps, as the recipe) from the shipped teacher with --fg-share 0.5, pool encode included;
-#       `train eval` dense on 128 held-out prompts (session 14 j2 without the weighting: 0.852, colour 0.97); the
-#       student to $OUT/rcm_fg (carry it to runs/carry/s16/rcm.safetensors for m2 if m1 reads higher).
-#   m2: the recipe's SLA fine-tune (top-k 0.5) of that student (from runs/carry/s16 on a new machine), `train ship`,
+# Session 16, one GPU; each command may get a new machine. The question: session 15 measured the full stack 11 of 256
+# held-out clips (4.3 points) under the teacher and level with SLA, so the gap is the 4-step student's: shapes (10 of
+# the 21 clips only the student misses), colours (7), directions (5), mostly crosses and diamonds. Two changes to its
+# rCM stage (sCM alone, 500 steps x 8, the end of the tangent warm-up):
+#  - the object-share weighting (--fg-share 0.5) that gained teacher round 7 its shapes (0.92 -> 0.95);
+#  - a longer run: --no-dmd keeps it sCM alone after the 500-step warm-up, the tangent at full weight.
+#   m1: rCM from the shipped teacher, --fg-share 0.5 --no-dmd, pool encode included; the EMA student at steps 500,
+#       1000, 1500 (or wherever the command's time ends) each graded by `train eval` dense on 128 held-out prompts,
+#       in the background while training goes on (session 14 j2, 500 steps unweighted: 0.852, colour 0.97). The
+#       students to $OUT/rcm_<step>.safetensors (carry the best to runs/carry/s16/rcm.safetensors for m2).
+#   m2: the recipe's SLA fine-tune (top-k 0.5) of that student (runs/carry/s16 on a new machine), `train ship`,
 #       the release's files to $OUT/assets.
 #   m3: `turbovid eval` of the release in the working tree (m2's files committed first), every row, 128 prompts
-#       (COUNT=256 CONFIGS=teacher,student_sla,turbo for the larger sample, as session15.sh k2).
+#       (CONFIGS=a,b,... for some rows, COUNT=n prompts).
 source "$(dirname "$0")/prelude.sh" "$1"
 case "$1" in
-m1) fresh runs/s16_fg && rm -rf "$S/eval"
-    stage rcm rcm_fg --fg-share 0.5 --max-minutes "$(minutes_left 90)"
-    check "rcm fg_share 0.5 dense" --count 128 --dit $S/rcm/final.safetensors --attention dense --sampler rcm ;;
-m2) S=runs/s16_fg
-    if [ ! -f $S/rcm/final.safetensors ]; then   # a new machine: the student from runs/carry (carry it)
-      fresh $S && mkdir -p $S/rcm && cp runs/carry/s16/rcm.safetensors $S/rcm/final.safetensors
-    fi
+m1) fresh runs/s16 && rm -rf "$S/eval"
+    for n in 500 1000 1500; do
+      # resumes from the last checkpoint; stops (checkpointed) 100 s before the command's end
+      $T rcm --run-dir "$S" --fg-share 0.5 --no-dmd --steps 100000 --until $n \
+         --max-minutes "$(minutes_left 100)" >> "$OUT/rcm.log" 2>&1 || echo "rcm exit $?"
+      tail -1 "$OUT/rcm.log"
+      ckpt=$(cat "$S/rcm/checkpoints/latest") && step=$(echo "$ckpt" | sed 's/^step_0*//')
+      cp "$S/rcm/checkpoints/$ckpt/ema.safetensors" "$S/rcm_$step.safetensors"   # the exported student
+      cp "$S/rcm_$step.safetensors" "$S/rcm/log.jsonl" "$OUT/"
+      check "rcm fg_share 0.5 sCM alone, step $step, dense" --count 128 --dit "$S/rcm_$step.safetensors" \
+        --attention dense --sampler rcm &
+      if [ "$step" -lt "$n" ]; then break; fi    # the time ran out
+    done
+    wait ;;
+m2) S=runs/s16
+    # the student m1 graded best, from runs/carry (carry it); its own run's checkpoints go (a new `rcm/`)
+    fresh $S && mkdir -p $S/rcm && cp runs/carry/s16/rcm.safetensors $S/rcm/final.safetensors
     rm -rf $S/sla $S/eval
     tune_sla 110 90
     rm -f "$OUT/sla/final.safetensors"   # the release's dit.safetensors is its bf16 copy
