@@ -364,7 +364,7 @@ def test_rcm_without_dmd_is_scm_alone_every_step(run, tmp_path):
     # exactly those of the recipe with DMD (the same draws), after the warm-up the tangent stays at full weight.
     run_dir, inputs = run
     teacher = load_weights(run_dir / "teacher" / "final.safetensors")
-    recipe = _stage(TINY, "rcm", steps=5)
+    recipe = _stage(TINY, "rcm", steps=5, ckpt_every=3)
     plain = dataclasses.replace(recipe, rcm=dataclasses.replace(recipe.rcm, dmd=False))
     with_dmd = drive(RCMTrainer(recipe, run_dir, ENV, teacher, inputs=inputs), tmp_path / "a", ENV, until=2,
                      quiet=True)
@@ -375,6 +375,12 @@ def test_rcm_without_dmd_is_scm_alone_every_step(run, tmp_path):
     assert [r["loss"] for r in logs[:2]] == [r["loss"] for r in with_dmd]
     assert all(math.isfinite(r["loss"]) for r in logs)
     assert (tmp_path / "b" / "final.safetensors").is_file()
+    # no fake score to build, train or checkpoint; a resumed run repeats the same steps
+    assert sorted(f.name for f in (tmp_path / "b" / "checkpoints" / "step_00000003").glob("*.safetensors")) == [
+        "ema.safetensors", "student.safetensors"]
+    _resume_copy(tmp_path / "b", tmp_path / "c", 3)
+    resumed = drive(RCMTrainer(plain, run_dir, ENV, teacher, inputs=inputs), tmp_path / "c", ENV, quiet=True)
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in logs[3:]]
 
 
 def test_rcm_object_weighted_scm_loss(run, tmp_path):

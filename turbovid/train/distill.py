@@ -7,7 +7,8 @@ and distil with SLA attention (`RCMStage.student_attention = "sla"`): its sample
 gradient are then those of the sparse network that ships, while teacher and fake score stay dense.
 Step n is a student step during the tangent warm-up and then every `student_update_freq`-th step; the
 others are fake-score (critic) steps (`losses.rcm_phase`). With `RCMStage.dmd` off (ours) every step is a
-student step and the stage is sCM alone, its tangent at full weight after the warm-up.
+student step and the stage is sCM alone, its tangent at full weight after the warm-up; the fake-score network is
+then not built.
 
 Student step, batch of data latents x0 with captions:
  1. t ~ p_G (t = atan(sigma sqrt(T_lat)), sigma log-normal), x_t = cos t x0 + sin t eps.
@@ -63,13 +64,16 @@ class RCMTrainer:
         self.teacher = frozen_dit(recipe, teacher_weights, env)
         self.student = dit_from_weights(recipe, teacher_weights if student_weights is None else student_weights,
                                         self.cfg.student_attention, recipe.sla.topk, new_proj_l=True)
-        self.fake = dit_from_weights(recipe, teacher_weights)
         self.student.to(env.device).train()
-        self.fake.to(env.device).train()
-        self.student_ddp, self.fake_ddp = wrap_ddp(self.student, env), wrap_ddp(self.fake, env)
+        self.student_ddp = wrap_ddp(self.student, env)
         self.ema = PowerEMA(self.student, self.cfg.ema_sigma_rel)
         self.opt_student = make_optimizer(self.student.parameters(), self.cfg.optim, env)
-        self.opt_fake = make_optimizer(self.fake.parameters(), self.cfg.fake_optim, env)
+        self.fake = None             # the fake score exists for DMD only (not in a --no-dmd run's checkpoints)
+        if self.cfg.dmd:
+            self.fake = dit_from_weights(recipe, teacher_weights)
+            self.fake.to(env.device).train()
+            self.fake_ddp = wrap_ddp(self.fake, env)
+            self.opt_fake = make_optimizer(self.fake.parameters(), self.cfg.fake_optim, env)
         self.noise_multiplier = math.sqrt(recipe.latent_shape[1])   # rCM's adjust_video_noise: sigma * sqrt(state_t)
 
     # -- pieces ------------------------------------------------------------------------------------
@@ -164,20 +168,27 @@ class RCMTrainer:
     # -- checkpoint interface ----------------------------------------------------------------------
 
     def weights(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {"student": unwrap(self.student_ddp).state_dict(), "ema": self.ema.state_dict(),
-                "fake": unwrap(self.fake_ddp).state_dict()}
+        out = {"student": unwrap(self.student_ddp).state_dict(), "ema": self.ema.state_dict()}
+        if self.fake is not None:
+            out["fake"] = unwrap(self.fake_ddp).state_dict()
+        return out
 
     def load_weights(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
         self.student.load_state_dict(weights["student"])
-        self.fake.load_state_dict(weights["fake"])
         self.ema.load_state_dict(weights["ema"])
+        if self.fake is not None:
+            self.fake.load_state_dict(weights["fake"])
 
     def optimizer_states(self) -> dict:
-        return {"student": self.opt_student.state_dict(), "fake": self.opt_fake.state_dict()}
+        out = {"student": self.opt_student.state_dict()}
+        if self.fake is not None:
+            out["fake"] = self.opt_fake.state_dict()
+        return out
 
     def load_optimizer_states(self, state: dict) -> None:
         self.opt_student.load_state_dict(state["student"])
-        self.opt_fake.load_state_dict(state["fake"])
+        if self.fake is not None:
+            self.opt_fake.load_state_dict(state["fake"])
 
     def export(self) -> dict[str, torch.Tensor]:
         return self.ema.state_dict()

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Prepared in session 16 for the next device session (not run yet). One GPU; each command may get a new machine.
+# The question: the shipped 4-step student is ~4 points under its teacher on 256 held-out prompts (H100, session 16:
+# teacher 0.918, SLA 0.871, full stack 0.879), and the gap is the rCM stage's. Its sCM run stops at the end of the
+# tangent warm-up (500 x 8, lr 2e-5). Session 16 ran it on at full tangent with the same lr and batch: 0.852 at step
+# 500 -> 0.750 at step 864 (colour 0.97 -> 0.90). TurboDiffusion's student lr is 2e-6 (recipe's 2e-5 / 10) on a far
+# larger batch; the sCM target's tangent term is noisy (gradient norms 1e5-7e5 after the warm-up).
+#   n1: sCM alone at full tangent, continued from session 14's sCM student (carry runs/carry/s14/rcm.safetensors:
+#       --init, --tangent-warmup 0, --no-dmd) at lr ${LR:-2e-6} and batch ${BATCH:-16}, pool encode included; the EMA
+#       student every ${EVERY:-200} steps to $OUT/rcm_<step>.safetensors until the command's time ends (no grading
+#       here: session 16's background grading starved the training and did not finish).
+#   n2: `train eval` dense on 128 held-out prompts of each student carried back (runs/carry/s17/rcm_*.safetensors),
+#       one at a time, session 14's student first as the anchor of the same run (its CPU and H200 grade: 0.852).
+#   Then, for a student that reads higher: session16.sh m2 (SLA fine-tune + ship; carry it as
+#   runs/carry/s16/rcm.safetensors, its weights history written first) and m3 (the release's grade).
+source "$(dirname "$0")/prelude.sh" "$1"
+case "$1" in
+n1) fresh runs/s17
+    for n in $(seq "${EVERY:-200}" "${EVERY:-200}" 100000); do
+      # resumes from the last checkpoint; stops (checkpointed) 40 s before the command's end
+      $T rcm --run-dir "$S" --init runs/carry/s14/rcm.safetensors --tangent-warmup 0 --no-dmd --lr "${LR:-2e-6}" \
+         --batch "${BATCH:-16}" --steps 100000 --until "$n" --max-minutes "$(minutes_left 40)" \
+         >> "$OUT/rcm.log" 2>&1 || echo "rcm exit $?"
+      tail -1 "$OUT/rcm.log"
+      ckpt=$(cat "$S/rcm/checkpoints/latest") && step=$(echo "$ckpt" | sed 's/^step_0*//')
+      cp "$S/rcm/checkpoints/$ckpt/ema.safetensors" "$OUT/rcm_$step.safetensors"   # the exported student
+      cp "$S/rcm/log.jsonl" "$OUT/"
+      if [ "$step" -lt "$n" ]; then break; fi    # the time ran out
+    done ;;
+n2) fresh runs/s17_eval
+    for f in runs/carry/s14/rcm.safetensors runs/carry/s17/rcm_*.safetensors; do
+      check "$f dense" --count 128 --dit "$f" --attention dense --sampler rcm
+    done ;;
+*)  echo "usage: session17.sh n1|n2 (n1: LR, BATCH, EVERY steps between saved students)"
+    exit 2 ;;
+esac
