@@ -16,7 +16,7 @@
 # As run (H100; the budget went to m1 and two m3 runs, m2 did not run): m1's training ran at 3.5-3.9 steps/s (the
 # H200's 7), so the command ended at step 864 with neither background grading done; the two students came back and
 # the CPU graded them (`train eval` dense, 128 held-out prompts, session16_checks/): step 500 0.852 (colour 0.97,
-# drift 6.3 degrees: level with session 14's unweighted 0.852), step 864 0.750 (colour 0.90, drift 9.0). Neither is
+# drift 6.3 degrees; session 14's unweighted student on the same CPU: 0.836), step 864 0.750 (colour 0.90, drift 9.0). Neither is
 # shipped. m3 graded the unchanged release, every row in one run (eval_mini_h100_2026-11-23_run7_release.json), and
 # with COUNT=256 CONFIGS=teacher,student_sla,turbo (..._run8_release_n256.json).
 source "$(dirname "$0")/prelude.sh" "$1"

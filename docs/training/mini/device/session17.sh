@@ -12,23 +12,32 @@
 #   n2: `train eval` dense on 128 held-out prompts of each student carried back (runs/carry/s17/rcm_*.safetensors),
 #       one at a time, session 14's student first as the anchor of the same run (its CPU and H200 grade: 0.852).
 #   Then, for a student that reads higher: session16.sh m2 (SLA fine-tune + ship; carry it as
-#   runs/carry/s16/rcm.safetensors, its weights history written first) and m3 (the release's grade).
+#   runs/carry/s16/rcm.safetensors) and m3 (the release's grade).
 source "$(dirname "$0")/prelude.sh" "$1"
+INIT=runs/carry/s14/rcm.safetensors
+# `snapshot CKPT STEP OUT`: the EMA student of checkpoint CKPT as a weights file whose history (checkpoint.
+# weights_history) is INIT's followed by this run's STEP rCM steps, as the stage's own final file would have it.
+snapshot() {
+  python3 -c "import sys; from safetensors.torch import load_file
+from turbovid.train.checkpoint import history_metadata, save_weights, weights_history
+h = weights_history(sys.argv[2]) + [{'stage': 'rcm', 'steps': int(sys.argv[3])}]
+save_weights(sys.argv[4], load_file(sys.argv[1]), history_metadata(h))" "$1/ema.safetensors" "$INIT" "$2" "$3"
+}
 case "$1" in
 n1) fresh runs/s17
     for n in $(seq "${EVERY:-200}" "${EVERY:-200}" 100000); do
       # resumes from the last checkpoint; stops (checkpointed) 40 s before the command's end
-      $T rcm --run-dir "$S" --init runs/carry/s14/rcm.safetensors --tangent-warmup 0 --no-dmd --lr "${LR:-2e-6}" \
+      $T rcm --run-dir "$S" --init "$INIT" --tangent-warmup 0 --no-dmd --lr "${LR:-2e-6}" \
          --batch "${BATCH:-16}" --steps 100000 --until "$n" --max-minutes "$(minutes_left 40)" \
          >> "$OUT/rcm.log" 2>&1 || echo "rcm exit $?"
       tail -1 "$OUT/rcm.log"
       ckpt=$(cat "$S/rcm/checkpoints/latest") && step=$(echo "$ckpt" | sed 's/^step_0*//')
-      cp "$S/rcm/checkpoints/$ckpt/ema.safetensors" "$OUT/rcm_$step.safetensors"   # the exported student
+      snapshot "$S/rcm/checkpoints/$ckpt" "$step" "$OUT/rcm_$step.safetensors"
       cp "$S/rcm/log.jsonl" "$OUT/"
       if [ "$step" -lt "$n" ]; then break; fi    # the time ran out
     done ;;
 n2) fresh runs/s17_eval
-    for f in runs/carry/s14/rcm.safetensors runs/carry/s17/rcm_*.safetensors; do
+    for f in "$INIT" runs/carry/s17/rcm_*.safetensors; do
       check "$f dense" --count 128 --dit "$f" --attention dense --sampler rcm
     done ;;
 *)  echo "usage: session17.sh n1|n2 (n1: LR, BATCH, EVERY steps between saved students)"
