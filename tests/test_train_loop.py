@@ -381,6 +381,8 @@ def test_rcm_without_dmd_is_scm_alone_every_step(run, tmp_path):
     _resume_copy(tmp_path / "b", tmp_path / "c", 3)
     resumed = drive(RCMTrainer(plain, run_dir, ENV, teacher, inputs=inputs), tmp_path / "c", ENV, quiet=True)
     assert [r["loss"] for r in resumed] == [r["loss"] for r in logs[3:]]
+    with pytest.raises(ValueError, match="resume it with --no-dmd"):     # the same checkpoint, DMD on
+        drive(RCMTrainer(recipe, run_dir, ENV, teacher, inputs=inputs), tmp_path / "c", ENV, quiet=True)
 
 
 def test_rcm_object_weighted_scm_loss(run, tmp_path):

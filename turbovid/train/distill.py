@@ -177,6 +177,9 @@ class RCMTrainer:
         self.student.load_state_dict(weights["student"])
         self.ema.load_state_dict(weights["ema"])
         if self.fake is not None:
+            if "fake" not in weights:
+                raise ValueError("this rcm checkpoint has no fake-score network (a --no-dmd run): resume it with "
+                                 "--no-dmd")
             self.fake.load_state_dict(weights["fake"])
 
     def optimizer_states(self) -> dict:
