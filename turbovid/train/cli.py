@@ -152,19 +152,17 @@ def _recipe(args, world: int = 1):
         if not args.guidance >= 1:
             raise ValueError(f"--guidance must be >= 1 (1: no CFG), got {args.guidance}")
         rcm["guidance"] = args.guidance
+    if args.fg_weight is not None and args.fg_weight < 0:
+        raise ValueError(f"--fg-weight must be >= 0, got {args.fg_weight}")
+    if args.fg_share is not None and not 0 <= args.fg_share < 1:
+        raise ValueError(f"--fg-share must be in [0, 1), got {args.fg_share}")
+    if args.fg_weight is not None and args.fg_share is not None:
+        raise ValueError("--fg-weight and --fg-share are two ways to weigh the object: give one")
     if args.fg_share is not None and args.stage == "rcm":   # the sCM loss's object weighting
-        if not 0 <= args.fg_share < 1:
-            raise ValueError(f"--fg-share must be in [0, 1), got {args.fg_share}")
         rcm["fg_share"] = args.fg_share
     if rcm:
         recipe = dataclasses.replace(recipe, rcm=dataclasses.replace(recipe.rcm, **rcm))
-    if args.fg_weight is not None and args.fg_share is not None:
-        raise ValueError("--fg-weight and --fg-share are two ways to weigh the object: give one")
     if (args.fg_weight is not None or args.fg_share is not None) and args.stage != "rcm":   # teacher, every round
-        if args.fg_weight is not None and args.fg_weight < 0:
-            raise ValueError(f"--fg-weight must be >= 0, got {args.fg_weight}")
-        if args.fg_share is not None and not 0 <= args.fg_share < 1:
-            raise ValueError(f"--fg-share must be in [0, 1), got {args.fg_share}")
         weighted = lambda cfg: dataclasses.replace(cfg, fg_weight=args.fg_weight or 0.0,  # noqa: E731
                                                    fg_share=args.fg_share or 0.0)
         recipe = dataclasses.replace(recipe, teacher=weighted(recipe.teacher),

@@ -68,12 +68,13 @@ class RCMTrainer:
         self.student_ddp = wrap_ddp(self.student, env)
         self.ema = PowerEMA(self.student, self.cfg.ema_sigma_rel)
         self.opt_student = make_optimizer(self.student.parameters(), self.cfg.optim, env)
-        self.fake = None             # the fake score exists for DMD only (not in a --no-dmd run's checkpoints)
-        if self.cfg.dmd:
+        self.trained = {"student": (self.student_ddp, self.opt_student)}   # name -> (network, its optimizer)
+        if self.cfg.dmd:         # the fake score exists for DMD only
             self.fake = dit_from_weights(recipe, teacher_weights)
             self.fake.to(env.device).train()
             self.fake_ddp = wrap_ddp(self.fake, env)
             self.opt_fake = make_optimizer(self.fake.parameters(), self.cfg.fake_optim, env)
+            self.trained["fake"] = (self.fake_ddp, self.opt_fake)
         self.noise_multiplier = math.sqrt(recipe.latent_shape[1])   # rCM's adjust_video_noise: sigma * sqrt(state_t)
 
     # -- pieces ------------------------------------------------------------------------------------
@@ -159,8 +160,8 @@ class RCMTrainer:
         data_step = 0 if self.fixed_batch else step
         x0, context, clips = self.inputs.get(step_indices(data_step, self.env, self.schedule.batch))
         g = step_generator(self.recipe.seed, data_step, self.env.rank, self.env.device)
-        phase, n = (rcm_phase(step, self.cfg.tangent_warmup, self.cfg.student_update_freq) if self.cfg.dmd
-                    else ("student", step))
+        # without DMD there is no critic: a student step every step (update frequency 1)
+        phase, n = rcm_phase(step, self.cfg.tangent_warmup, self.cfg.student_update_freq if self.cfg.dmd else 1)
         if phase == "student":
             return {"student": 1.0, **self._student_step(step, n, x0, context, g, clips)}
         return {"student": 0.0, **self._critic_step(n, x0, context, g)}
@@ -168,30 +169,22 @@ class RCMTrainer:
     # -- checkpoint interface ----------------------------------------------------------------------
 
     def weights(self) -> dict[str, dict[str, torch.Tensor]]:
-        out = {"student": unwrap(self.student_ddp).state_dict(), "ema": self.ema.state_dict()}
-        if self.fake is not None:
-            out["fake"] = unwrap(self.fake_ddp).state_dict()
-        return out
+        nets = {name: unwrap(net).state_dict() for name, (net, _) in self.trained.items()}
+        return {**nets, "ema": self.ema.state_dict()}
 
     def load_weights(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
-        self.student.load_state_dict(weights["student"])
+        if "fake" in self.trained and "fake" not in weights:
+            raise ValueError("this rcm checkpoint has no fake-score network (a --no-dmd run): resume it with --no-dmd")
         self.ema.load_state_dict(weights["ema"])
-        if self.fake is not None:
-            if "fake" not in weights:
-                raise ValueError("this rcm checkpoint has no fake-score network (a --no-dmd run): resume it with "
-                                 "--no-dmd")
-            self.fake.load_state_dict(weights["fake"])
+        for name, (net, _) in self.trained.items():
+            unwrap(net).load_state_dict(weights[name])
 
     def optimizer_states(self) -> dict:
-        out = {"student": self.opt_student.state_dict()}
-        if self.fake is not None:
-            out["fake"] = self.opt_fake.state_dict()
-        return out
+        return {name: opt.state_dict() for name, (_, opt) in self.trained.items()}
 
     def load_optimizer_states(self, state: dict) -> None:
-        self.opt_student.load_state_dict(state["student"])
-        if self.fake is not None:
-            self.opt_fake.load_state_dict(state["fake"])
+        for name, (_, opt) in self.trained.items():
+            opt.load_state_dict(state[name])
 
     def export(self) -> dict[str, torch.Tensor]:
         return self.ema.state_dict()
