@@ -44,6 +44,10 @@ def test_eval_arguments_are_checked():
         run_eval(["student"], count=1)
     with pytest.raises(ValueError, match="--topk must be in"):
         run_eval(["student_sla"], count=2, topk=0)
+    with pytest.raises(ValueError, match="--start"):
+        run_eval(["student"], count=2, start=-1)
+    with pytest.raises(ValueError, match="--sigma-max"):
+        run_eval(["student"], count=2, sigma_max=0.0)
     assert set(CONFIGS) >= {"teacher", "student", "student_sla", "student_sagesla", "student_sagesla_w8a8", "turbo"}
 
 
@@ -65,3 +69,31 @@ def test_eval_command_on_the_shipped_model(tmp_path, capsys, monkeypatch):
     assert main(["eval", "--configs", "student,student_sla", "--count", "2", "--device", "cpu", "--topk", "0.75",
                  "--out", str(out)]) == 0
     assert [r["topk"] for r in json.loads(out.read_text())["rows"]] == [None, 0.75]
+
+
+def test_eval_start_and_sampler_options_reach_generate(tmp_path, monkeypatch):
+    """--start picks held-out prompts start.., --sigma-max / --ode reach the few-step rows' SampleConfig (the
+    50-step teacher row keeps its own sampler), and every row records what it ran."""
+    from turbovid.pipeline import Pipeline
+    from turbovid.train.data import sample_clip
+
+    seen = []
+    real_generate = Pipeline.generate
+
+    def spy(self, prompt, sample):
+        seen.append((prompt, sample))
+        return real_generate(self, prompt, sample)
+    monkeypatch.setattr(Pipeline, "generate", spy)
+    monkeypatch.setattr("turbovid.eval.CONFIGS", {**CONFIGS, "teacher": ({"teacher": True}, 5, "short teacher")})
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--configs", "student,teacher", "--count", "2", "--start", "7", "--seed", "3",
+                 "--sigma-max", "20", "--ode", "--device", "cpu", "--out", str(out)]) == 0
+    assert [p for p, _ in seen] == [sample_clip(0, "heldout", i).caption for i in (7, 8)] * 2
+    student, teacher = [s for _, s in seen[:2]], [s for _, s in seen[2:]]
+    assert [(s.steps, s.sigma_max, s.ode, s.seed) for s in student] == [(4, 20.0, True, 3), (4, 20.0, True, 4)]
+    assert [(s.steps, s.sigma_max, s.ode) for s in teacher] == [(5, None, False)] * 2
+    result = json.loads(out.read_text())
+    assert result["start"] == 7
+    rows = {r["config"]: r for r in result["rows"]}
+    assert (rows["student"]["sigma_max"], rows["student"]["ode"]) == (20.0, True)
+    assert "sigma_max" not in rows["teacher"] and "ode" not in rows["teacher"]

@@ -2,8 +2,8 @@
 
 For every configuration (the waterfall teacher -> 4-step student -> + SLA -> + SageSLA -> + W8A8 -> full stack)
 the pipeline (`Pipeline.load` + `generate`, the same code as `turbovid generate`) renders one video for each of
-the first N held-out prompts (captions whose colour-shape-direction triple never occurs in training), with
-seed `seed + i` for prompt i, and grades it:
+N held-out prompts (captions whose colour-shape-direction triple never occurs in training), by default the
+first N, with seed `seed + i` for prompt i, and grades it:
 
 - prompt adherence: colour, shape and direction read back by the deterministic detector
   (turbovid.train.detect); "all" = the three right at once. Speed and size are reported too, and the colour's
@@ -19,6 +19,10 @@ seed `seed + i` for prompt i, and grades it:
     turbovid eval --count 32 --out benchmarks/results/eval_mini_cpu.json
     turbovid eval --configs teacher,student --count 8
     turbovid eval --configs student_sagesla,turbo --topk 0.75     (SLA's kept key-block ratio: a trade-off)
+    turbovid eval --configs turbo --start 1000 --count 256 --ode --sigma-max 200
+
+`--start` skips prompts: pick a sampler setting (`--ode`, `--sigma-max`, for the few-step rows) on prompts past
+the ones you report (e.g. 1000..1255), then report the first N with the setting chosen.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -85,18 +90,21 @@ def _real_features(clips, size: int, frames: int) -> torch.Tensor:
 # ---- one configuration -----------------------------------------------------------------------------
 
 def evaluate_config(name: str, clips, *, model: str, device: str | None, seed: int, real: torch.Tensor,
-                    log=print, topk: float | None = None) -> dict:
-    """`topk`: SLA's kept key-block ratio for the SLA / SageSLA configurations (default: the model's)."""
+                    log=print, topk: float | None = None, sigma_max: float | None = None, ode: bool = False) -> dict:
+    """`topk`: SLA's kept key-block ratio for the SLA / SageSLA configurations (default: the model's).
+    `sigma_max` / `ode`: the rCM sampler's, for the few-step rows (the 50-step teacher row ignores them)."""
     from turbovid.pipeline import Pipeline
     from turbovid.train.detect import adherence
 
     kwargs, steps, what = CONFIGS[name]
     pipe = Pipeline.load(model, device=device, **kwargs, topk=topk)
     spec = pipe.spec
+    rcm = steps <= 4
+    sample = SampleConfig(steps=steps, sigma_max=sigma_max if rcm else None, ode=ode and rcm)
     videos, seconds, dit_seconds = [], [], []
     for i, clip in enumerate(clips):
         t0 = time.perf_counter()
-        video = pipe.generate(clip.caption, SampleConfig(steps=steps, seed=seed + i))
+        video = pipe.generate(clip.caption, replace(sample, seed=seed + i))
         seconds.append(time.perf_counter() - t0)
         dit_seconds.append(sum(v for k, v in video.timings.items() if k.startswith("dit_step_")))
         videos.append(from_uint8_frames(video.frames))                   # [3, F, H, W] in [-1, 1]
@@ -105,7 +113,7 @@ def evaluate_config(name: str, clips, *, model: str, device: str | None, seed: i
     fake = torch.stack([clip_features(v) for v in videos])
     sparse = kwargs.get("attention") in ("sla", "sagesla")     # the rows that run SLA record its top-k
     return {"config": name, "what": what, "steps": steps, "topk": pipe.topk if sparse else None, "model": spec.name,
-            "count": len(clips),
+            "count": len(clips), **({"sigma_max": sample.sigma_max or spec.sigma_max, "ode": sample.ode} if rcm else {}),
             **{k: scores[k] for k in ("all", "color", "shape", "direction", "speed", "size", "hue_drift")},
             "frechet": frechet_distance(fake, real), "seconds_per_video": statistics.median(seconds),
             "dit_seconds_per_video": statistics.median(dit_seconds),
@@ -113,9 +121,8 @@ def evaluate_config(name: str, clips, *, model: str, device: str | None, seed: i
 
 
 def run_eval(configs: list[str], *, model: str = "mini", count: int = 32, seed: int = 0, device: str | None = None,
-             out: str | Path | None = None, log=print, topk: float | None = None) -> dict:
-    from dataclasses import replace
-
+             out: str | Path | None = None, log=print, topk: float | None = None, start: int = 0,
+             sigma_max: float | None = None, ode: bool = False) -> dict:
     from turbovid.config import MODELS
     from turbovid.train.data import path_start, sample_clip
 
@@ -128,12 +135,16 @@ def run_eval(configs: list[str], *, model: str = "mini", count: int = 32, seed: 
         raise ValueError(f"--count must be >= 2 (the distribution distance needs two clips), got {count}")
     if topk is not None and not 0 < topk <= 1:
         raise ValueError(f"--topk must be in (0, 1], got {topk}")
+    if start < 0:
+        raise ValueError(f"--start must be >= 0, got {start}")
+    if sigma_max is not None and not sigma_max >= 0.1:
+        raise ValueError(f"--sigma-max must be >= 0.1, got {sigma_max}")
     spec = MODELS[model]
     from turbovid.pipeline import resolve_size
     width, height = resolve_size(spec, SampleConfig())
     if width != height:
         raise ValueError(f"{model}: the procedural clips are square, the model's default size is {width}x{height}")
-    clips = [sample_clip(0, "heldout", i) for i in range(count)]
+    clips = [sample_clip(0, "heldout", start + i) for i in range(count)]
     real = _real_features(clips, width, spec.num_frames)
     # The same prompts drawn again: every attribute kept, a new start position drawn as the data module does.
     rng = np.random.default_rng(seed + 1)
@@ -141,20 +152,21 @@ def run_eval(configs: list[str], *, model: str = "mini", count: int = 32, seed: 
     floor = frechet_distance(_real_features(other, width, spec.num_frames), real)
     rows = []
     for name in configs:
-        rows.append(evaluate_config(name, clips, model=model, device=device, seed=seed, real=real, log=log, topk=topk))
+        rows.append(evaluate_config(name, clips, model=model, device=device, seed=seed, real=real, log=log, topk=topk,
+                                    sigma_max=sigma_max, ode=ode))
         if out is not None:
-            _write(out, rows, floor, count, seed)
+            _write(out, rows, floor, count, seed, start)
     return {"rows": rows, "real_vs_real": floor}
 
 
-def _write(out, rows, floor, count, seed) -> None:
+def _write(out, rows, floor, count, seed, start) -> None:
     import platform
 
     from turbovid.train.detect import VERSION
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"count": count, "seed": seed, "split": "heldout", "detector_version": VERSION,
+    payload = {"count": count, "start": start, "seed": seed, "split": "heldout", "detector_version": VERSION,
                "real_vs_real_frechet": floor,
                "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                            "torch": torch.__version__,
@@ -186,6 +198,10 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--model", default="mini")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of: {', '.join(CONFIGS)}")
     p.add_argument("--count", type=int, default=32, help="held-out prompts per configuration")
+    p.add_argument("--start", type=int, default=0, help="index of the first held-out prompt (default 0)")
+    p.add_argument("--sigma-max", type=float, help="the rCM sampler's initial sigma for the few-step rows "
+                                                   "(default: the model's)")
+    p.add_argument("--ode", action="store_true", help="deterministic rCM sampling for the few-step rows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu | cuda (default: cuda if available)")
     p.add_argument("--out", help="results JSON (rewritten after each configuration)")
@@ -196,7 +212,8 @@ def add_eval_parser(subparsers) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     result = run_eval(configs, model=args.model, count=args.count, seed=args.seed, device=args.device, out=args.out,
-                      log=lambda msg: print(msg, file=sys.stderr, flush=True), topk=args.topk)
+                      log=lambda msg: print(msg, file=sys.stderr, flush=True), topk=args.topk, start=args.start,
+                      sigma_max=args.sigma_max, ode=args.ode)
     print_table(result)
     if args.out:
         print(f"wrote {args.out}")

@@ -13,6 +13,11 @@
 #       one at a time, session 14's student first as the anchor of the same run (its CPU and H200 grade: 0.852).
 #   Then, for a student that reads higher: session16.sh m2 (SLA fine-tune + ship; carry it as
 #   runs/carry/s16/rcm.safetensors) and m3 (the release's grade).
+# Added in session 17 (run before n1/n2: no training, only the shipped release):
+#   p1: the rCM sampler's settings, chosen on validation prompts: `turbovid eval` of the full stack (row turbo) on
+#       held-out prompts 1000..1255 (never reported elsewhere), one run per (sigma_max, SDE|ODE) in SIGMAS x MODES,
+#       JSON per setting to $OUT/sampler_<mode>_<sigma>.json; stops before a run that would not fit.
+#   p2: the setting p1 picks (SIGMA, ODE=1|0) against the teacher on the reported prompts 0..255, one run.
 source "$(dirname "$0")/prelude.sh" "$1"
 INIT=runs/carry/s14/rcm.safetensors
 # `snapshot CKPT STEP OUT`: the EMA student of checkpoint CKPT as a weights file whose history (checkpoint.
@@ -36,10 +41,21 @@ n1) fresh runs/s17
       cp "$S/rcm/log.jsonl" "$OUT/"
       if [ "$step" -lt "$n" ]; then break; fi    # the time ran out
     done ;;
+p1) for sigma in ${SIGMAS:-80 200 20 1000}; do
+      for mode in sde ode; do
+        if [ "$(left)" -lt 75 ]; then echo "time: stopped before $mode $sigma"; break 2; fi
+        python3 -m turbovid.cli eval --device cuda --configs turbo --start 1000 --count "${COUNT:-256}" \
+          --sigma-max "$sigma" $([ $mode = ode ] && echo --ode) --out "$OUT/sampler_${mode}_$sigma.json" \
+          2> "$OUT/eval_progress.log" | sed -n 2p | sed "s|^|$mode sigma_max=$sigma: |" | tee -a "$OUT/eval.log"
+      done
+    done ;;
+p2) python3 -m turbovid.cli eval --device cuda --configs teacher,turbo --count "${COUNT:-256}" \
+      --sigma-max "$SIGMA" $([ "${ODE:-0}" = 1 ] && echo --ode) --out "$OUT/eval_sampler_n${COUNT:-256}.json" \
+      2> "$OUT/eval_progress.log" | tee "$OUT/eval.log" ;;
 n2) fresh runs/s17_eval
     for f in "$INIT" runs/carry/s17/rcm_*.safetensors; do
       check "$f dense" --count 128 --dit "$f" --attention dense --sampler rcm
     done ;;
-*)  echo "usage: session17.sh n1|n2 (n1: LR, BATCH, EVERY steps between saved students)"
+*)  echo "usage: session17.sh p1|p2|n1|n2 (p1: SIGMAS, COUNT; p2: SIGMA, ODE, COUNT; n1: LR, BATCH, EVERY)"
     exit 2 ;;
 esac
