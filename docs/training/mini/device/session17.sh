@@ -15,7 +15,7 @@
 #   runs/carry/s16/rcm.safetensors) and m3 (the release's grade).
 # Added in session 17 (run before n1/n2: no training, only the shipped release):
 #   p1: the rCM sampler's settings, chosen on validation prompts: `turbovid eval` of the full stack (row turbo) on
-#       held-out prompts 1000..1255 (never reported elsewhere), one run per (sigma_max, SDE|ODE) in SIGMAS x MODES,
+#       held-out prompts 1000..1255 (never reported elsewhere), one run per (sigma_max, sde|ode) in SIGMAS x MODES,
 #       JSON per setting to $OUT/sampler_<mode>_<sigma>.json; stops before a run that would not fit.
 #   p2: the setting p1 picks (SIGMA, ODE=1|0) against the teacher on the reported prompts 0..255, one run.
 source "$(dirname "$0")/prelude.sh" "$1"
@@ -42,7 +42,7 @@ n1) fresh runs/s17
       if [ "$step" -lt "$n" ]; then break; fi    # the time ran out
     done ;;
 p1) for sigma in ${SIGMAS:-80 200 20 1000}; do
-      for mode in sde ode; do
+      for mode in ${MODES:-sde ode}; do
         if [ "$(left)" -lt 75 ]; then echo "time: stopped before $mode $sigma"; break 2; fi
         python3 -m turbovid.cli eval --device cuda --configs turbo --start 1000 --count "${COUNT:-256}" \
           --sigma-max "$sigma" $([ $mode = ode ] && echo --ode) --out "$OUT/sampler_${mode}_$sigma.json" \
@@ -56,6 +56,6 @@ n2) fresh runs/s17_eval
     for f in "$INIT" runs/carry/s17/rcm_*.safetensors; do
       check "$f dense" --count 128 --dit "$f" --attention dense --sampler rcm
     done ;;
-*)  echo "usage: session17.sh p1|p2|n1|n2 (p1: SIGMAS, COUNT; p2: SIGMA, ODE, COUNT; n1: LR, BATCH, EVERY)"
+*)  echo "usage: session17.sh p1|p2|n1|n2 (p1: SIGMAS, MODES, COUNT; p2: SIGMA, ODE, COUNT; n1: LR, BATCH, EVERY)"
     exit 2 ;;
 esac
