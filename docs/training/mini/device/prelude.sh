@@ -55,3 +55,34 @@ ship_release() {
   $T ship --run-dir "$S" --output turbovid/assets/mini
   mkdir -p "$OUT/assets" && cp turbovid/assets/mini/dit{,_int8}.safetensors turbovid/assets/mini/config.json "$OUT/assets/"
 }
+# `rcm_kept FROM EVERY ARGS...`: `train rcm --run-dir $S ARGS --steps 100000` run EVERY steps at a time (each run
+# resumes from the last checkpoint) until the command's time ends, stopped and checkpointed 40 s before its end. After
+# each run the EMA student goes to $OUT/rcm_<step>.safetensors with the weights history the stage's own final file
+# would have: FROM's (the file the student started from: --init's, else $S/teacher/final.safetensors), then the rCM
+# steps so far. Its log to $OUT/rcm.log and $OUT/log.jsonl.
+rcm_kept() {
+  local from=$1 every=$2 n ckpt step; shift 2
+  for n in $(seq "$every" "$every" 100000); do
+    $T rcm --run-dir "$S" "$@" --steps 100000 --until "$n" --max-minutes "$(minutes_left 40)" \
+      >> "$OUT/rcm.log" 2>&1 || echo "rcm exit $?"
+    tail -1 "$OUT/rcm.log"
+    ckpt=$(cat "$S/rcm/checkpoints/latest") && step=$(echo "$ckpt" | sed 's/^step_0*//')
+    python3 -c "import sys; from safetensors.torch import load_file
+from turbovid.train.checkpoint import history_metadata, save_weights, weights_history
+h = weights_history(sys.argv[2]) + [{'stage': 'rcm', 'steps': int(sys.argv[3])}]
+save_weights(sys.argv[4], load_file(sys.argv[1]), history_metadata(h))" \
+      "$S/rcm/checkpoints/$ckpt/ema.safetensors" "$from" "$step" "$OUT/rcm_$step.safetensors"
+    cp "$S/rcm/log.jsonl" "$OUT/"
+    if [ "$step" -lt "$n" ]; then break; fi    # the time ran out
+  done
+}
+# `grade_students ANCHOR FILES...`: `train eval` dense, 4-step rCM, 128 held-out prompts of ANCHOR then each of FILES,
+# one at a time in a fresh run directory (the anchor: a student already graded elsewhere, to place this machine's
+# grades beside).
+grade_students() {
+  fresh runs/grade
+  local f
+  for f in "$@"; do
+    check "$f dense" --count 128 --dit "$f" --attention dense --sampler rcm
+  done
+}
