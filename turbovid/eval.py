@@ -93,13 +93,13 @@ def evaluate_config(name: str, clips, *, model: str, device: str | None, seed: i
                     log=print, topk: float | None = None, sigma_max: float | None = None, ode: bool = False) -> dict:
     """`topk`: SLA's kept key-block ratio for the SLA / SageSLA configurations (default: the model's).
     `sigma_max` / `ode`: the rCM sampler's, for the few-step rows (the 50-step teacher row ignores them)."""
-    from turbovid.pipeline import Pipeline
+    from turbovid.pipeline import MAX_RCM_STEPS, Pipeline
     from turbovid.train.detect import adherence
 
     kwargs, steps, what = CONFIGS[name]
     pipe = Pipeline.load(model, device=device, **kwargs, topk=topk)
     spec = pipe.spec
-    rcm = steps <= 4
+    rcm = steps <= MAX_RCM_STEPS
     sample = SampleConfig(steps=steps, sigma_max=sigma_max if rcm else None, ode=ode and rcm)
     videos, seconds, dit_seconds = [], [], []
     for i, clip in enumerate(clips):
@@ -113,7 +113,8 @@ def evaluate_config(name: str, clips, *, model: str, device: str | None, seed: i
     fake = torch.stack([clip_features(v) for v in videos])
     sparse = kwargs.get("attention") in ("sla", "sagesla")     # the rows that run SLA record its top-k
     return {"config": name, "what": what, "steps": steps, "topk": pipe.topk if sparse else None, "model": spec.name,
-            "count": len(clips), **({"sigma_max": sample.sigma_max or spec.sigma_max, "ode": sample.ode} if rcm else {}),
+            "count": len(clips),
+            **({"sigma_max": sample.sigma_max or spec.sigma_max, "ode": sample.ode} if rcm else {}),
             **{k: scores[k] for k in ("all", "color", "shape", "direction", "speed", "size", "hue_drift")},
             "frechet": frechet_distance(fake, real), "seconds_per_video": statistics.median(seconds),
             "dit_seconds_per_video": statistics.median(dit_seconds),
@@ -137,10 +138,9 @@ def run_eval(configs: list[str], *, model: str = "mini", count: int = 32, seed: 
         raise ValueError(f"--topk must be in (0, 1], got {topk}")
     if start < 0:
         raise ValueError(f"--start must be >= 0, got {start}")
-    if sigma_max is not None and not sigma_max >= 0.1:
-        raise ValueError(f"--sigma-max must be >= 0.1, got {sigma_max}")
     spec = MODELS[model]
-    from turbovid.pipeline import resolve_size
+    from turbovid.pipeline import check_sample, resolve_size
+    check_sample(spec, SampleConfig(sigma_max=sigma_max), has_image=False)     # --sigma-max, before any work
     width, height = resolve_size(spec, SampleConfig())
     if width != height:
         raise ValueError(f"{model}: the procedural clips are square, the model's default size is {width}x{height}")
