@@ -77,21 +77,23 @@ def test_eval_start_and_sampler_options_reach_generate(tmp_path, monkeypatch):
     from turbovid.pipeline import Pipeline
     from turbovid.train.data import sample_clip
 
-    seen = []
+    seen, rendered = [], []
     real_generate = Pipeline.generate
 
     def spy(self, prompt, sample):
         seen.append((prompt, sample))
-        return real_generate(self, prompt, sample)
+        if not rendered:       # one real clip, then reused: this test is about what reaches generate()
+            rendered.append(real_generate(self, prompt, sample))
+        return rendered[0]
     monkeypatch.setattr(Pipeline, "generate", spy)
-    monkeypatch.setattr("turbovid.eval.CONFIGS", {**CONFIGS, "teacher": ({"teacher": True}, 5, "short teacher")})
+    monkeypatch.setenv("TURBOVID_KERNELS", "ref")     # the kernels' PyTorch references: no interpreter
     out = tmp_path / "eval.json"
     assert main(["eval", "--configs", "student,teacher", "--count", "2", "--start", "7", "--seed", "3",
                  "--sigma-max", "20", "--ode", "--device", "cpu", "--out", str(out)]) == 0
     assert [p for p, _ in seen] == [sample_clip(0, "heldout", i).caption for i in (7, 8)] * 2
     student, teacher = [s for _, s in seen[:2]], [s for _, s in seen[2:]]
     assert [(s.steps, s.sigma_max, s.ode, s.seed) for s in student] == [(4, 20.0, True, 3), (4, 20.0, True, 4)]
-    assert [(s.steps, s.sigma_max, s.ode) for s in teacher] == [(5, None, False)] * 2
+    assert [(s.steps, s.sigma_max, s.ode) for s in teacher] == [(50, None, False)] * 2
     result = json.loads(out.read_text())
     assert result["start"] == 7
     rows = {r["config"]: r for r in result["rows"]}
