@@ -100,7 +100,7 @@ def evaluate_config(name: str, clips, *, model: str, device: str | None, seed: i
     pipe = Pipeline.load(model, device=device, **kwargs, topk=topk)
     spec = pipe.spec
     rcm = steps <= MAX_RCM_STEPS
-    sample = SampleConfig(steps=steps, sigma_max=sigma_max if rcm else None, ode=ode and rcm)
+    sample = SampleConfig(steps=steps, sigma_max=(sigma_max or spec.sigma_max) if rcm else None, ode=ode and rcm)
     videos, seconds, dit_seconds = [], [], []
     for i, clip in enumerate(clips):
         t0 = time.perf_counter()
@@ -114,7 +114,7 @@ def evaluate_config(name: str, clips, *, model: str, device: str | None, seed: i
     sparse = kwargs.get("attention") in ("sla", "sagesla")     # the rows that run SLA record its top-k
     return {"config": name, "what": what, "steps": steps, "topk": pipe.topk if sparse else None, "model": spec.name,
             "count": len(clips),
-            **({"sigma_max": sample.sigma_max or spec.sigma_max, "ode": sample.ode} if rcm else {}),
+            **({"sigma_max": sample.sigma_max, "ode": sample.ode} if rcm else {}),
             **{k: scores[k] for k in ("all", "color", "shape", "direction", "speed", "size", "hue_drift")},
             "frechet": frechet_distance(fake, real), "seconds_per_video": statistics.median(seconds),
             "dit_seconds_per_video": statistics.median(dit_seconds),

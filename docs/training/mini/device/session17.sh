@@ -4,7 +4,8 @@
 # session 16: teacher 0.918, SLA 0.871, full stack 0.879), and the gap is the rCM stage's.
 #   p1: the rCM sampler's settings, chosen on validation prompts: `turbovid eval` of the full stack (row turbo) on
 #       held-out prompts 1000..1255 (never reported elsewhere), one run per (sigma_max, sde|ode) in SIGMAS x MODES,
-#       JSON per setting to $OUT/sampler_<mode>_<sigma>.json; stops before a run that would not fit.
+#       JSON per setting to $OUT/sampler_<mode>_<sigma>.json, its row to $OUT/sampler.log; stops before a run
+#       that would not fit (prelude's release_eval; as run, the rows went to eval.log).
 #       As run: `p1` (SDE / ODE at 80, SDE at 200; the time ended there), then `SIGMAS="1000 500 2000" MODES=sde p1`.
 #   p2: the setting p1 picks (SIGMA, ODE=1|0) against the teacher on the reported prompts 0..255, one run.
 #       As run: `SIGMA=200 p2`.
@@ -24,14 +25,13 @@ n1) fresh runs/s17
 p1) for sigma in ${SIGMAS:-80 200 20 1000}; do
       for mode in ${MODES:-sde ode}; do
         if [ "$(left)" -lt 75 ]; then echo "time: stopped before $mode $sigma"; break 2; fi
-        python3 -m turbovid.cli eval --device cuda --configs turbo --start 1000 --count "${COUNT:-256}" \
-          --sigma-max "$sigma" $([ $mode = ode ] && echo --ode) --out "$OUT/sampler_${mode}_$sigma.json" \
-          2> "$OUT/eval_progress.log" | sed -n 2p | sed "s|^|$mode sigma_max=$sigma: |" | tee -a "$OUT/eval.log"
+        release_eval "sampler_${mode}_$sigma.json" --configs turbo --start 1000 --count "${COUNT:-256}" \
+          --sigma-max "$sigma" $([ $mode = ode ] && echo --ode) | sed -n 2p | sed "s|^|$mode sigma_max=$sigma: |" \
+          | tee -a "$OUT/sampler.log"
       done
     done ;;
-p2) python3 -m turbovid.cli eval --device cuda --configs teacher,turbo --count "${COUNT:-256}" \
-      --sigma-max "$SIGMA" $([ "${ODE:-0}" = 1 ] && echo --ode) --out "$OUT/eval_sampler_n${COUNT:-256}.json" \
-      2> "$OUT/eval_progress.log" | tee "$OUT/eval.log" ;;
+p2) release_eval "eval_sampler_n${COUNT:-256}.json" --configs teacher,turbo --count "${COUNT:-256}" \
+      --sigma-max "$SIGMA" $([ "${ODE:-0}" = 1 ] && echo --ode) ;;
 n2) grade_students "$INIT" runs/carry/s17/rcm_*.safetensors ;;
 *)  echo "usage: session17.sh p1|p2|n1|n2 (p1: SIGMAS, MODES, COUNT; p2: SIGMA, ODE, COUNT; n1: LR, BATCH, EVERY)"
     exit 2 ;;
