@@ -385,6 +385,36 @@ def test_rcm_without_dmd_is_scm_alone_every_step(run, tmp_path):
         drive(RCMTrainer(recipe, run_dir, ENV, teacher, inputs=inputs), tmp_path / "c", ENV, quiet=True)
 
 
+def test_rcm_on_the_teachers_samples(run, tmp_path):
+    # RCMStage.teacher_data: x0 are the frozen teacher's own samples of the pooled training captions (its eval
+    # sampler, seeded per chunk), generated once and cached beside the stage's checkpoints; the captions of a batch
+    # are those the samples were drawn for.
+    from turbovid.train.distill import TeacherSamples
+    run_dir, _ = run
+    teacher = load_weights(run_dir / "teacher" / "final.safetensors")
+    recipe = _stage(TINY, "rcm", steps=2, batch=2)
+    recipe = dataclasses.replace(recipe, rcm=dataclasses.replace(recipe.rcm, teacher_data=3, dmd=False))
+    trainer = RCMTrainer(recipe, run_dir, ENV, teacher)
+    data = trainer.inputs
+    assert isinstance(data, TeacherSamples) and data.pool_latents.shape == (3, *TINY.latent_shape)
+    cached = run_dir / "rcm" / "teacher_data_train_3_rank0of1.safetensors"
+    assert cached.is_file()
+    context, clips = data.captions([0, 1, 2])
+    want = generate_latents(trainer.teacher, context, data.negative, (3, *TINY.latent_shape), ENV,
+                            sampler="teacher", steps=TINY.eval_teacher_steps, seed=0)
+    torch.testing.assert_close(data.pool_latents.float(), want, atol=0.02 * want.abs().max().item(), rtol=0)
+    latents, batch_context, batch_clips = data.get([0, 1, 2])
+    for latent, ctx, clip in zip(latents, batch_context, batch_clips):   # each sample keeps its caption
+        i = [c.caption for c in clips].index(clip.caption)
+        assert torch.equal(latent, data.pool_latents[i].float()) and torch.equal(ctx, context[i])
+    logs = drive(trainer, tmp_path / "a", ENV, quiet=True)
+    assert len(logs) == 2 and all(math.isfinite(r["loss"]) for r in logs)
+    again = TeacherSamples(recipe, run_dir, ENV, trainer.teacher, 3)      # read back, not sampled again
+    assert torch.equal(again.pool_latents, data.pool_latents)
+    with pytest.raises(ValueError, match="no object masks"):
+        dataclasses.replace(recipe.rcm, fg_share=0.5)
+
+
 def test_rcm_object_weighted_scm_loss(run, tmp_path):
     # RCMStage.fg_share: the sCM loss of each sample weighs its object's latent cells (data.object_weights); with
     # weights of mean 1 the loss changes, the update stays finite.
@@ -635,6 +665,15 @@ def test_cli_overrides_reach_the_stage_recipe():
     assert _recipe(parser.parse_args(["train", "rcm"])).rcm.dmd
     with pytest.raises(ValueError, match="--no-dmd applies to the rcm stage only"):
         cmd_train(parser.parse_args(["train", "sla", "--no-dmd"]))
+    # rcm --teacher-data N: the teacher's samples as data (none unless given)
+    assert _recipe(parser.parse_args(["train", "rcm", "--teacher-data", "2048"])).rcm.teacher_data == 2048
+    assert _recipe(parser.parse_args(["train", "rcm"])).rcm.teacher_data == 0
+    with pytest.raises(ValueError, match="--teacher-data must be >= 1"):
+        _recipe(parser.parse_args(["train", "rcm", "--teacher-data", "0"]))
+    with pytest.raises(ValueError, match="no object masks"):
+        _recipe(parser.parse_args(["train", "rcm", "--teacher-data", "8", "--fg-share", "0.5"]))
+    with pytest.raises(ValueError, match="--teacher-data applies to the rcm stage only"):
+        cmd_train(parser.parse_args(["train", "teacher", "--teacher-data", "8"]))
     # qat: its own settings take --steps / --lr / --topk / --quant-weight; sla's stay as they are
     qat = _recipe(parser.parse_args(["train", "qat", "--steps", "7", "--lr", "1e-5", "--topk", "0.6",
                                      "--quant-weight", "2"]))

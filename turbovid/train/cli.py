@@ -66,6 +66,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                                                       "that is distilled already)")
     p.add_argument("--no-dmd", action="store_true", help="rcm: sCM alone for the whole run, no DMD after the "
                                                          "tangent warm-up (recipe.RCMStage.dmd)")
+    p.add_argument("--teacher-data", type=int, metavar="N",
+                   help="rcm: distil on N samples the teacher draws for training captions (50 steps, CFG), as rCM "
+                        "does, instead of the encoded clips (recipe.RCMStage.teacher_data)")
     p.add_argument("--no-eval", action="store_true", help="reproduce: skip the final evaluations")
     g = p.add_argument_group("merge of arbitrary files (all three given: TurboDiffusion's merge_models.py)")
     g.add_argument("--base", help="rCM student checkpoint")
@@ -148,6 +151,10 @@ def _recipe(args, world: int = 1):
         rcm["tangent_warmup"] = args.tangent_warmup
     if args.no_dmd:
         rcm["dmd"] = False
+    if args.teacher_data is not None:
+        if args.teacher_data < 1:
+            raise ValueError(f"--teacher-data must be >= 1, got {args.teacher_data}")
+        rcm["teacher_data"] = args.teacher_data
     if args.guidance is not None and args.stage in ("rcm", "reproduce"):
         if not args.guidance >= 1:
             raise ValueError(f"--guidance must be >= 1 (1: no CFG), got {args.guidance}")
@@ -205,6 +212,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 ("--sla-student", args.sla_student or None, ("rcm", "reproduce")),
                                 ("--tangent-warmup", args.tangent_warmup, ("rcm", "reproduce")),
                                 ("--no-dmd", args.no_dmd or None, ("rcm", "reproduce")),
+                                ("--teacher-data", args.teacher_data, ("rcm", "reproduce")),
                                 ("--guidance", args.guidance, ("rcm", "eval", "reproduce"))):
         if value is not None and args.stage not in stages:
             named = [st for st in stages if st != "reproduce"]   # reproduce passes the flag on to its stage

@@ -10,7 +10,8 @@ others are fake-score (critic) steps (`losses.rcm_phase`). With `RCMStage.dmd` o
 student step and the stage is sCM alone, its tangent at full weight after the warm-up; the fake-score network is
 then not built.
 
-Student step, batch of data latents x0 with captions:
+Student step, batch of data latents x0 with captions (with `RCMStage.teacher_data`, as in rCM: latents the
+teacher sampled for those captions, `TeacherSamples`):
  1. t ~ p_G (t = atan(sigma sqrt(T_lat)), sigma log-normal), x_t = cos t x0 + sin t eps.
  2. F_T = teacher TrigFlow velocity with CFG (no grad).
  3. JVP of the student's F along (cos t sin t F_T, cos t sin t) -> cos t sin t dF/dt (exact, no grad).
@@ -50,6 +51,32 @@ def _renoise(x0: torch.Tensor, t: torch.Tensor, g: torch.Generator) -> torch.Ten
     return _b(torch.cos(t), x0).to(x0.dtype) * x0 + _b(torch.sin(t), x0).to(x0.dtype) * eps
 
 
+class TeacherSamples(LatentBatches):
+    """rCM's training data (SPEC §5.2: its student learns from latents its teacher family generated, not from
+    encoded videos): the pool's latents are the frozen teacher's own samples of the pooled clips' captions, drawn
+    by the sampler its adherence is graded with (`evaluate.generate_latents`: UniPC, `recipe.eval_teacher_steps`,
+    CFG against the negative prompt, shift 5). Captions, clips and batching are LatentBatches'. The samples
+    depend on the teacher, so they are cached beside the stage's checkpoints, run_dir/rcm/teacher_data_*."""
+
+    POOL_CHUNK = 64
+
+    def __init__(self, recipe: Recipe, run_dir: Path, env: Env, teacher, count: int):
+        self.teacher = teacher
+        super().__init__(recipe, run_dir, env, pool=count)
+
+    def _pool_file(self, run_dir: Path, split: str, pool: int) -> Path:
+        env = self.env
+        return run_dir / "rcm" / f"teacher_data_{split}_{pool}_rank{env.rank}of{env.world}.safetensors"
+
+    def _pool_chunk(self, indices: list[int]) -> torch.Tensor:
+        from turbovid.train.evaluate import generate_latents
+
+        context, _ = self.captions(indices)
+        return generate_latents(self.teacher, context, self.negative, (len(indices), *self.recipe.latent_shape),
+                                self.env, sampler="teacher", steps=self.recipe.eval_teacher_steps,
+                                seed=self.recipe.seed * 1_000_003 + indices[0])
+
+
 class RCMTrainer:
     name = "rcm"
 
@@ -60,8 +87,10 @@ class RCMTrainer:
         proj_l starts it at zero)."""
         self.recipe, self.env, self.cfg = recipe, env, recipe.rcm
         self.schedule, self.fixed_batch = self.cfg.run, fixed_batch
-        self.inputs = inputs or LatentBatches(recipe, run_dir, env, pool=recipe.pool_clips)
         self.teacher = frozen_dit(recipe, teacher_weights, env)
+        if inputs is None and self.cfg.teacher_data:
+            inputs = TeacherSamples(recipe, run_dir, env, self.teacher, self.cfg.teacher_data)
+        self.inputs = inputs or LatentBatches(recipe, run_dir, env, pool=recipe.pool_clips)
         self.student = dit_from_weights(recipe, teacher_weights if student_weights is None else student_weights,
                                         self.cfg.student_attention, recipe.sla.topk, new_proj_l=True)
         self.student.to(env.device).train()

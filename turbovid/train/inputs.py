@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -106,24 +107,35 @@ class LatentBatches:
         self.pool_latents: torch.Tensor | None = None
         self._perm: tuple[int, torch.Tensor] | None = None
         if pool > 0:
-            self._load_or_build_pool(Path(run_dir) / "pool", split, pool)
+            self._load_or_build_pool(Path(run_dir), split, pool)
 
-    def _load_or_build_pool(self, folder: Path, split: str, pool: int) -> None:
+    POOL_CHUNK = 32      # clips per _pool_chunk call
+
+    def _pool_file(self, run_dir: Path, split: str, pool: int) -> Path:
+        return run_dir / "pool" / f"{split}_{pool}_rank{self.env.rank}of{self.env.world}.safetensors"
+
+    def _pool_chunk(self, indices: list[int]) -> torch.Tensor:
+        """The pooled latents [n, 16, T, h, w] of the clips at `indices`: their encodings."""
+        videos, _ = self.data.batch(indices, self.env.device)
+        return encode_videos(self.vae, videos)
+
+    def _load_or_build_pool(self, run_dir: Path, split: str, pool: int) -> None:
         from safetensors.torch import load_file
 
         env = self.env
         per_rank = max(1, pool // env.world)
         self.pool_indices = [env.rank + env.world * i for i in range(per_rank)]
-        path = folder / f"{split}_{pool}_rank{env.rank}of{env.world}.safetensors"
+        path = self._pool_file(run_dir, split, pool)
         if path.is_file():
             self.pool_latents = load_file(str(path), device=str(env.device))["latents"]
             return
-        chunks = []
-        for first in range(0, per_rank, 32):
-            videos, _ = self.data.batch(self.pool_indices[first:first + 32], env.device)
-            chunks.append(encode_videos(self.vae, videos).to(torch.bfloat16))
-            if env.main and (first // 32) % 100 == 0:
-                print(f"[pool] encoded {first + len(videos)}/{per_rank} clips", flush=True)
+        chunks, t0, step = [], time.perf_counter(), self.POOL_CHUNK
+        for first in range(0, per_rank, step):
+            chunks.append(self._pool_chunk(self.pool_indices[first:first + step]).to(torch.bfloat16))
+            done = first + len(chunks[-1])
+            if env.main and ((first // step) % max(1, 3200 // step) == 0 or done == per_rank):
+                print(f"[pool] {done}/{per_rank} clips ({done / (time.perf_counter() - t0):.1f} clips/s)",
+                      flush=True)
         self.pool_latents = torch.cat(chunks)
         save_weights(path, {"latents": self.pool_latents})   # every rank writes its own file
 

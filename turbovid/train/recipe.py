@@ -125,9 +125,16 @@ class RCMStage:
                                  # (data.object_weights, as the teacher's TeacherStage.fg_share)
     dmd: bool = True             # False (ours): sCM alone for the whole run, every step a student step (no critic),
                                  # the tangent at full weight after the warm-up
+    teacher_data: int = 0        # > 0 (rCM's data, SPEC §5.2): x0 are this many of the teacher's own samples of
+                                 # training captions (distill.TeacherSamples) instead of the encoded clips
 
     def __post_init__(self):
         check_object_weighting(0.0, self.fg_share)
+        if self.teacher_data < 0:
+            raise ValueError(f"rcm.teacher_data must be >= 0, got {self.teacher_data}")
+        if self.teacher_data and self.fg_share:
+            raise ValueError("rcm.fg_share weighs the data clips' objects; the teacher's samples (teacher_data) "
+                             "have no object masks")
         if self.student_attention not in ("dense", "sla"):
             raise ValueError(f"rcm.student_attention must be dense or sla, got {self.student_attention!r}")
 

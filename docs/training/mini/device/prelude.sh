@@ -59,7 +59,7 @@ ship_release() {
 # resumes from the last checkpoint) until the command's time ends, stopped and checkpointed 40 s before its end. After
 # each run the EMA student goes to $OUT/rcm_<step>.safetensors with the weights history the stage's own final file
 # would have: FROM's (the file the student started from: --init's, else $S/teacher/final.safetensors), then the rCM
-# steps so far. Its log to $OUT/rcm.log and $OUT/log.jsonl.
+# steps so far (in bf16, as a release stores it, when BF16=1). Its log to $OUT/rcm.log and $OUT/log.jsonl.
 rcm_kept() {
   local from=$1 every=$2 n ckpt step; shift 2
   for n in $(seq "$every" "$every" 100000); do
@@ -70,8 +70,9 @@ rcm_kept() {
     python3 -c "import sys; from safetensors.torch import load_file
 from turbovid.train.checkpoint import history_metadata, save_weights, weights_history
 h = weights_history(sys.argv[2]) + [{'stage': 'rcm', 'steps': int(sys.argv[3])}]
-save_weights(sys.argv[4], load_file(sys.argv[1]), history_metadata(h))" \
-      "$S/rcm/checkpoints/$ckpt/ema.safetensors" "$from" "$step" "$OUT/rcm_$step.safetensors"
+w = {k: v.bfloat16() if sys.argv[5] == '1' and v.is_floating_point() else v for k, v in load_file(sys.argv[1]).items()}
+save_weights(sys.argv[4], w, history_metadata(h))" \
+      "$S/rcm/checkpoints/$ckpt/ema.safetensors" "$from" "$step" "$OUT/rcm_$step.safetensors" "${BF16:-0}"
     cp "$S/rcm/log.jsonl" "$OUT/"
     if [ "$step" -lt "$n" ]; then break; fi    # the time ran out
   done
