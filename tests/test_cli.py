@@ -85,6 +85,9 @@ def test_same_seed_same_video_other_seed_differs(tmp_path, capsys):
     (["--model", "Wan9"], "unknown model"),
     (["--image", "missing.png"], "image not found"),
     (["--num-samples", "0"], "--num-samples"),
+    (["--mid-angles", "1.0,1.4,0.5"], "--mid-angles must decrease"),
+    (["--mid-angles", "1.5;1.4"], "comma-separated numbers"),
+    (["--mid-angles", "1.2,0.6"], "4 rCM steps need 3 --mid-angles"),
     (["--dit", "no/such/file.pth"], "checkpoint not found"),
     (["--model", "Wan2.1-1.3B"], "needs checkpoint paths"),
     (["--max-memory", "0.0001"], "needs at least"),
@@ -163,3 +166,21 @@ def test_teacher_sampler_with_cfg_runs_more_steps(tmp_path, capsys):
     assert code == 0, err
     assert "dit_step_6" in stdout and "dit_step_7" not in stdout
     assert read_video(out).shape[0] == 1
+
+
+def test_mid_angles_reach_the_rcm_schedule(monkeypatch):
+    # SampleConfig.mid_angles (`--mid-angles`) sets the rCM sampler's middle TrigFlow angles; None keeps rCM's.
+    import turbovid.pipeline as pipeline
+    from turbovid.sampling import rcm_times
+
+    seen = []
+    real = pipeline.rcm_sample
+
+    def spy(velocity, noise, times, generator, **kw):
+        seen.append(times)
+        return real(velocity, noise, times, generator, **kw)
+    monkeypatch.setattr(pipeline, "rcm_sample", spy)
+    pipe = pipeline.Pipeline.load("tiny")
+    for angles in ((1.3, 1.0, 0.6), None):
+        pipe.generate("a red circle", SampleConfig(steps=4, num_frames=5, resolution="128p", mid_angles=angles))
+    assert seen == [rcm_times(4, 80.0, (1.3, 1.0, 0.6)), rcm_times(4, 80.0)]

@@ -48,6 +48,10 @@ def test_eval_arguments_are_checked():
         run_eval(["student"], count=2, start=-1)
     with pytest.raises(ValueError, match="--sigma-max"):
         run_eval(["student"], count=2, sigma_max=0.0)
+    with pytest.raises(ValueError, match="--mid-angles must decrease"):
+        run_eval(["student"], count=2, mid_angles=(1.0, 1.4))
+    with pytest.raises(ValueError, match="4 rCM steps need 3 --mid-angles"):
+        run_eval(["student"], count=2, mid_angles=(1.2, 0.6))
     assert set(CONFIGS) >= {"teacher", "student", "student_sla", "student_sagesla", "student_sagesla_w8a8", "turbo"}
 
 
@@ -72,7 +76,7 @@ def test_eval_command_on_the_shipped_model(tmp_path, capsys, monkeypatch):
 
 
 def test_eval_start_and_sampler_options_reach_generate(tmp_path, monkeypatch):
-    """--start picks held-out prompts start.., --sigma-max / --ode reach the few-step rows' SampleConfig (the
+    """--start picks held-out prompts start.., --sigma-max / --ode / --mid-angles reach the few-step rows' SampleConfig (the
     50-step teacher row keeps its own sampler), and every row records what it ran."""
     from turbovid.pipeline import Pipeline
     from turbovid.train.data import sample_clip
@@ -89,13 +93,15 @@ def test_eval_start_and_sampler_options_reach_generate(tmp_path, monkeypatch):
     monkeypatch.setenv("TURBOVID_KERNELS", "ref")     # the kernels' PyTorch references: no interpreter
     out = tmp_path / "eval.json"
     assert main(["eval", "--configs", "student,teacher", "--count", "2", "--start", "7", "--seed", "3",
-                 "--sigma-max", "20", "--ode", "--device", "cpu", "--out", str(out)]) == 0
+                 "--sigma-max", "20", "--ode", "--mid-angles", "1.3,1.0,0.6", "--device", "cpu", "--out", str(out)]) == 0
     assert [p for p, _ in seen] == [sample_clip(0, "heldout", i).caption for i in (7, 8)] * 2
     student, teacher = [s for _, s in seen[:2]], [s for _, s in seen[2:]]
     assert [(s.steps, s.sigma_max, s.ode, s.seed) for s in student] == [(4, 20.0, True, 3), (4, 20.0, True, 4)]
-    assert [(s.steps, s.sigma_max, s.ode) for s in teacher] == [(50, None, False)] * 2
+    assert [s.mid_angles for s in student] == [(1.3, 1.0, 0.6)] * 2
+    assert [(s.steps, s.sigma_max, s.ode, s.mid_angles) for s in teacher] == [(50, None, False, None)] * 2
     result = json.loads(out.read_text())
     assert result["start"] == 7
     rows = {r["config"]: r for r in result["rows"]}
-    assert (rows["student"]["sigma_max"], rows["student"]["ode"]) == (20.0, True)
-    assert "sigma_max" not in rows["teacher"] and "ode" not in rows["teacher"]
+    assert (rows["student"]["sigma_max"], rows["student"]["ode"], rows["student"]["mid_angles"]) == (20.0, True,
+                                                                                                    [1.3, 1.0, 0.6])
+    assert not {"sigma_max", "ode", "mid_angles"} & set(rows["teacher"])

@@ -15,6 +15,7 @@ from turbovid.sampling import (
     flow_times,
     network_time,
     rcm_sample,
+    parse_mid_angles,
     rcm_times,
     unipc_sample,
 )
@@ -33,6 +34,23 @@ def test_rcm_times_match_spec_values():
     assert rcm_times(4, 1600.0)[0] == pytest.approx(0.9993754, abs=5e-8)
     assert rcm_times(2, 200.0) == pytest.approx([200 / 201, 0.9337811, 0.0], abs=5e-8)
     assert rcm_times(1, 80.0) == pytest.approx([80 / 81, 0.0], abs=1e-15)
+
+
+def test_rcm_times_through_chosen_mid_angles():
+    # SPEC §5.1's older choice [1.3, 1.0, 0.6]: the same sin / (sin + cos) map; the first steps - 1 are used
+    times = rcm_times(4, 80.0, (1.3, 1.0, 0.6))
+    expect = [80 / 81, *(math.tan(a) / (1 + math.tan(a)) for a in (1.3, 1.0, 0.6)), 0.0]
+    assert times == pytest.approx(expect, rel=1e-14)
+    assert rcm_times(3, 80.0, (1.3, 1.0, 0.6)) == pytest.approx([*expect[:3], 0.0], rel=1e-14)
+    assert rcm_times(2, 80.0, (1.2,)) == pytest.approx([80 / 81, math.tan(1.2) / (1 + math.tan(1.2)), 0.0])
+    assert parse_mid_angles("1.3, 1.0,0.6") == (1.3, 1.0, 0.6) and parse_mid_angles(None) is None
+    for bad, match in (("1.0,1.4", "decrease strictly"), ("1.6", "decrease strictly"), ("0.5,0", "decrease strictly"),
+                       ("1.5,x", "comma-separated numbers"), ("1.5,1.4,1.0,0.5", "1 to 3 finite"),
+                       ("nan", "1 to 3 finite")):
+        with pytest.raises(ValueError, match=match):
+            parse_mid_angles(bad)
+    with pytest.raises(ValueError, match="4 rCM steps need 3 mid angles"):
+        rcm_times(4, 80.0, (1.2, 0.6))
 
 
 @pytest.mark.parametrize("steps", [0, 5])

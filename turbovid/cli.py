@@ -49,6 +49,8 @@ def _generate_parser(sub) -> None:
     p.add_argument("--image", help="first frame for image-to-video models")
     p.add_argument("--steps", type=int, default=4, help="1-4: rCM few-step sampler; >4: teacher sampler with CFG")
     p.add_argument("--sigma-max", type=float, help="initial sigma for rCM (default: 80 t2v, 200 i2v)")
+    p.add_argument("--mid-angles", help="rCM: the TrigFlow angles between sigma-max and 0, e.g. 1.5,1.4,1.0 "
+                                        "(the default, rCM's)")
     p.add_argument("--resolution", help=f"one of {', '.join(RESOLUTIONS)} (default: the model's)")
     p.add_argument("--aspect-ratio", help="W:H, e.g. 16:9, 9:16, 1:1, 4:3, 3:4")
     p.add_argument("--adaptive-resolution", action="store_true", help="I2V: keep the image's aspect ratio")
@@ -100,6 +102,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from turbovid.pipeline import MAX_RCM_STEPS, Pipeline, check_prompt, check_sample
+    from turbovid.sampling import parse_mid_angles
     from turbovid.video import VideoWriter, check_preset, read_image
 
     out = _check_output(args.output)
@@ -107,8 +110,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.model not in MODELS:
         raise UsageError(f"unknown model {args.model!r}; choose one of {', '.join(MODELS)}")
     spec = MODELS[args.model]
-    sample = SampleConfig(steps=args.steps, sigma_max=args.sigma_max, ode=args.ode, seed=args.seed,
-                          num_samples=args.num_samples, num_frames=args.frames, resolution=args.resolution,
+    sample = SampleConfig(steps=args.steps, sigma_max=args.sigma_max, mid_angles=parse_mid_angles(args.mid_angles),
+                          ode=args.ode, seed=args.seed, num_samples=args.num_samples, num_frames=args.frames,
+                          resolution=args.resolution,
                           aspect_ratio=args.aspect_ratio, adaptive_resolution=args.adaptive_resolution,
                           solver=args.solver, shift=args.shift, guidance=args.guidance)
     # Everything the user typed is checked before any model is loaded.

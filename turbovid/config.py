@@ -173,6 +173,7 @@ class SampleConfig:
     chosen when the pipeline is loaded, because they change the modules."""
     steps: int = 4                   # 1-4: rCM few-step sampler; >4: teacher flow matching
     sigma_max: float | None = None   # None -> the model's default
+    mid_angles: tuple[float, ...] | None = None   # the rCM sampler's middle TrigFlow angles; None -> rCM's
     ode: bool = False
     seed: int = 0
     num_samples: int = 1

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from turbovid.config import SampleConfig
+from turbovid.sampling import MID_ANGLES, parse_mid_angles
 from turbovid.video import from_uint8_frames
 
 # name -> (Pipeline.load keyword arguments, sampling steps, what it is)
@@ -90,9 +91,11 @@ def _real_features(clips, size: int, frames: int) -> torch.Tensor:
 # ---- one configuration -----------------------------------------------------------------------------
 
 def evaluate_config(name: str, clips, *, model: str, device: str | None, seed: int, real: torch.Tensor,
-                    log=print, topk: float | None = None, sigma_max: float | None = None, ode: bool = False) -> dict:
+                    log=print, topk: float | None = None, sigma_max: float | None = None, ode: bool = False,
+                    mid_angles: tuple[float, ...] | None = None) -> dict:
     """`topk`: SLA's kept key-block ratio for the SLA / SageSLA configurations (default: the model's).
-    `sigma_max` / `ode`: the rCM sampler's, for the few-step rows (the 50-step teacher row ignores them)."""
+    `sigma_max` / `ode` / `mid_angles`: the rCM sampler's, for the few-step rows (the 50-step teacher row ignores
+    them)."""
     from turbovid.pipeline import MAX_RCM_STEPS, Pipeline
     from turbovid.train.detect import adherence
 
@@ -100,7 +103,8 @@ def evaluate_config(name: str, clips, *, model: str, device: str | None, seed: i
     pipe = Pipeline.load(model, device=device, **kwargs, topk=topk)
     spec = pipe.spec
     rcm = steps <= MAX_RCM_STEPS
-    sample = SampleConfig(steps=steps, sigma_max=(sigma_max or spec.sigma_max) if rcm else None, ode=ode and rcm)
+    sample = SampleConfig(steps=steps, sigma_max=(sigma_max or spec.sigma_max) if rcm else None, ode=ode and rcm,
+                          mid_angles=(mid_angles or MID_ANGLES) if rcm else None)
     videos, seconds, dit_seconds = [], [], []
     for i, clip in enumerate(clips):
         t0 = time.perf_counter()
@@ -114,7 +118,8 @@ def evaluate_config(name: str, clips, *, model: str, device: str | None, seed: i
     sparse = kwargs.get("attention") in ("sla", "sagesla")     # the rows that run SLA record its top-k
     return {"config": name, "what": what, "steps": steps, "topk": pipe.topk if sparse else None, "model": spec.name,
             "count": len(clips),
-            **({"sigma_max": sample.sigma_max, "ode": sample.ode} if rcm else {}),
+            **({"sigma_max": sample.sigma_max, "ode": sample.ode, "mid_angles": list(sample.mid_angles[:steps - 1])}
+               if rcm else {}),
             **{k: scores[k] for k in ("all", "color", "shape", "direction", "speed", "size", "hue_drift")},
             "frechet": frechet_distance(fake, real), "seconds_per_video": statistics.median(seconds),
             "dit_seconds_per_video": statistics.median(dit_seconds),
@@ -123,7 +128,7 @@ def evaluate_config(name: str, clips, *, model: str, device: str | None, seed: i
 
 def run_eval(configs: list[str], *, model: str = "mini", count: int = 32, seed: int = 0, device: str | None = None,
              out: str | Path | None = None, log=print, topk: float | None = None, start: int = 0,
-             sigma_max: float | None = None, ode: bool = False) -> dict:
+             sigma_max: float | None = None, ode: bool = False, mid_angles: tuple[float, ...] | None = None) -> dict:
     from turbovid.config import MODELS
     from turbovid.train.data import path_start, sample_clip
 
@@ -140,7 +145,7 @@ def run_eval(configs: list[str], *, model: str = "mini", count: int = 32, seed: 
         raise ValueError(f"--start must be >= 0, got {start}")
     spec = MODELS[model]
     from turbovid.pipeline import check_sample, resolve_size
-    check_sample(spec, SampleConfig(sigma_max=sigma_max), has_image=False)     # --sigma-max, before any work
+    check_sample(spec, SampleConfig(sigma_max=sigma_max, mid_angles=mid_angles), has_image=False)   # before any work
     width, height = resolve_size(spec, SampleConfig())
     if width != height:
         raise ValueError(f"{model}: the procedural clips are square, the model's default size is {width}x{height}")
@@ -153,7 +158,7 @@ def run_eval(configs: list[str], *, model: str = "mini", count: int = 32, seed: 
     rows = []
     for name in configs:
         rows.append(evaluate_config(name, clips, model=model, device=device, seed=seed, real=real, log=log, topk=topk,
-                                    sigma_max=sigma_max, ode=ode))
+                                    sigma_max=sigma_max, ode=ode, mid_angles=mid_angles))
         if out is not None:
             _write(out, rows, floor, count, seed, start)
     return {"rows": rows, "real_vs_real": floor}
@@ -202,6 +207,8 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--sigma-max", type=float, help="the rCM sampler's initial sigma for the few-step rows "
                                                    "(default: the model's)")
     p.add_argument("--ode", action="store_true", help="deterministic rCM sampling for the few-step rows")
+    p.add_argument("--mid-angles", help="the rCM sampler's TrigFlow angles between sigma-max and 0 for the few-step "
+                                        "rows, e.g. 1.5,1.4,1.0 (the default, rCM's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu | cuda (default: cuda if available)")
     p.add_argument("--out", help="results JSON (rewritten after each configuration)")
@@ -213,7 +220,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     result = run_eval(configs, model=args.model, count=args.count, seed=args.seed, device=args.device, out=args.out,
                       log=lambda msg: print(msg, file=sys.stderr, flush=True), topk=args.topk, start=args.start,
-                      sigma_max=args.sigma_max, ode=args.ode)
+                      sigma_max=args.sigma_max, ode=args.ode, mid_angles=parse_mid_angles(args.mid_angles))
     print_table(result)
     if args.out:
         print(f"wrote {args.out}")

@@ -23,8 +23,8 @@ from turbovid.memory import MemoryPlan, activate_expert, plan_memory, prepare_st
 from turbovid.models.dit import WanDiT
 from turbovid.models.text_encoder import TextEncoder, Tokenizer, make_umt5
 from turbovid.models.vae import WanVAE
-from turbovid.sampling import (cfg_velocity, euler_sample, expert_for_step, flow_times, rcm_sample, rcm_times,
-                               unipc_sample)
+from turbovid.sampling import (MID_ANGLES, cfg_velocity, check_mid_angles, euler_sample, expert_for_step, flow_times,
+                               rcm_sample, rcm_times, unipc_sample)
 from turbovid.speedups import QUANT_FORMATS, apply_speedups
 from turbovid.video import VideoWriter, image_to_tensor, tile_samples, to_uint8_frames
 
@@ -78,6 +78,11 @@ def check_sample(spec: ModelSpec, sample: SampleConfig, has_image: bool) -> None
         raise ValueError(f"--num-samples must be >= 1, got {sample.num_samples}")
     if sample.sigma_max is not None and not sample.sigma_max >= 0.1:
         raise ValueError(f"--sigma-max must be >= 0.1, got {sample.sigma_max}")
+    if sample.mid_angles is not None:
+        check_mid_angles(sample.mid_angles)
+        if sample.steps <= MAX_RCM_STEPS and len(sample.mid_angles) < sample.steps - 1:
+            raise ValueError(f"{sample.steps} rCM steps need {sample.steps - 1} --mid-angles, "
+                             f"got {list(sample.mid_angles)}")
     if sample.solver not in ("unipc", "euler"):
         raise ValueError(f"unknown solver {sample.solver!r}; choose unipc or euler")
     if spec.task == "i2v" and not has_image:
@@ -284,7 +289,8 @@ class Pipeline:
             def velocity(x, t_net, step, s_cur):
                 return self._net_for(s_cur)(x.to(self.dtype), t_net, context, y=y)
             sigma_max = sample.sigma_max or self.spec.sigma_max
-            return rcm_sample(velocity, noise, rcm_times(n, sigma_max), generator, ode=sample.ode)
+            times = rcm_times(n, sigma_max, sample.mid_angles or MID_ANGLES)
+            return rcm_sample(velocity, noise, times, generator, ode=sample.ode)
 
         # Teacher: CFG as one batch of [cond ; uncond].
         ctx2 = torch.cat([context, negative.expand_as(context)])

@@ -1,7 +1,8 @@
 """rCM few-step sampler (SPEC §5.1, §2.3, §2.4) as pure functions; the network is a callback.
 
 Times are rectified-flow times s in [0, 1] (x_s = (1-s) x0 + s eps, velocity v = eps - x0). The schedule
-comes from TrigFlow angles tau = [atan(sigma_max), 1.5, 1.4, 1.0][:steps] + [0] via s = sin / (sin + cos)
+comes from TrigFlow angles tau = [atan(sigma_max), 1.5, 1.4, 1.0][:steps] + [0] (the middle ones may be
+chosen: `mid_angles`) via s = sin / (sin + cos)
 (= sigma / (1 + sigma) with sigma = tan tau). The state x is float64 throughout; the network sees
 bf16(x) and the bf16 time bf16(fp32(s) * 1000), while the update uses the exact float64 s (SPEC §13.4).
 """
@@ -19,13 +20,38 @@ MID_ANGLES = (1.5, 1.4, 1.0)
 Velocity = Callable[[torch.Tensor, torch.Tensor, int, float], torch.Tensor]
 
 
-def rcm_times(steps: int, sigma_max: float) -> list[float]:
-    """steps + 1 RF times, decreasing from sigma_max / (1 + sigma_max) to 0 (float64 math)."""
+def check_mid_angles(mid_angles: tuple[float, ...]) -> None:
+    """One-line ValueError unless there are 1-3 angles decreasing strictly inside (0, pi/2)."""
+    a = list(mid_angles)
+    if not 1 <= len(a) <= len(MID_ANGLES) or not all(math.isfinite(x) for x in a):
+        raise ValueError(f"--mid-angles needs 1 to {len(MID_ANGLES)} finite angles, got {a}")
+    if not (math.pi / 2 > a[0] and all(y < x for x, y in zip(a, a[1:])) and a[-1] > 0):
+        raise ValueError(f"--mid-angles must decrease strictly inside (0, pi/2), got {a}")
+
+
+def parse_mid_angles(text: str | None) -> tuple[float, ...] | None:
+    """`--mid-angles 1.5,1.4,1.0` -> (1.5, 1.4, 1.0), checked; None stays None (rCM's angles)."""
+    if text is None:
+        return None
+    try:
+        angles = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--mid-angles takes comma-separated numbers such as 1.5,1.4,1.0, got {text!r}") from None
+    check_mid_angles(angles)
+    return angles
+
+
+def rcm_times(steps: int, sigma_max: float, mid_angles: tuple[float, ...] = MID_ANGLES) -> list[float]:
+    """steps + 1 RF times from sigma_max / (1 + sigma_max) to 0 (float64 math) through the first steps - 1 of
+    `mid_angles` (TrigFlow angles; default rCM's)."""
     if not 1 <= steps <= len(MID_ANGLES) + 1:
         raise ValueError(f"rCM sampling takes 1 to {len(MID_ANGLES) + 1} steps, got {steps}")
     if not sigma_max > 0:
         raise ValueError(f"sigma_max must be positive, got {sigma_max}")
-    angles = [math.atan(sigma_max), *MID_ANGLES[: steps - 1], 0.0]
+    check_mid_angles(tuple(mid_angles))
+    if len(mid_angles) < steps - 1:
+        raise ValueError(f"{steps} rCM steps need {steps - 1} mid angles, got {list(mid_angles)}")
+    angles = [math.atan(sigma_max), *mid_angles[: steps - 1], 0.0]
     return [math.sin(a) / (math.sin(a) + math.cos(a)) for a in angles]
 
 

@@ -16,6 +16,10 @@
 #       the CPU) and of each student carried back as runs/carry/s18/*/rcm_*.safetensors. Or on the CPU, 15 min each:
 #       PYTHONPATH=. python3 -m turbovid.cli train eval --run-dir RUN --count 128 --dit FILE --attention dense
 #       --sampler rcm (RUN from assemble.py).
+#   a1: the rCM sampler's middle TrigFlow angles (`turbovid eval --mid-angles`; rCM's 1.5,1.4,1.0 by default, SPEC
+#       §5.1 keeps an older 1.3,1.0,0.6), the full stack of the release on the validation prompts 1000..1255, each
+#       set in its own process, all at once on the one GPU (so their timings are not the release's), JSON
+#       $OUT/angles_<set>.json, the table rows to $OUT/angles.log.
 #   Then, for a student that reads higher: session16.sh m2 (SLA fine-tune + ship; carry it as
 #   runs/carry/s16/rcm.safetensors) and m3 (the release's grade, teacher beside it; COUNT=256).
 source "$(dirname "$0")/prelude.sh" "$1"
@@ -30,7 +34,14 @@ s1) for g in t1 q1; do
     done
     wait
     tail -3 "$OUT"/*/out.log ;;
+a1) for set in ${ANGLES:-1.5,1.4,1.0 1.3,1.0,0.6 1.5,1.2,0.8 1.4,1.1,0.8 1.5,1.3,1.1 1.5,1.0,0.6 1.2,0.9,0.6}; do
+      timeout "$(left)" python3 -m turbovid.cli eval --device cuda --configs turbo --start 1000 \
+        --count "${COUNT:-256}" --mid-angles "$set" --out "$OUT/angles_$set.json" 2> "$OUT/progress_$set.log" \
+        | sed -n 2p | sed "s|^|mid angles $set: |" >> "$OUT/angles.log" &
+    done
+    wait
+    cat "$OUT/angles.log" ;;
 q2) grade_students runs/carry/s14/rcm.safetensors runs/carry/s18/*/rcm_*.safetensors ;;
-*)  echo "usage: session18.sh t1|q1|s1|q2 (t1: DATA; q1: WARMUP, EVERY)"
+*)  echo "usage: session18.sh t1|q1|s1|q2|a1 (t1: DATA; q1: WARMUP, EVERY; a1: ANGLES, COUNT)"
     exit 2 ;;
 esac
