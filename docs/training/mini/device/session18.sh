@@ -36,11 +36,11 @@ s1) for g in t1 q1; do
     tail -3 "$OUT"/*/out.log ;;
 a1) for set in ${ANGLES:-1.5,1.4,1.0 1.3,1.0,0.6 1.5,1.2,0.8 1.4,1.1,0.8 1.5,1.3,1.1 1.5,1.0,0.6 1.2,0.9,0.6}; do
       timeout "$(left)" python3 -m turbovid.cli eval --device cuda --configs turbo --start 1000 \
-        --count "${COUNT:-256}" --mid-angles "$set" --out "$OUT/angles_$set.json" 2> "$OUT/progress_$set.log" \
+        --count "${COUNT:-256}" --mid-angles "$set" --out "$OUT/angles_$set.json" 2> "/tmp/progress_$set.log" \
         | sed -n 2p | sed "s|^|mid angles $set: |" >> "$OUT/angles.log" &
     done
     wait
-    cat "$OUT/angles.log" ;;
+    cat "$OUT/angles.log"; tail -qn 1 /tmp/progress_* ;;
 q2) grade_students runs/carry/s14/rcm.safetensors runs/carry/s18/*/rcm_*.safetensors ;;
 *)  echo "usage: session18.sh t1|q1|s1|q2|a1 (t1: DATA; q1: WARMUP, EVERY; a1: ANGLES, COUNT)"
     exit 2 ;;
