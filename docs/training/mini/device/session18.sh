@@ -19,7 +19,7 @@
 #   a1: the rCM sampler's middle TrigFlow angles (`turbovid eval --mid-angles`; rCM's 1.5,1.4,1.0 by default, SPEC
 #       §5.1 keeps an older 1.3,1.0,0.6), the full stack of the release on the validation prompts 1000..1255, each
 #       set in its own process, all at once on the one GPU (so their timings are not the release's), JSON
-#       $OUT/angles_<set>.json, the table rows to $OUT/angles.log.
+#       $OUT/angles_<set, commas as _>.json, the table rows to $OUT/angles.log.
 #   Then, for a student that reads higher: session16.sh m2 (SLA fine-tune + ship; carry it as
 #   runs/carry/s16/rcm.safetensors) and m3 (the release's grade, teacher beside it; COUNT=256).
 source "$(dirname "$0")/prelude.sh" "$1"
@@ -36,7 +36,7 @@ s1) for g in t1 q1; do
     tail -3 "$OUT"/*/out.log ;;
 a1) for set in ${ANGLES:-1.5,1.4,1.0 1.3,1.0,0.6 1.5,1.2,0.8 1.4,1.1,0.8 1.5,1.3,1.1 1.5,1.0,0.6 1.2,0.9,0.6}; do
       timeout "$(left)" python3 -m turbovid.cli eval --device cuda --configs turbo --start 1000 \
-        --count "${COUNT:-256}" --mid-angles "$set" --out "$OUT/angles_$set.json" 2> "/tmp/progress_$set.log" \
+        --count "${COUNT:-256}" --mid-angles "$set" --out "$OUT/angles_${set//,/_}.json" 2> "/tmp/progress_$set.log" \
         | sed -n 2p | sed "s|^|mid angles $set: |" >> "$OUT/angles.log" &
     done
     wait
