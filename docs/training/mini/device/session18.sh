@@ -17,9 +17,9 @@
 #       PYTHONPATH=. python3 -m turbovid.cli train eval --run-dir RUN --count 128 --dit FILE --attention dense
 #       --sampler rcm (RUN from assemble.py).
 #   a1: the rCM sampler's middle TrigFlow angles (`turbovid eval --mid-angles`; rCM's 1.5,1.4,1.0 by default, SPEC
-#       §5.1 keeps an older 1.3,1.0,0.6), the full stack of the release on the validation prompts 1000..1255, each
-#       set in its own process, all at once on the one GPU (so their timings are not the release's), JSON
-#       $OUT/angles_<set, commas as _>.json, the table rows to $OUT/angles.log.
+#       §5.1 keeps an older 1.3,1.0,0.6), the full stack of the release on the validation prompts 1000..1255, one
+#       set after another, JSON $OUT/angles_<set, commas as _>.json, the table rows to $OUT/angles.log. (As first
+#       run, all seven sets at once, each in its own process on the one GPU, none finished in the command's time.)
 #   Then, for a student that reads higher: session16.sh m2 (SLA fine-tune + ship; carry it as
 #   runs/carry/s16/rcm.safetensors) and m3 (the release's grade, teacher beside it; COUNT=256).
 source "$(dirname "$0")/prelude.sh" "$1"
@@ -34,13 +34,12 @@ s1) for g in t1 q1; do
     done
     wait
     tail -3 "$OUT"/*/out.log ;;
-a1) for set in ${ANGLES:-1.5,1.4,1.0 1.3,1.0,0.6 1.5,1.2,0.8 1.4,1.1,0.8 1.5,1.3,1.1 1.5,1.0,0.6 1.2,0.9,0.6}; do
-      timeout "$(left)" python3 -m turbovid.cli eval --device cuda --configs turbo --start 1000 \
-        --count "${COUNT:-256}" --mid-angles "$set" --out "$OUT/angles_${set//,/_}.json" 2> "/tmp/progress_$set.log" \
-        | sed -n 2p | sed "s|^|mid angles $set: |" >> "$OUT/angles.log" &
-    done
-    wait
-    cat "$OUT/angles.log"; tail -qn 1 /tmp/progress_* ;;
+a1) for set in ${ANGLES:-1.5,1.4,1.0 1.3,1.0,0.6 1.5,1.2,0.8 1.5,1.0,0.6 1.4,1.1,0.8 1.5,1.3,1.1}; do
+      if [ "$(left)" -lt 75 ]; then echo "time: stopped before $set"; break; fi
+      python3 -m turbovid.cli eval --device cuda --configs turbo --start 1000 --count "${COUNT:-256}" \
+        --mid-angles "$set" --out "$OUT/angles_${set//,/_}.json" 2> /tmp/progress.log \
+        | sed -n 2p | sed "s|^|mid angles $set: |" | tee -a "$OUT/angles.log"
+    done ;;
 q2) grade_students runs/carry/s14/rcm.safetensors runs/carry/s18/*/rcm_*.safetensors ;;
 *)  echo "usage: session18.sh t1|q1|s1|q2|a1 (t1: DATA; q1: WARMUP, EVERY; a1: ANGLES, COUNT)"
     exit 2 ;;
