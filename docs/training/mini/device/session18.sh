@@ -36,11 +36,11 @@ s1) for g in t1 q1; do
     tail -3 "$OUT"/*/out.log ;;
 a1) for set in ${ANGLES:-1.5,1.4,1.0 1.3,1.0,0.6 1.5,1.2,0.8 1.5,1.0,0.6 1.4,1.1,0.8 1.5,1.3,1.1}; do
       if [ "$(left)" -lt 75 ]; then echo "time: stopped before $set"; break; fi
-      python3 -m turbovid.cli eval --device cuda --configs turbo --start 1000 --count "${COUNT:-256}" \
+      python3 -m turbovid.cli eval --device cuda --configs turbo --start "${START:-1000}" --count "${COUNT:-256}" \
         --mid-angles "$set" --out "$OUT/angles_${set//,/_}.json" 2> /tmp/progress.log \
         | sed -n 2p | sed "s|^|mid angles $set: |" | tee -a "$OUT/angles.log"
     done ;;
 q2) grade_students runs/carry/s14/rcm.safetensors runs/carry/s18/*/rcm_*.safetensors ;;
-*)  echo "usage: session18.sh t1|q1|s1|q2|a1 (t1: DATA; q1: WARMUP, EVERY; a1: ANGLES, COUNT)"
+*)  echo "usage: session18.sh t1|q1|s1|q2|a1 (t1: DATA; q1: WARMUP, EVERY; a1: ANGLES, START, COUNT)"
     exit 2 ;;
 esac
