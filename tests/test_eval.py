@@ -76,8 +76,8 @@ def test_eval_command_on_the_shipped_model(tmp_path, capsys, monkeypatch):
 
 
 def test_eval_start_and_sampler_options_reach_generate(tmp_path, monkeypatch):
-    """--start picks held-out prompts start.., --sigma-max / --ode / --mid-angles reach the few-step rows' SampleConfig (the
-    50-step teacher row keeps its own sampler), and every row records what it ran."""
+    """--start picks held-out prompts start.., --sigma-max / --ode / --mid-angles reach the few-step rows'
+    SampleConfig (the 50-step teacher row keeps its own sampler), and every row records what it ran."""
     from turbovid.pipeline import Pipeline
     from turbovid.train.data import sample_clip
 
@@ -93,7 +93,8 @@ def test_eval_start_and_sampler_options_reach_generate(tmp_path, monkeypatch):
     monkeypatch.setenv("TURBOVID_KERNELS", "ref")     # the kernels' PyTorch references: no interpreter
     out = tmp_path / "eval.json"
     assert main(["eval", "--configs", "student,teacher", "--count", "2", "--start", "7", "--seed", "3",
-                 "--sigma-max", "20", "--ode", "--mid-angles", "1.3,1.0,0.6", "--device", "cpu", "--out", str(out)]) == 0
+                 "--sigma-max", "20", "--ode", "--mid-angles", "1.3,1.0,0.6", "--device", "cpu",
+                 "--out", str(out)]) == 0
     assert [p for p, _ in seen] == [sample_clip(0, "heldout", i).caption for i in (7, 8)] * 2
     student, teacher = [s for _, s in seen[:2]], [s for _, s in seen[2:]]
     assert [(s.steps, s.sigma_max, s.ode, s.seed) for s in student] == [(4, 20.0, True, 3), (4, 20.0, True, 4)]

@@ -112,8 +112,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     spec = MODELS[args.model]
     sample = SampleConfig(steps=args.steps, sigma_max=args.sigma_max, mid_angles=parse_mid_angles(args.mid_angles),
                           ode=args.ode, seed=args.seed, num_samples=args.num_samples, num_frames=args.frames,
-                          resolution=args.resolution,
-                          aspect_ratio=args.aspect_ratio, adaptive_resolution=args.adaptive_resolution,
+                          resolution=args.resolution, aspect_ratio=args.aspect_ratio,
+                          adaptive_resolution=args.adaptive_resolution,
                           solver=args.solver, shift=args.shift, guidance=args.guidance)
     # Everything the user typed is checked before any model is loaded.
     check_prompt(args.prompt)

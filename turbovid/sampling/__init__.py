@@ -13,6 +13,7 @@ from turbovid.sampling.rcm import (
 )
 
 __all__ = [
-    "MID_ANGLES", "Velocity", "cfg_velocity", "check_mid_angles", "euler_sample", "expert_for_step", "experts_for_schedule",
-    "flow_network_time", "flow_times", "network_time", "parse_mid_angles", "rcm_sample", "rcm_times", "unipc_sample",
+    "MID_ANGLES", "Velocity", "cfg_velocity", "check_mid_angles", "euler_sample", "expert_for_step",
+    "experts_for_schedule", "flow_network_time", "flow_times", "network_time", "parse_mid_angles", "rcm_sample",
+    "rcm_times", "unipc_sample",
 ]

@@ -2,9 +2,9 @@
 
 Times are rectified-flow times s in [0, 1] (x_s = (1-s) x0 + s eps, velocity v = eps - x0). The schedule
 comes from TrigFlow angles tau = [atan(sigma_max), 1.5, 1.4, 1.0][:steps] + [0] (the middle ones may be
-chosen: `mid_angles`) via s = sin / (sin + cos)
-(= sigma / (1 + sigma) with sigma = tan tau). The state x is float64 throughout; the network sees
-bf16(x) and the bf16 time bf16(fp32(s) * 1000), while the update uses the exact float64 s (SPEC §13.4).
+chosen: `mid_angles`) via s = sin / (sin + cos) (= sigma / (1 + sigma) with sigma = tan tau). The state x is
+float64 throughout; the network sees bf16(x) and the bf16 time bf16(fp32(s) * 1000), while the update uses the
+exact float64 s (SPEC §13.4).
 """
 from __future__ import annotations
 
