@@ -98,6 +98,8 @@ class LatentBatches:
     a fresh seeded permutation per pass e = i // P' (P' = this rank's pool). At the mini size encoding
     costs about as much as a DiT training step, so the pool makes the DiT stages ~2x faster."""
 
+    POOL_CHUNK = 32      # clips per _pool_chunk call when the pool is built
+
     def __init__(self, recipe: Recipe, run_dir: Path, env: Env, split: str = "train", pool: int = 0):
         self.env, self.recipe = env, recipe
         self.data = ProceduralVideos(split, recipe.size, recipe.frames, recipe.data_seed)
@@ -108,8 +110,6 @@ class LatentBatches:
         self._perm: tuple[int, torch.Tensor] | None = None
         if pool > 0:
             self._load_or_build_pool(Path(run_dir), split, pool)
-
-    POOL_CHUNK = 32      # clips per _pool_chunk call
 
     def _pool_file(self, run_dir: Path, split: str, pool: int) -> Path:
         return run_dir / "pool" / f"{split}_{pool}_rank{self.env.rank}of{self.env.world}.safetensors"
@@ -134,7 +134,7 @@ class LatentBatches:
             chunks.append(self._pool_chunk(self.pool_indices[first:first + step]).to(torch.bfloat16))
             done = first + len(chunks[-1])
             if env.main and ((first // step) % max(1, 3200 // step) == 0 or done == per_rank):
-                print(f"[pool] {done}/{per_rank} clips ({done / (time.perf_counter() - t0):.1f} clips/s)",
+                print(f"[pool] {done}/{per_rank} clips ({done / (time.perf_counter() - t0):.3g} clips/s)",
                       flush=True)
         self.pool_latents = torch.cat(chunks)
         save_weights(path, {"latents": self.pool_latents})   # every rank writes its own file
