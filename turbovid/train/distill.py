@@ -64,9 +64,9 @@ class TeacherSamples(LatentBatches):
         self.teacher = teacher
         super().__init__(recipe, run_dir, env, pool=count)
 
-    def _pool_file(self, run_dir: Path, split: str, pool: int) -> Path:
+    def _pool_file(self, split: str, pool: int) -> Path:
         env = self.env
-        return run_dir / "rcm" / f"teacher_data_{split}_{pool}_rank{env.rank}of{env.world}.safetensors"
+        return self.run_dir / "rcm" / f"teacher_data_{split}_{pool}_rank{env.rank}of{env.world}.safetensors"
 
     def _pool_chunk(self, indices: list[int]) -> torch.Tensor:
         from turbovid.train.evaluate import generate_latents

@@ -13,6 +13,7 @@ all the DiT's cross-attention needs to read colour, shape and direction words.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 import time
@@ -101,31 +102,35 @@ class LatentBatches:
     POOL_CHUNK = 32      # clips per _pool_chunk call when the pool is built
 
     def __init__(self, recipe: Recipe, run_dir: Path, env: Env, split: str = "train", pool: int = 0):
-        self.env, self.recipe = env, recipe
+        self.env, self.recipe, self.run_dir = env, recipe, Path(run_dir)
         self.data = ProceduralVideos(split, recipe.size, recipe.frames, recipe.data_seed)
-        self.vae = load_trained_vae(recipe, run_dir, env, decode=False)   # encodes only
         self.text = build_text_encoder(recipe, run_dir, env)
         self.negative = self.text.encode([WAN_NEGATIVE_PROMPT]).float()   # [1, text_len, text_dim]
         self.pool_latents: torch.Tensor | None = None
         self._perm: tuple[int, torch.Tensor] | None = None
         if pool > 0:
-            self._load_or_build_pool(Path(run_dir), split, pool)
+            self._load_or_build_pool(split, pool)
 
-    def _pool_file(self, run_dir: Path, split: str, pool: int) -> Path:
-        return run_dir / "pool" / f"{split}_{pool}_rank{self.env.rank}of{self.env.world}.safetensors"
+    @functools.cached_property
+    def vae(self) -> WanVAE:
+        """The run's VAE, to encode with; loaded on first use (a cached pool, or the teacher's samples, need none)."""
+        return load_trained_vae(self.recipe, self.run_dir, self.env, decode=False)
+
+    def _pool_file(self, split: str, pool: int) -> Path:
+        return self.run_dir / "pool" / f"{split}_{pool}_rank{self.env.rank}of{self.env.world}.safetensors"
 
     def _pool_chunk(self, indices: list[int]) -> torch.Tensor:
         """The pooled latents [n, 16, T, h, w] of the clips at `indices`: their encodings."""
         videos, _ = self.data.batch(indices, self.env.device)
         return encode_videos(self.vae, videos)
 
-    def _load_or_build_pool(self, run_dir: Path, split: str, pool: int) -> None:
+    def _load_or_build_pool(self, split: str, pool: int) -> None:
         from safetensors.torch import load_file
 
         env = self.env
         per_rank = max(1, pool // env.world)
         self.pool_indices = [env.rank + env.world * i for i in range(per_rank)]
-        path = self._pool_file(run_dir, split, pool)
+        path = self._pool_file(split, pool)
         if path.is_file():
             self.pool_latents = load_file(str(path), device=str(env.device))["latents"]
             return

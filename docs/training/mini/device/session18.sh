@@ -22,7 +22,8 @@
 #       --sampler rcm (RUN from assemble.py).
 #   a1: the rCM sampler's middle TrigFlow angles (`turbovid eval --mid-angles`; rCM's 1.5,1.4,1.0 by default, SPEC
 #       §5.1 keeps an older 1.3,1.0,0.6), the full stack of the release on the validation prompts 1000..1255, one
-#       set after another, JSON $OUT/angles_<set, commas as _>.json, the table rows to $OUT/angles.log. (As first
+#       set after another, JSON $OUT/angles_<set, commas as _>.json, the table rows to $OUT/angles.log (not
+#       prelude's release_eval: its two logs per set would pass the device's 8 returned files). (As first
 #       run, all seven sets at once, each in its own process on the one GPU, none finished in the command's time.)
 #   a2: the best of a1 (SET) on the reported prompts 0..255, the teacher beside it.
 #   Then, for a student that reads higher: session16.sh m2 (SLA fine-tune + ship; carry it as
