@@ -327,7 +327,7 @@ def test_sla_proj_l_only_trains_the_linear_branch_alone(run, tmp_path):
     assert cli.proj_l_only and cli.dense_weight == 0
     with pytest.raises(ValueError, match="sla stage only"):
         cmd_train(parser.parse_args(["train", "teacher", "--proj-l-only", "--run-dir", str(tmp_path)]))
-    with pytest.raises(ValueError, match="--topk applies to the sla, qat, rcm, eval, ship stages only"):
+    with pytest.raises(ValueError, match="--topk applies to the sla, qat, ode, rcm, eval, ship stages only"):
         cmd_train(parser.parse_args(["train", "teacher", "--topk", "0.5", "--run-dir", str(tmp_path)]))
 
 
@@ -804,7 +804,116 @@ def test_qat_stage_continues_the_sla_student_quantization_aware(run, tmp_path):
     assert torch.equal(load_weights(dest / "dit.safetensors")[key], load_weights(out)[key].to(torch.bfloat16))
     with pytest.raises(ValueError, match="has no qat stage"):
         _cli("qat", "--recipe", "tiny", "--run-dir", str(tmp_path), "--device", "cpu")
-    with pytest.raises(ValueError, match="--quant-weight applies to the sla, qat stages only"):
+    with pytest.raises(ValueError, match="--quant-weight applies to the sla, qat, ode stages only"):
         _cli("teacher", "--quant-weight", "1", "--recipe", "tiny", "--run-dir", str(tmp_path), "--device", "cpu")
     with pytest.raises(ValueError, match="qat stage continues"):
         dataclasses.replace(recipe, qat=dataclasses.replace(qat, quant_weight=0.0))
+
+
+def test_generate_latents_records_the_teacher_states():
+    # `record`: the state the teacher sampler evaluates the network at, per requested step. For a constant
+    # velocity c the flow path is x(s) = eps + (s - s_0) c, which UniPC follows exactly.
+    from turbovid.config import SampleConfig
+    from turbovid.sampling import flow_times
+    shape = (2, *TINY.latent_shape)
+    c = torch.randn(shape[1:], generator=torch.Generator().manual_seed(5))
+    net = lambda x, t, ctx: c.expand_as(x)  # noqa: E731
+    context, negative = torch.zeros(2, 3, 4), torch.zeros(1, 3, 4)
+    record = dict.fromkeys([0, 2, 4])
+    out = generate_latents(net, context, negative, shape, ENV, sampler="teacher", steps=6, seed=7, record=record)
+    eps = torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    times = flow_times(6, SampleConfig.shift)
+    for k, x in record.items():
+        torch.testing.assert_close(x, eps + (times[k] - times[0]) * c, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, eps - times[0] * c, atol=1e-5, rtol=0)
+
+
+def test_ode_stage_fits_the_teachers_trajectories(run, tmp_path):
+    # The ode stage (trajectory.ODETrainer): the SLA-tuned student regresses onto the teacher's own samples from the
+    # states the teacher's sampler passes at the few-step sampler's times (the first: the scaled start noise).
+    from turbovid.config import MODELS
+    from turbovid.sampling import rcm_times
+    from turbovid.train.recipe import ODEStage, Optim, Schedule
+    from turbovid.train.reproduce import ship
+    from turbovid.train.teacher import run_sla
+    from turbovid.train.trajectory import ODETrainer, TeacherTrajectories, run_ode, trajectory_steps
+
+    src, _ = run
+    for name in ("vae", "vae_decoder", "teacher"):
+        shutil.copytree(src / name, tmp_path / name)
+    for name in ("text_encoder.safetensors", "spiece.model"):
+        shutil.copyfile(src / name, tmp_path / name)
+    rcm_history = [{"stage": "rcm", "steps": 3}]      # the teacher's weights stand in for an rCM student
+    teacher = load_weights(src / "teacher" / "final.safetensors")
+    save_weights(tmp_path / "rcm" / "final.safetensors", teacher, metadata=history_metadata(rcm_history))
+    sla = dataclasses.replace(TINY.sla, base="rcm", dense_weight=0.5, run=dataclasses.replace(TINY.sla.run, steps=2))
+    ode = ODEStage(Schedule(steps=3, batch=4, log_every=1, ckpt_every=3), Optim(lr=1e-3, warmup=0), trajectories=3,
+                   topk=0.6, dense_weight=0.5)
+    recipe = dataclasses.replace(TINY, sla=sla, ode=ode, ship_student="ode", size=128, frames=9)
+    with pytest.raises(ValueError, match="run `turbovid train sla` first"):
+        run_ode(recipe, tmp_path, ENV)
+    run_sla(recipe, tmp_path, ENV)
+
+    steps, times = trajectory_steps(recipe)     # 2 few-step calls for the tiny recipe: the start and one more
+    few = rcm_times(recipe.eval_rcm_steps, MODELS[recipe.name].sigma_max)
+    assert len(steps) == recipe.eval_rcm_steps and steps[0] == 0 and times[0] == few[0]
+    assert all(abs(t - s) < 0.3 for t, s in zip(times[1:], few[1:-1]))
+    start = load_weights(tmp_path / "sla" / "final.safetensors")
+    trainer = ODETrainer(recipe, tmp_path, ENV, teacher, start, fixed_batch=True)
+    assert all(torch.equal(v, start[k]) for k, v in trainer.net.state_dict().items())   # starts as the SLA student
+    assert all(b.self_attn.attn_op.local_attn.topk == 0.6 for b in trainer.net.blocks)
+    data = trainer.inputs
+    assert isinstance(data, TeacherTrajectories)
+    assert data.pool_latents.shape == (3, len(steps) + 1, *recipe.latent_shape)
+    assert (tmp_path / "ode" / "trajectories_train_3_rank0of1.safetensors").is_file()
+    context, _ = data.captions([0, 1, 2])
+    shape = (3, *recipe.latent_shape)
+    record = dict.fromkeys(steps)
+    want = generate_latents(trainer.teacher, context, data.negative, shape, ENV, sampler="teacher",
+                            steps=recipe.eval_teacher_steps, seed=0, record=record)
+    eps = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    pool = data.pool_latents.float()
+    tol = dict(atol=0.02 * want.abs().max().item(), rtol=0)
+    torch.testing.assert_close(pool[:, -1], want, **tol)                  # the end point: the teacher's sample
+    torch.testing.assert_close(pool[:, 0], times[0] * eps, **tol)         # the few-step sampler's first input
+    for j, k in enumerate(steps[1:], 1):
+        torch.testing.assert_close(pool[:, j], record[k], **tol)
+
+    x, t_net, v_target, batch_context = trainer._batch(0)
+    n = len(steps)
+    assert x.shape == (2 * n, *recipe.latent_shape) and batch_context.shape[0] == 2 * n
+    paths, ctx, _ = data.get([0, 1])
+    s = torch.tensor(times).repeat(2).view(-1, 1, 1, 1, 1)
+    torch.testing.assert_close(x - s * v_target, paths[:, -1].repeat_interleave(n, 0))   # x0 prediction = the sample
+    torch.testing.assert_close(t_net, 1000 * s.flatten())
+    assert torch.equal(batch_context, ctx.repeat_interleave(n, 0))
+    logs = drive(trainer, tmp_path / "fixed", ENV, quiet=True)
+    assert all(math.isfinite(r["loss_sla"]) and math.isfinite(r["loss_dense"]) for r in logs)
+    assert logs[-1]["loss"] < logs[0]["loss"]                              # one fixed batch: it fits
+    assert logs[0]["loss"] == pytest.approx(logs[0]["loss_sla"] + 0.5 * logs[0]["loss_dense"], rel=1e-6)
+    again = TeacherTrajectories(recipe, tmp_path, ENV, trainer.teacher, 3)      # read back, not sampled again
+    assert torch.equal(again.pool_latents, data.pool_latents)
+
+    out = run_ode(recipe, tmp_path, ENV)
+    assert weights_history(out) == [*rcm_history, {"stage": "sla", "steps": 2}, {"stage": "ode", "steps": 3}]
+    config = json.loads((ship(recipe, tmp_path, tmp_path / "export") / "config.json").read_text())
+    assert config["student"] == "ode" and config["stages"]["ode"] == {"steps": 3} and config["sla_topk_tuned"] == 0.6
+    with pytest.raises(ValueError, match="ship_student='ode' needs an ode stage"):
+        dataclasses.replace(recipe, ode=None)
+    with pytest.raises(ValueError, match="needs sla.base 'rcm'"):
+        dataclasses.replace(recipe, sla=TINY.sla, ship_student="merged")
+    with pytest.raises(ValueError, match="has no ode stage"):
+        _cli("ode", "--recipe", "tiny", "--run-dir", str(tmp_path), "--device", "cpu")
+    with pytest.raises(ValueError, match="--trajectories applies to the ode stage only"):
+        _cli("sla", "--trajectories", "4", "--recipe", "tiny", "--run-dir", str(tmp_path), "--device", "cpu")
+
+
+def test_cli_overrides_reach_the_ode_stage():
+    from turbovid.train.cli import _recipe
+    parser = _parser()
+    ode = _recipe(parser.parse_args(["train", "ode", "--steps", "9", "--lr", "1e-5", "--topk", "0.6",
+                                     "--trajectories", "64"]))
+    assert (ode.ode.run.steps, ode.ode.optim.lr, ode.ode.topk, ode.ode.trajectories) == (9, 1e-5, 0.6, 64)
+    assert ode.sla == RECIPES["mini"].sla
+    with pytest.raises(ValueError, match="--trajectories must be >= 1"):
+        _recipe(parser.parse_args(["train", "ode", "--trajectories", "0"]))

@@ -1,5 +1,5 @@
-"""`turbovid train <stage>`: vae | vae_decoder | teacher | sla | qat | rcm | merge | eval | reproduce | tokenizer |
-ship | plot.
+"""`turbovid train <stage>`: vae | vae_decoder | teacher | sla | qat | rcm | ode | merge | eval | reproduce |
+tokenizer | ship | plot.
 
 Single process (CPU or one GPU):   turbovid train reproduce --run-dir runs/mini
 Several GPUs of one host:          torchrun --nproc-per-node 8 -m turbovid.cli train reproduce --run-dir runs/mini
@@ -14,8 +14,8 @@ import dataclasses
 import os
 from pathlib import Path
 
-STAGES = ("vae", "vae_decoder", "teacher", "sla", "qat", "rcm", "merge", "eval", "reproduce", "tokenizer", "ship",
-          "plot")
+STAGES = ("vae", "vae_decoder", "teacher", "sla", "qat", "rcm", "ode", "merge", "eval", "reproduce", "tokenizer",
+          "ship", "plot")
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
@@ -39,7 +39,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    "to the steps that fit in this many minutes, measured on its first steps")
     p.add_argument("--device", help="cuda | cpu (default: cuda if available)")
     p.add_argument("--compile", action="store_true",
-                   help="teacher / sla / qat: torch.compile the DiT blocks (CUDA only)")
+                   help="teacher / sla / qat / ode: torch.compile the DiT blocks (CUDA only)")
     p.add_argument("--init", help="teacher: start the first round from these DiT weights (e.g. an earlier run's "
                                   "teacher/final.safetensors) instead of random ones; vae: fine-tune these VAE "
                                   "weights (the latents move, so the DiT stages must train on the new ones); rcm: "
@@ -54,10 +54,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--proj-l-only", action="store_true",
                    help="sla: train only SLA's linear-branch projections; the dense output stays the base network's "
                         "(recipe.SLAStage.proj_l_only; no dense loss term then)")
-    p.add_argument("--topk", type=float, help="sla / qat / rcm / eval: fraction of key blocks SLA keeps (recipe."
-                                              "SLAStage.topk); ship: the release's default (recipe.ship_topk)")
+    p.add_argument("--topk", type=float, help="sla / qat / ode / rcm / eval: fraction of key blocks SLA keeps "
+                                              "(recipe.SLAStage.topk); ship: the release's default (recipe.ship_topk)")
     p.add_argument("--quant-weight", type=float,
-                   help="sla / qat: weight of the loss of the student run quantized (SageSLA + W8A8, "
+                   help="sla / qat / ode: weight of the loss of the student run quantized (SageSLA + W8A8, "
                         "straight-through; recipe.SLAStage.quant_weight)")
     p.add_argument("--sla-student", action="store_true",
                    help="rcm: the student distils with SLA attention at the top-k (recipe.RCMStage.student_attention)")
@@ -69,6 +69,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--teacher-data", type=int, metavar="N",
                    help="rcm: distil on N samples the teacher draws for training captions (50 steps, CFG), as rCM "
                         "does, instead of the encoded clips (recipe.RCMStage.teacher_data)")
+    p.add_argument("--trajectories", type=int, metavar="N",
+                   help="ode: the teacher samples N training captions (50 steps, CFG) and the student fits them from "
+                        "the states it passes (recipe.ODEStage.trajectories)")
     p.add_argument("--no-eval", action="store_true", help="reproduce: skip the final evaluations")
     g = p.add_argument_group("merge of arbitrary files (all three given: TurboDiffusion's merge_models.py)")
     g.add_argument("--base", help="rCM student checkpoint")
@@ -98,7 +101,7 @@ def _recipe(args, world: int = 1):
 
     stage_field = STAGE_FIELDS.get(args.stage)
     recipe = RECIPES[args.recipe]
-    if args.stage in ("vae_decoder", "qat") and getattr(recipe, args.stage) is None:
+    if args.stage in ("vae_decoder", "qat", "ode") and getattr(recipe, args.stage) is None:
         raise ValueError(f"recipe {recipe.name!r} has no {args.stage} stage")
     fields = [stage_field] if stage_field else [f for f in STAGE_FIELDS.values() if getattr(recipe, f) is not None]
     recipe = for_world(recipe, world, () if args.batch is not None else tuple(fields))
@@ -139,8 +142,13 @@ def _recipe(args, world: int = 1):
         if args.quant_weight < 0 or (args.stage == "qat" and args.quant_weight == 0):
             raise ValueError(f"--quant-weight must be >= 0 (> 0 for qat), got {args.quant_weight}")
         sla["quant_weight"] = args.quant_weight
+    if args.trajectories is not None:
+        if args.trajectories < 1:
+            raise ValueError(f"--trajectories must be >= 1, got {args.trajectories}")
+        if args.stage == "ode":     # elsewhere the flag check below refuses it
+            sla["trajectories"] = args.trajectories
     if sla:
-        field = "qat" if args.stage == "qat" else "sla"    # the settings of the stage being run
+        field = args.stage if args.stage in ("qat", "ode") else "sla"    # the settings of the stage being run
         recipe = dataclasses.replace(recipe, **{field: dataclasses.replace(getattr(recipe, field), **sla)})
     rcm = {}
     if args.sla_student:
@@ -177,7 +185,7 @@ def _recipe(args, world: int = 1):
     if args.compile:   # every DiT stage that trains with velocity regression (the teacher's rounds too)
         compiled = lambda cfg: dataclasses.replace(cfg, compile=True)  # noqa: E731
         recipe = dataclasses.replace(recipe, teacher=compiled(recipe.teacher), sla=compiled(recipe.sla),
-                                     qat=recipe.qat and compiled(recipe.qat),
+                                     qat=recipe.qat and compiled(recipe.qat), ode=recipe.ode and compiled(recipe.ode),
                                      teacher_rounds=tuple(map(compiled, recipe.teacher_rounds)))
     return recipe
 
@@ -207,8 +215,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 ("--fg-weight", args.fg_weight, ("teacher", "reproduce")),
                                 ("--fg-share", args.fg_share, ("teacher", "rcm", "reproduce")),
                                 ("--proj-l-only", args.proj_l_only or None, ("sla",)),
-                                ("--topk", args.topk, ("sla", "qat", "rcm", "eval", "ship", "reproduce")),
-                                ("--quant-weight", args.quant_weight, ("sla", "qat")),
+                                ("--topk", args.topk, ("sla", "qat", "ode", "rcm", "eval", "ship", "reproduce")),
+                                ("--quant-weight", args.quant_weight, ("sla", "qat", "ode")),
+                                ("--trajectories", args.trajectories, ("ode",)),
                                 ("--sla-student", args.sla_student or None, ("rcm", "reproduce")),
                                 ("--tangent-warmup", args.tangent_warmup, ("rcm", "reproduce")),
                                 ("--no-dmd", args.no_dmd or None, ("rcm", "reproduce")),
@@ -243,6 +252,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         elif args.stage == "qat":
             from turbovid.train.teacher import run_qat
             out = run_qat(recipe, run_dir, env, until=args.until)
+        elif args.stage == "ode":
+            from turbovid.train.trajectory import run_ode
+            out = run_ode(recipe, run_dir, env, until=args.until)
         elif args.stage == "rcm":
             from turbovid.train.distill import run_rcm
             out = run_rcm(recipe, run_dir, env, until=args.until, init=args.init)

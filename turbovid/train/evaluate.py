@@ -30,9 +30,11 @@ EVAL_BATCH = 8
 @torch.no_grad()
 def generate_latents(net, context: torch.Tensor, negative: torch.Tensor, shape: tuple[int, ...], env: Env, *,
                      sampler: str, steps: int, seed: int, guidance: float = SampleConfig.guidance,
-                     shift: float = SampleConfig.shift,
-                     sigma_max: float = 80.0) -> torch.Tensor:
-    """Latents [B, 16, T, h, w] fp32 for the prompts embedded in `context` [B, text_len, text_dim]."""
+                     shift: float = SampleConfig.shift, sigma_max: float = 80.0,
+                     record: dict[int, torch.Tensor | None] | None = None) -> torch.Tensor:
+    """Latents [B, 16, T, h, w] fp32 for the prompts embedded in `context` [B, text_len, text_dim].
+    `record` (teacher sampler): for each step index among its keys, the state x (fp32) the network is evaluated at
+    in that step is stored under it (step 0: the initial noise)."""
     generator = torch.Generator(env.device).manual_seed(seed)
     noise = torch.randn(shape, generator=generator, device=env.device, dtype=torch.float32)
     if sampler == "rcm":
@@ -44,6 +46,8 @@ def generate_latents(net, context: torch.Tensor, negative: torch.Tensor, shape: 
         both = torch.cat([context, negative.expand_as(context)])
 
         def guided(x, t_net, step, s_cur):
+            if record is not None and step in record:
+                record[step] = x.float()
             with env.autocast():
                 v = net(torch.cat([x, x]).float(), torch.cat([t_net, t_net]), both).float()
             v_cond, v_uncond = v.chunk(2)

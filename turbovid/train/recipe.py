@@ -140,6 +140,26 @@ class RCMStage:
 
 
 @dataclass(frozen=True)
+class ODEStage:
+    """Trajectory distillation (ours, train/trajectory.py): the shipped student fits the teacher's own 50-step
+    samples from the states the teacher's sampler passes at the few-step sampler's times."""
+    run: Schedule                # batch: student inputs per step, `trajectory.STATES` of them per trajectory
+    optim: Optim
+    trajectories: int = 3072     # teacher samples (training captions) recorded with their states
+    topk: float = 0.75           # SLA's top-k while it trains (the release's default)
+    dense_weight: float = 1.0    # > 0: also fit the student's dense-attention output, with this weight
+    quant_weight: float = 0.0    # > 0: also fit its quantized output (SageSLA + W8A8, straight-through)
+    ema_sigma_rel: float = 0.1
+    compile: bool = False        # torch.compile the student's blocks (CUDA only)
+
+    def __post_init__(self):
+        if self.trajectories < 1:
+            raise ValueError(f"ode.trajectories must be >= 1, got {self.trajectories}")
+        if not 0 < self.topk <= 1:
+            raise ValueError(f"ode.topk must be in (0, 1], got {self.topk}")
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     dit: DiTConfig
@@ -154,6 +174,9 @@ class Recipe:
     qat: SLAStage | None = None  # optional quantization-aware fine-tune of the SLA-tuned rCM student (ours,
                                  # teacher.QATTrainer: quant_weight > 0, base "rcm"), after the sla stage; part of
                                  # `reproduce` and of the release when ship_student is "qat"
+    ode: ODEStage | None = None  # optional trajectory distillation of the SLA-tuned (or qat) student (ours,
+                                 # trajectory.ODETrainer), the last DiT stage; part of `reproduce` and of the
+                                 # release when ship_student is "ode"
     vae_decoder: VAEStage | None = None   # optional second VAE stage: fine-tune the decoder, encoder frozen
                                  # (latents unchanged, so it may run any time after the vae stage; vae.py)
     teacher_rounds: tuple[TeacherStage, ...] = ()   # further teacher rounds, each started from the previous
@@ -162,8 +185,8 @@ class Recipe:
     ship_topk: float | None = None  # the top-k the release runs SLA at by default (config.json sla_topk); None:
                                  # sla.topk, the one it was tuned at (config.json sla_topk_tuned either way)
     ship_student: str = "merged"  # the 4-step student `ship` releases: "merged" (TD), "rcm" (the rCM student
-                                 # alone), "sla" (the SLA-tuned rCM student, with sla.base = "rcm") or "qat" (that
-                                 # student after the qat stage)
+                                 # alone), "sla" (the SLA-tuned rCM student, with sla.base = "rcm"), "qat" (that
+                                 # student after the qat stage) or "ode" (after the ode stage)
     data_seed: int = 0
     pool_clips: int = 0          # > 0: DiT stages train on this many pre-encoded clips (inputs.LatentBatches)
     text_seed: int = 1234        # the frozen text encoder is this seeded random umT5
@@ -175,9 +198,9 @@ class Recipe:
     def __post_init__(self):
         if self.sla.base not in ("teacher", "rcm"):
             raise ValueError(f"sla.base must be teacher or rcm, got {self.sla.base!r}")
-        wanted = {"merged": "teacher", "sla": "rcm", "qat": "rcm"}.get(self.ship_student)
-        if self.ship_student not in ("merged", "rcm", "sla", "qat"):
-            raise ValueError(f"ship_student must be merged, rcm, sla or qat, got {self.ship_student!r}")
+        wanted = {"merged": "teacher", "sla": "rcm", "qat": "rcm", "ode": "rcm"}.get(self.ship_student)
+        if self.ship_student not in ("merged", "rcm", "sla", "qat", "ode"):
+            raise ValueError(f"ship_student must be merged, rcm, sla, qat or ode, got {self.ship_student!r}")
         if wanted and self.sla.base != wanted:
             raise ValueError(f"ship_student={self.ship_student!r} needs sla.base={wanted!r}, got {self.sla.base!r}")
         if self.qat is not None and (self.sla.base != "rcm" or self.qat.base != "rcm" or not self.qat.quant_weight > 0):
@@ -185,6 +208,10 @@ class Recipe:
                              "'rcm' and qat.quant_weight > 0")
         if self.ship_student == "qat" and self.qat is None:
             raise ValueError("ship_student='qat' needs a qat stage")
+        if self.ship_student == "ode" and self.ode is None:
+            raise ValueError("ship_student='ode' needs an ode stage")
+        if self.ode is not None and self.sla.base != "rcm":
+            raise ValueError("the ode stage continues the SLA-tuned rCM student: it needs sla.base 'rcm'")
         if self.ship_topk is not None and not 0 < self.ship_topk <= 1:
             raise ValueError(f"ship_topk must be in (0, 1], got {self.ship_topk}")
 
@@ -283,6 +310,11 @@ def _mini() -> Recipe:
         # the GPU 0.875 -> 0.875 (H200 -> H100); docs/training/mini/README.md.
         qat=SLAStage(Schedule(steps=909, batch=32, ckpt_every=1000), Optim(lr=2e-5, warmup=100, cosine=True),
                      topk=0.5, base="rcm", dense_weight=1.0, quant_weight=1.0),
+        # Trajectory distillation of the SLA-tuned student (session 19, not shipped until measured): it fits the
+        # teacher's own 50-step CFG samples (what the teacher's adherence is graded on) from the states the teacher's
+        # sampler passes at the 4-step sampler's times.
+        ode=ODEStage(Schedule(steps=1500, batch=32, ckpt_every=250), Optim(lr=2e-5, warmup=100, cosine=True),
+                     trajectories=3072),
         # The student tuned at top-k 0.5 runs at 0.75 by default (24 of 32 key blocks): `turbovid eval`, 128 held-out
         # prompts, H100 (session 12), full stack 0.797 at 0.5 and 0.844 / 0.859 at 0.75 (two runs) against the
         # teacher's 0.867 and the dense student's 0.836; the DiT takes 0.13-0.14 s per video instead of 0.11 s.
@@ -325,7 +357,7 @@ RECIPES: dict[str, Recipe] = {"mini": _mini(), "tiny": _tiny()}
 
 # `turbovid train <stage>` -> the Recipe field holding that stage's settings (run, optim, ...).
 STAGE_FIELDS = {"vae": "vae_stage", "vae_decoder": "vae_decoder", "teacher": "teacher", "sla": "sla", "qat": "qat",
-                "rcm": "rcm"}
+                "rcm": "rcm", "ode": "ode"}
 
 
 def for_world(recipe: Recipe, world: int, stages: tuple[str, ...] = tuple(STAGE_FIELDS.values())) -> Recipe:

@@ -5,13 +5,14 @@ an interrupted one continues from its newest checkpoint):
     (-> quantization-aware fine-tune) -> merge -> evaluation of teacher / rCM / merged -> export/
 (SLA tunes the teacher and the merge adds its change to the rCM student, SPEC §10.1; with recipe.sla.base =
 "rcm" SLA tunes the rCM student itself and there is no merge, and a recipe that ships the qat stage's student
-continues that student quantization-aware, teacher.QATTrainer.)
+continues that student quantization-aware, teacher.QATTrainer; one that ships the ode stage's student fits that
+student to the teacher's own samples last, trajectory.ODETrainer.)
 
 Each stage writes run_dir/<stage>/{log.jsonl, checkpoints/, final.safetensors}. Evaluations run on rank 0
 (held-out prompts, `turbovid.train.evaluate`) and land in run_dir/eval/*.json (+ an mp4 of 8 samples).
 export/ holds the release files `ship` writes (what `turbovid train ship` copies into turbovid/assets/):
     dit.safetensors          the 4-step student, bf16 (recipe.ship_student: merged rCM + SLA, the rCM student, the
-                             SLA-tuned rCM student, or that student after the qat stage)
+                             SLA-tuned rCM student, or that student after the qat or the ode stage)
     dit_int8.safetensors     the same, W8A8 INT8 (fast format)
     dit_teacher.safetensors  the teacher, bf16 (50 steps with CFG)
     vae.safetensors, text_encoder.safetensors (bf16), spiece.model
@@ -34,6 +35,7 @@ from turbovid.train.loop import Env
 from turbovid.train.merge import merge_files
 from turbovid.train.recipe import Recipe
 from turbovid.train.teacher import run_qat, run_sla, run_teacher, teacher_dirs
+from turbovid.train.trajectory import run_ode
 from turbovid.train.vae import run_vae
 
 
@@ -64,8 +66,9 @@ def _evaluate_all(recipe: Recipe, run_dir: Path, env: Env) -> dict:
         jobs["merged_sla"] = (run_dir / "merged" / "model.safetensors", "sla", "rcm", recipe.eval_rcm_steps)
     else:
         jobs["rcm_sla"] = (run_dir / "sla" / "final.safetensors", "sla", "rcm", recipe.eval_rcm_steps)
-    if recipe.ship_student == "qat":
-        jobs["qat_sagesla"] = (run_dir / "qat" / "final.safetensors", "sagesla", "rcm", recipe.eval_rcm_steps)
+    if recipe.ship_student in ("qat", "ode"):
+        jobs[f"{recipe.ship_student}_sagesla"] = (run_dir / recipe.ship_student / "final.safetensors", "sagesla", "rcm",
+                                                  recipe.eval_rcm_steps)
     summary = {}
     if env.main:
         local = Env(env.device)   # rank 0 alone: no collective calls may happen in here
@@ -90,6 +93,8 @@ def reproduce(recipe: Recipe, run_dir: Path, env: Env, evaluate_models: bool = T
         stages.insert(1, (functools.partial(run_vae, decoder=True), "vae_decoder"))
     if recipe.ship_student == "qat":
         stages.append((run_qat, "qat"))
+    if recipe.ship_student == "ode":
+        stages.append((run_ode, "ode"))
     for stage, name in stages:
         if not (run_dir / name / "final.safetensors").is_file():
             stage(recipe, run_dir, env)
@@ -123,7 +128,7 @@ def ship(recipe: Recipe, run_dir: Path, dest: Path, summary: dict | None = None)
 
     run_dir, dest = Path(run_dir), Path(dest)
     students = {"merged": run_dir / "merged" / "model.safetensors", "rcm": run_dir / "rcm" / "final.safetensors",
-                "sla": run_dir / "sla" / "final.safetensors", "qat": run_dir / "qat" / "final.safetensors"}
+                **{name: run_dir / name / "final.safetensors" for name in ("sla", "qat", "ode")}}
     sources = {"dit_teacher": run_dir / "teacher" / "final.safetensors", "dit": students[recipe.ship_student],
                "vae": trained_vae_file(recipe, run_dir), "text_encoder": run_dir / "text_encoder.safetensors"}
     missing = [str(p) for p in sources.values() if not p.is_file()]
@@ -148,8 +153,8 @@ def ship(recipe: Recipe, run_dir: Path, dest: Path, summary: dict | None = None)
         found = [entry["steps"] for entry in recorded if entry["stage"] == stage]
         return found[-1] if found else folder_steps(stage)
     stages = {stage: {"steps": steps(stage)} for stage in ("vae", "sla", "rcm")}
-    if recipe.ship_student == "qat":
-        stages["qat"] = {"steps": steps("qat")}
+    if recipe.ship_student in ("qat", "ode"):
+        stages[recipe.ship_student] = {"steps": steps(recipe.ship_student)}
     if recipe.vae_decoder is not None:
         stages["vae_decoder"] = {"steps": steps("vae_decoder")}
     rounds = [entry["steps"] for entry in histories["dit_teacher"] if entry["stage"] == "teacher"]
@@ -158,7 +163,8 @@ def ship(recipe: Recipe, run_dir: Path, dest: Path, summary: dict | None = None)
     config = {"recipe": recipe.name, "size": recipe.size, "frames": recipe.frames, "stages": stages,
               "vae_latent_stats": json.loads((run_dir / "vae" / "latent_stats.json").read_text()),
               "student": recipe.ship_student, "sla_topk": recipe.ship_topk or recipe.sla.topk,
-              "sla_topk_tuned": recipe.sla.topk, "merge_weight": recipe.merge_weight}
+              "sla_topk_tuned": recipe.ode.topk if recipe.ship_student == "ode" else recipe.sla.topk,
+              "merge_weight": recipe.merge_weight}
     recon = trained_vae_file(recipe, run_dir).parent / "reconstruction.json"
     if recon.is_file():
         config["vae_reconstruction"] = json.loads(recon.read_text())

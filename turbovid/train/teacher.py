@@ -197,18 +197,22 @@ class SLATrainer(_VelocityStage):
         rcm_sample(velocity, noise, rcm_times(steps, MODELS[self.recipe.name].sigma_max), g)
         return torch.cat(xs), torch.cat(ts), torch.cat(vs), context.repeat(steps, 1, 1)
 
-    def train_step(self, step: int) -> dict[str, float]:
+    def _batch(self, step: int):
+        """(x, network time, target velocity, context): this step's training inputs and targets."""
         if self.cfg.base == "rcm":
-            x, t_net, v_target, context = self._trajectory(step)
-        else:
-            x0, context, g, _ = self._draws(step)
-            B, dev = x0.shape[0], x0.device
-            s = lognormal_rf(B, g, self.cfg.p_mean, self.cfg.p_std, dev)
-            noise = torch.randn(x0.shape, generator=g, device=dev)
-            x, _ = flow_matching_pair(x0, noise, s)
-            t_net = (1000 * s).float()
-            with torch.no_grad(), self.env.autocast():
-                v_target = self.teacher(x, t_net, context).float()
+            return self._trajectory(step)
+        x0, context, g, _ = self._draws(step)
+        B, dev = x0.shape[0], x0.device
+        s = lognormal_rf(B, g, self.cfg.p_mean, self.cfg.p_std, dev)
+        noise = torch.randn(x0.shape, generator=g, device=dev)
+        x, _ = flow_matching_pair(x0, noise, s)
+        t_net = (1000 * s).float()
+        with torch.no_grad(), self.env.autocast():
+            v_target = self.teacher(x, t_net, context).float()
+        return x, t_net, v_target, context
+
+    def train_step(self, step: int) -> dict[str, float]:
+        x, t_net, v_target, context = self._batch(step)
         with self.env.autocast():
             loss = velocity_loss(self.model(x, t_net, context).float(), v_target)
         terms = {}

@@ -1,5 +1,6 @@
 """A training run directory from the shipped files of the embedded model (turbovid/assets/mini): VAE, its latent
-statistics, text encoder, tokenizer, and the teacher as init/teacher.safetensors and teacher/final.safetensors.
+statistics, text encoder, tokenizer, the teacher as init/teacher.safetensors and teacher/final.safetensors, and the
+4-step student as sla/final.safetensors (what the ode stage continues; a `train sla` run there replaces it).
 The teacher and VAE copies carry their weights history (turbovid.train.checkpoint.weights_history): the shipped
 file's own, or for a release shipped before files kept one, the stages its config.json records. So the stages
 run in this directory, and `train ship` from it, count every step behind the release. Usage: assemble.py RUN_DIR."""
@@ -34,3 +35,4 @@ if "vae_reconstruction" in config:   # the VAE's report, which `train ship` puts
     (run / "vae" / "reconstruction.json").write_text(json.dumps(config["vae_reconstruction"], indent=1))
 copy("dit_teacher", run / "init" / "teacher.safetensors")
 copy("dit_teacher", run / "teacher" / "final.safetensors")   # the rCM / SLA stages read the teacher from here
+copy("dit", run / "sla" / "final.safetensors")               # the SLA-tuned rCM student (releases since session 14)

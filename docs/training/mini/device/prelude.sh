@@ -55,27 +55,46 @@ ship_release() {
   $T ship --run-dir "$S" --output turbovid/assets/mini
   mkdir -p "$OUT/assets" && cp turbovid/assets/mini/dit{,_int8}.safetensors turbovid/assets/mini/config.json "$OUT/assets/"
 }
-# `rcm_kept FROM EVERY ARGS...`: `train rcm --run-dir $S ARGS --steps 100000` run EVERY steps at a time (each run
-# resumes from the last checkpoint) until the command's time ends, stopped and checkpointed 40 s before its end. After
-# each run the EMA student goes to $OUT/rcm_<step>.safetensors with the weights history the stage's own final file
-# would have: FROM's (the file the student started from: --init's, else $S/teacher/final.safetensors), then the rCM
-# steps so far (in bf16, as a release stores it, when BF16=1). Its log to $OUT/rcm.log and $OUT/log.jsonl.
-rcm_kept() {
-  local from=$1 every=$2 n ckpt step; shift 2
+# `kept NAME FROM EVERY ARGS...`: `train NAME --run-dir $S ARGS` run EVERY steps at a time (each run resumes from the
+# last checkpoint) until the stage is done or the command's time ends, stopped and checkpointed 40 s before its end.
+# After each run the EMA student goes to $OUT/<NAME>_<step>.safetensors and $S/kept/ with the weights history the
+# stage's own final file would have: FROM's (the file the student started from), then the stage's steps so far (in
+# bf16, as a release stores it, when BF16=1). Its log to $OUT/<NAME>.log and $OUT/log.jsonl.
+kept() {
+  local name=$1 from=$2 every=$3 n ckpt step; shift 3
+  mkdir -p "$S/kept"
   for n in $(seq "$every" "$every" 100000); do
-    $T rcm --run-dir "$S" "$@" --steps 100000 --until "$n" --max-minutes "$(minutes_left 40)" \
-      >> "$OUT/rcm.log" 2>&1 || echo "rcm exit $?"
-    tail -1 "$OUT/rcm.log"
-    ckpt=$(cat "$S/rcm/checkpoints/latest") && step=$(echo "$ckpt" | sed 's/^step_0*//')
+    $T "$name" --run-dir "$S" "$@" --until "$n" --max-minutes "$(minutes_left 40)" \
+      >> "$OUT/$name.log" 2>&1 || echo "$name exit $?"
+    tail -1 "$OUT/$name.log"
+    ckpt=$(cat "$S/$name/checkpoints/latest") && step=$(echo "$ckpt" | sed 's/^step_0*//')
     python3 -c "import sys; from safetensors.torch import load_file
 from turbovid.train.checkpoint import history_metadata, save_weights, weights_history
-h = weights_history(sys.argv[2]) + [{'stage': 'rcm', 'steps': int(sys.argv[3])}]
+h = weights_history(sys.argv[2]) + [{'stage': sys.argv[6], 'steps': int(sys.argv[3])}]
 w = {k: v.bfloat16() if sys.argv[5] == '1' and v.is_floating_point() else v for k, v in load_file(sys.argv[1]).items()}
 save_weights(sys.argv[4], w, history_metadata(h))" \
-      "$S/rcm/checkpoints/$ckpt/ema.safetensors" "$from" "$step" "$OUT/rcm_$step.safetensors" "${BF16:-0}"
-    cp "$S/rcm/log.jsonl" "$OUT/"
-    if [ "$step" -lt "$n" ]; then break; fi    # the time ran out
+      "$S/$name/checkpoints/$ckpt/ema.safetensors" "$from" "$step" "$S/kept/${name}_$step.safetensors" "${BF16:-0}" \
+      "$name"
+    cp "$S/kept/${name}_$step.safetensors" "$S/$name/log.jsonl" "$OUT/"
+    if [ "$step" -lt "$n" ] || [ -f "$S/$name/final.safetensors" ]; then break; fi    # time ran out, or done
   done
+}
+# `rcm_kept FROM EVERY ARGS...`: `kept rcm` with an open-ended schedule (`--steps 100000`), its log $OUT/rcm.log.
+rcm_kept() { local from=$1 every=$2; shift 2; kept rcm "$from" "$every" "$@" --steps 100000; }
+# `ship_file FILE`: a release whose 4-step student is FILE (its weights history kept; the other files the shipped
+# ones) into turbovid/assets/mini, by `reproduce.ship` with FILE as the ode stage's output of a scratch run directory.
+ship_file() {
+  local r=runs/ship_file
+  rm -rf "$r" && python3 docs/training/mini/device/assemble.py "$r" && mkdir -p "$r/ode" && cp "$1" "$r/ode/final.safetensors"
+  python3 -c "import dataclasses, sys; from pathlib import Path; from turbovid.train.recipe import RECIPES
+from turbovid.train.reproduce import ship
+ship(dataclasses.replace(RECIPES['mini'], ship_student='ode'), Path(sys.argv[1]), Path('turbovid/assets/mini'))" "$r"
+}
+# `turbo_eval NAME START`: `turbovid eval` of the full stack of the release in turbovid/assets on held-out prompts
+# START..START+255, JSON to $OUT/NAME.json, the table row, labelled, to $OUT/evals.log.
+turbo_eval() {
+  python3 -m turbovid.cli eval --device cuda --configs turbo --start "$2" --count 256 --out "$OUT/$1.json" \
+    2> /tmp/progress.log | sed -n 2p | sed "s|^|$1: |" | tee -a "$OUT/evals.log"
 }
 # `grade_students ANCHOR FILES...`: `train eval` dense, 4-step rCM, 128 held-out prompts of ANCHOR then each of FILES,
 # one at a time in a fresh run directory (the anchor: a student already graded elsewhere, to place this machine's

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Session 19's device script. One GPU; o2 and o3 expect the machine o1 left warm (its run directory runs/s19 with
+# the teacher's trajectories cached in runs/s19/ode/); a new machine makes o2 start over.
+# The question: does the 4-step student get closer to the teacher when it fits the teacher's own samples? The new
+# ode stage (`train ode`, trajectory.py): the shipped teacher samples ${TRAJ:-3072} training captions with the sampler
+# its adherence is graded with (UniPC 50 steps, CFG 5), keeping the states it passes at the 4-step sampler's times,
+# and the shipped student (SLA-tuned rCM, SLA at top-k 0.75 + the dense term) regresses onto those samples from
+# those states: the recipe's 1500 x 32 (8 trajectories x 4 states a step), lr 2e-5 cosine.
+#   o1: a run directory from the shipped files, the trajectories, and the stage until the command's time ends; the
+#       EMA student every 250 steps, in bf16 (kept).
+#   o2: the stage resumed to its end; that student shipped (ship_file) and its full stack graded on the validation
+#       prompts 1000..1255 (release: 217 in sessions 17 and 18) and the reported 0..255 (release: 225 in session 16,
+#       teacher 234-235); then, time allowing, the step-${MID:-750} student on the validation prompts.
+#   o3: the release's grade of the student carried as runs/carry/s19/dit.safetensors (shipped with ship_file), every
+#       row on 128 held-out prompts, then teacher, SLA and full stack on 256 (prelude release_eval_gpu).
+source "$(dirname "$0")/prelude.sh" "$1"
+export BF16=1
+S=runs/s19
+case "$1" in
+o1) fresh "$S"; kept ode "$S/sla/final.safetensors" 250 --trajectories "${TRAJ:-3072}" ;;
+o2) kept ode "$S/sla/final.safetensors" 250 --trajectories "${TRAJ:-3072}"
+    ship_file "$S/ode/final.safetensors"
+    turbo_eval val_final 1000
+    turbo_eval reported_final 0
+    if [ "$(left)" -gt 130 ]; then ship_file "$S/kept/ode_${MID:-750}.safetensors" && turbo_eval "val_${MID:-750}" 1000; fi ;;
+o3) ship_file runs/carry/s19/dit.safetensors
+    release_eval_gpu
+    COUNT=256 CONFIGS=teacher,sla,turbo release_eval_gpu ;;
+*)  echo "usage: session19.sh o1|o2|o3 (o1, o2: TRAJ; o2: MID)"
+    exit 2 ;;
+esac

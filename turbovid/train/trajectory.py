@@ -1,0 +1,111 @@
+"""Trajectory distillation (ours): the few-step student fits the teacher's own samples, the last DiT stage.
+
+The 4-step rCM sampler calls the student at RF times s_0 > s_1 > s_2 > s_3 (`sampling.rcm_times`), and at each
+call uses its x0 prediction x - s v. For a state on the teacher's probability-flow ODE the right prediction is
+where that ODE ends: the consistency function sCM learns through its tangent, fitted here on the ODE's end points
+directly. The end points are drawn by the sampler the teacher's adherence is graded with, so the student is
+pulled toward what the graded teacher draws.
+
+Data (`TeacherTrajectories`): for N pooled training captions the frozen teacher samples with UniPC,
+`recipe.eval_teacher_steps` steps, CFG against the negative prompt (`evaluate.generate_latents`, as
+`distill.TeacherSamples`), and keeps, besides its sample x0_T:
+  - the few-step sampler's first input, s_0 eps (pure scaled noise, as `rcm_sample` starts) for the teacher's
+    starting noise eps;
+  - the states it passes at the steps of its own schedule nearest s_1, s_2, s_3, at those steps' times.
+Cached in run_dir/ode/ (bf16, STATES + 1 latents per trajectory).
+
+Step: batch / STATES trajectories, every state of each (STATES = `recipe.eval_rcm_steps`). The target velocity
+v* = (x - x0_T) / s is the one whose x0 prediction is the teacher's sample, and the loss is the SLA stage's
+(teacher.SLATrainer): the MSE of the student's velocity run with SLA at `recipe.ode.topk`, plus `dense_weight`
+times that of its dense-attention output (one file serves every --attention), plus `quant_weight` times that of
+its quantized output. In x0 terms a state weighs 1 / s^2 (1.0 to 2.7 for the mini schedule). The student starts
+from the SLA-tuned rCM student (run_dir/sla) and exports its power EMA.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from turbovid.config import MODELS, SampleConfig
+from turbovid.sampling import flow_times, rcm_times
+from turbovid.train.checkpoint import load_weights
+from turbovid.train.evaluate import generate_latents
+from turbovid.train.inputs import LatentBatches
+from turbovid.train.loop import Env, drive, step_indices
+from turbovid.train.recipe import Recipe
+from turbovid.train.teacher import SLATrainer, dit_from_weights, frozen_dit, teacher_file
+
+
+def trajectory_steps(recipe: Recipe) -> tuple[list[int], list[float]]:
+    """(teacher sampler step indices, RF times) of the kept states: step 0 at the few-step sampler's first time
+    s_0, then for each later few-step time the teacher step nearest it, at that step's own time."""
+    few = rcm_times(recipe.eval_rcm_steps, MODELS[recipe.name].sigma_max)[:-1]
+    grid = flow_times(recipe.eval_teacher_steps, SampleConfig.shift)[:-1]
+    steps = [0] + [min(range(len(grid)), key=lambda k: abs(grid[k] - s)) for s in few[1:]]
+    return steps, [few[0]] + [grid[k] for k in steps[1:]]
+
+
+class TeacherTrajectories(LatentBatches):
+    """Pooled teacher trajectories: `get` returns latents [B, STATES + 1, 16, T, h, w], the kept states at
+    `self.times` and last the teacher's sample (captions and batching are LatentBatches')."""
+
+    POOL_CHUNK = 64
+
+    def __init__(self, recipe: Recipe, run_dir: Path, env: Env, teacher, count: int):
+        self.teacher = teacher
+        self.steps, self.times = trajectory_steps(recipe)
+        super().__init__(recipe, run_dir, env, pool=count)
+
+    def _pool_file(self, split: str, pool: int) -> Path:
+        env = self.env
+        return self.run_dir / "ode" / f"trajectories_{split}_{pool}_rank{env.rank}of{env.world}.safetensors"
+
+    def _pool_chunk(self, indices: list[int]) -> torch.Tensor:
+        context, _ = self.captions(indices)
+        record = dict.fromkeys(self.steps)
+        x0 = generate_latents(self.teacher, context, self.negative, (len(indices), *self.recipe.latent_shape),
+                              self.env, sampler="teacher", steps=self.recipe.eval_teacher_steps,
+                              seed=self.recipe.seed * 1_000_003 + indices[0], record=record)
+        states = [record[k] for k in self.steps]
+        states[0] = self.times[0] * states[0]      # step 0's state is the noise: the few-step start is s_0 eps
+        return torch.stack([*states, x0], dim=1)
+
+
+class ODETrainer(SLATrainer):
+    """The SLA stage's regression (its terms and weights from recipe.ode) on teacher trajectories."""
+    name = "ode"
+
+    def __init__(self, recipe: Recipe, run_dir: Path, env: Env, teacher_weights: dict[str, torch.Tensor],
+                 start_weights: dict[str, torch.Tensor], fixed_batch: bool = False,
+                 inputs: TeacherTrajectories | None = None):
+        cfg = recipe.ode
+        self.teacher = frozen_dit(recipe, teacher_weights, env)
+        student = dit_from_weights(recipe, start_weights, "sla", cfg.topk, new_proj_l=True)
+        if inputs is None:
+            inputs = TeacherTrajectories(recipe, run_dir, env, self.teacher, cfg.trajectories)
+        self._setup(recipe, run_dir, env, student, cfg, fixed_batch, inputs)
+
+    def _batch(self, step: int):
+        n = len(self.inputs.times)
+        data_step = 0 if self.fixed_batch else step
+        paths, context, _ = self.inputs.get(step_indices(data_step, self.env, max(1, self.schedule.batch // n)))
+        x = paths[:, :n].flatten(0, 1)                                  # [b n, 16, T, h, w], trajectory-major
+        x0 = paths[:, n].repeat_interleave(n, dim=0)
+        s = torch.tensor(self.inputs.times, dtype=torch.float32, device=x.device).repeat(paths.shape[0])
+        v_target = (x - x0) / s.view(-1, *[1] * (x.dim() - 1))
+        return x, 1000 * s, v_target, context.repeat_interleave(n, dim=0)
+
+
+def run_ode(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None) -> Path:
+    """Trajectory distillation (recipe.ode) of the SLA-tuned rCM student against the frozen teacher."""
+    if recipe.ode is None:
+        raise ValueError(f"recipe {recipe.name!r} has no ode stage")
+    start = Path(run_dir) / "sla" / "final.safetensors"
+    if not start.is_file():
+        raise ValueError(f"{start} not found: the ode stage continues the SLA-tuned student; run `turbovid train sla` "
+                         "first")
+    teacher = teacher_file(run_dir)
+    trainer = ODETrainer(recipe, run_dir, env, load_weights(teacher, env.device), load_weights(start, env.device))
+    drive(trainer, Path(run_dir) / "ode", env, until=until, init=start)
+    return Path(run_dir) / "ode" / "final.safetensors"
