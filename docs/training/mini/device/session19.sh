@@ -11,6 +11,9 @@
 #   o2: the stage resumed to its end; that student shipped (ship_file) and its full stack graded on the validation
 #       prompts 1000..1255 (release: 217 in sessions 17 and 18) and the reported 0..255 (release: 225 in session 16,
 #       teacher 234-235); then, time allowing, the step-${MID:-750} student on the validation prompts.
+#   r1: the one-GPU replay's first two stages, which no run had tried at their one-GPU batches: the VAE (global batch
+#       64 in one process) from scratch, then teacher round 1 (batch 128, after the 24000-clip pool encode) from
+#       scratch with the shipped VAE, ${UNTIL:-40} steps each; GPU memory sampled every 2 s to $OUT/gpu_memory.csv.
 #   o3: the release's grade of the student carried as runs/carry/s19/dit.safetensors (shipped with ship_file), every
 #       row on 128 held-out prompts, then teacher, SLA and full stack on 256 (prelude release_eval_gpu).
 source "$(dirname "$0")/prelude.sh" "$1"
@@ -23,9 +26,18 @@ o2) kept ode "$S/sla/final.safetensors" 250 --trajectories "${TRAJ:-3072}"
     turbo_eval val_final 1000
     turbo_eval reported_final 0
     if [ "$(left)" -gt 130 ]; then ship_file "$S/kept/ode_${MID:-750}.safetensors" && turbo_eval "val_${MID:-750}" 1000; fi ;;
+r1) nvidia-smi --query-gpu=memory.used --format=csv,noheader -l 2 > "$OUT/gpu_memory.csv" &
+    rm -rf runs/r1 && mkdir -p runs/r1
+    $T vae --run-dir runs/r1 --until "${UNTIL:-40}" > "$OUT/vae.log" 2>&1 || echo "vae exit $?"
+    tail -2 "$OUT/vae.log"
+    echo "vae done $(date +%s)" >> "$OUT/gpu_memory.csv"
+    fresh runs/r1t    # the shipped VAE; teacher round 1 goes to runs/r1t/teacher_round1
+    $T teacher --run-dir "$S" --until "${UNTIL:-40}" > "$OUT/teacher.log" 2>&1 || echo "teacher exit $?"
+    tail -2 "$OUT/teacher.log"
+    kill %1 ;;
 o3) ship_file runs/carry/s19/dit.safetensors
     release_eval_gpu
     COUNT=256 CONFIGS=teacher,sla,turbo release_eval_gpu ;;
-*)  echo "usage: session19.sh o1|o2|o3 (o1, o2: TRAJ; o2: MID)"
+*)  echo "usage: session19.sh o1|o2|r1|o3 (o1, o2: TRAJ; o2: MID; r1: UNTIL)"
     exit 2 ;;
 esac
