@@ -14,6 +14,8 @@
 #   r1: the one-GPU replay's first two stages, which no run had tried at their one-GPU batches: the VAE (global batch
 #       64 in one process) from scratch, then teacher round 1 (batch 128, after the 24000-clip pool encode) from
 #       scratch with the shipped VAE, ${UNTIL:-40} steps each; GPU memory sampled every 2 s to $OUT/gpu_memory.csv.
+#   h1: session19_checks/hybrid.py: the shipped student for its first k of 4 steps, then the teacher (UniPC + CFG 5)
+#       for the rest, k = 1, 2, 3, beside the student and the teacher alone, on held-out prompts 0..${COUNT:-160}-1.
 #   o3: the release's grade of the student carried as runs/carry/s19/dit.safetensors (shipped with ship_file), every
 #       row on 128 held-out prompts, then teacher, SLA and full stack on 256 (prelude release_eval_gpu).
 source "$(dirname "$0")/prelude.sh" "$1"
@@ -35,9 +37,12 @@ r1) nvidia-smi --query-gpu=memory.used --format=csv,noheader -l 2 > "$OUT/gpu_me
     $T teacher --run-dir "$S" --until "${UNTIL:-40}" > "$OUT/teacher.log" 2>&1 || echo "teacher exit $?"
     tail -2 "$OUT/teacher.log"
     kill %1 ;;
+h1) fresh runs/hy
+    python3 docs/training/mini/session19_checks/hybrid.py "$S" --count "${COUNT:-160}" \
+      --out "$OUT/hybrid_h100_n${COUNT:-160}.json" 2>&1 | tee "$OUT/hybrid.log" ;;
 o3) ship_file runs/carry/s19/dit.safetensors
     release_eval_gpu
     COUNT=256 CONFIGS=teacher,sla,turbo release_eval_gpu ;;
-*)  echo "usage: session19.sh o1|o2|r1|o3 (o1, o2: TRAJ; o2: MID; r1: UNTIL)"
+*)  echo "usage: session19.sh o1|o2|r1|h1|o3 (o1, o2: TRAJ; o2: MID; r1: UNTIL; h1: COUNT)"
     exit 2 ;;
 esac

@@ -1,0 +1,120 @@
+"""Session 19 check: at which of its 4 steps does the shipped student lose the clips the teacher draws right?
+
+For N held-out prompts (the `turbovid eval` prompts, start..start+N-1) and fixed seeds this samples, all with dense
+attention:
+  student   the shipped 4-step student, rCM SDE sampler (sigma_max 80, angles 1.5, 1.4, 1.0);
+  hybrid_k  the student's first k steps of that sampler (k = 1, 2, 3), which end in its x0 prediction re-noised to
+            the k-th time s_k, then the shipped teacher from s_k to 0: UniPC with CFG 5 on the 50-step grid's times
+            below s_k (the teacher's own sampler, entered late);
+  teacher   the teacher alone, 50 steps UniPC + CFG 5, from the same first noise.
+Every variant starts from the same noise per prompt and draws the same SDE noises, so hybrid_k shares the
+student's first k steps exactly. If hybrid_3 (student for 3 steps, the teacher for the last stretch from s = 0.61)
+grades as the teacher does, the student loses its clips in its last step; if hybrid_1 already grades as the student,
+the first step (pure noise -> x0) decides them.
+
+    PYTHONPATH=. python3 docs/training/mini/session19_checks/hybrid.py RUN_DIR [--count N] [--start S] [--out F]
+
+RUN_DIR: a run directory assembled from the shipped files (docs/training/mini/device/assemble.py); the student is
+RUN_DIR/sla/final.safetensors, the teacher RUN_DIR/teacher/final.safetensors.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from turbovid.config import MODELS, WAN_NEGATIVE_PROMPT, SampleConfig
+from turbovid.sampling import cfg_velocity, flow_times, rcm_sample, rcm_times, unipc_sample
+from turbovid.train.checkpoint import load_weights
+from turbovid.train.data import sample_clip
+from turbovid.train.detect import adherence
+from turbovid.train.inputs import build_text_encoder, load_trained_vae
+from turbovid.train.loop import Env
+from turbovid.train.recipe import RECIPES
+from turbovid.train.teacher import frozen_dit
+
+BATCH = 32
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--count", type=int, default=128)
+    ap.add_argument("--start", type=int, default=0)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    recipe = RECIPES["mini"]
+    env = Env(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    run_dir = args.run_dir
+    student = frozen_dit(recipe, load_weights(run_dir / "sla" / "final.safetensors", env.device), env)
+    teacher = frozen_dit(recipe, load_weights(run_dir / "teacher" / "final.safetensors", env.device), env)
+    text = build_text_encoder(recipe, run_dir, env)
+    vae = load_trained_vae(recipe, run_dir, env)
+    negative = text.encode([WAN_NEGATIVE_PROMPT]).float()
+    clips = [sample_clip(recipe.data_seed, "heldout", i) for i in range(args.start, args.start + args.count)]
+    few = rcm_times(recipe.eval_rcm_steps, MODELS[recipe.name].sigma_max)
+    grid = flow_times(recipe.eval_teacher_steps, SampleConfig.shift)
+    variants = {"student": None, **{f"hybrid_{k}": k for k in range(1, len(few) - 1)}, "teacher": 0}
+    videos: dict[str, list[torch.Tensor]] = {name: [] for name in variants}
+    seconds = {name: 0.0 for name in variants}
+
+    for first in range(0, args.count, BATCH):
+        batch = clips[first:first + BATCH]
+        context = text.encode([c.caption for c in batch]).float()
+        both = torch.cat([context, negative.expand_as(context)])
+        shape = (len(batch), *recipe.latent_shape)
+
+        def student_v(x, t_net, step, s_cur):
+            with env.autocast():
+                return student(x.float(), t_net, context).float()
+
+        def teacher_v(x, t_net, step, s_cur):
+            with env.autocast():
+                v = teacher(torch.cat([x, x]).float(), torch.cat([t_net, t_net]), both).float()
+            return cfg_velocity(*v.chunk(2), SampleConfig.guidance)
+
+        for name, k in variants.items():
+            t0 = time.perf_counter()
+            g = torch.Generator(env.device).manual_seed(args.start + first)
+            noise = torch.randn(shape, generator=g, device=env.device)
+            with torch.no_grad():
+                if k is None:
+                    z = rcm_sample(student_v, noise, few, g)
+                elif k == 0:
+                    z = unipc_sample(teacher_v, noise, grid)
+                else:    # the student's first k steps end at s_k (its x0 re-noised there), the teacher goes on
+                    x = rcm_sample(student_v, noise, few[:k + 1], g)
+                    z = unipc_sample(teacher_v, x, [few[k]] + [s for s in grid if s < few[k]])
+                videos[name].append(vae.decode_reference(z.to(vae.dtype), clamp=True).float().cpu())
+            if env.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds[name] += time.perf_counter() - t0
+
+    truth = [c.attributes() for c in clips]
+    rows, found = {}, {}
+    for name in variants:
+        scores = adherence(list(torch.cat(videos[name])), truth)
+        found[name] = [d for d in scores["detections"]]
+        rows[name] = {k: v for k, v in scores.items() if k != "detections"} | {"seconds": seconds[name]}
+        print(f"{name:10s} adherence {scores['all']:.3f} colour {scores['color']:.2f} shape {scores['shape']:.2f} "
+              f"direction {scores['direction']:.2f} ({seconds[name]:.0f} s)", flush=True)
+    right = {name: [all(d.get(a) == t[a] for a in ("color", "shape", "direction")) for d, t in zip(found[name], truth)]
+             for name in variants}
+    versus = {name: {"right_where_teacher_wrong": sum(r and not t for r, t in zip(right[name], right["teacher"])),
+                     "wrong_where_teacher_right": sum(t and not r for r, t in zip(right[name], right["teacher"]))}
+              for name in variants if name != "teacher"}
+    print(json.dumps(versus))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"count": args.count, "start": args.start, "device": str(env.device),
+                                        "gpu": torch.cuda.get_device_name() if env.device.type == "cuda" else None,
+                                        "times_rcm": few, "rows": rows, "versus_teacher": versus,
+                                        "clips": [{"caption": c.caption, "truth": t, **{n: found[n][i] for n in variants}}
+                                                  for i, (c, t) in enumerate(zip(clips, truth))]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
