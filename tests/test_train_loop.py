@@ -826,6 +826,11 @@ def test_generate_latents_records_the_teacher_states():
     for k, x in record.items():
         torch.testing.assert_close(x, eps + (times[k] - times[0]) * c, atol=1e-5, rtol=0)
     torch.testing.assert_close(out, eps - times[0] * c, atol=1e-5, rtol=0)
+    # entered late, at state x and time s: the same path from there, over the schedule's times below s
+    late = generate_latents(net, context, negative, shape, ENV, sampler="teacher", steps=6, seed=7, start=(eps, 0.5))
+    torch.testing.assert_close(late, eps - 0.5 * c, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="for the teacher sampler"):
+        generate_latents(net, context, negative, shape, ENV, sampler="rcm", steps=2, seed=7, start=(eps, 0.5))
 
 
 def test_ode_stage_fits_the_teachers_trajectories(run, tmp_path):
@@ -908,12 +913,46 @@ def test_ode_stage_fits_the_teachers_trajectories(run, tmp_path):
         _cli("sla", "--trajectories", "4", "--recipe", "tiny", "--run-dir", str(tmp_path), "--device", "cpu")
 
 
+def test_ode_stage_on_policy_fits_the_teachers_completion_of_the_last_step(run, tmp_path):
+    # recipe.ode.on_policy: the frozen start student's own sampling states, the last one's target the teacher's
+    # sampler run from it, the others' the frozen student's outputs; nothing pooled.
+    from turbovid.config import MODELS
+    from turbovid.sampling import rcm_times
+    from turbovid.train.recipe import ODEStage, Optim, Schedule
+    from turbovid.train.trajectory import ODETrainer
+
+    src, _ = run
+    teacher = load_weights(src / "teacher" / "final.safetensors")
+    student = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in teacher.items()}
+    ode = ODEStage(Schedule(steps=3, batch=4, log_every=1, ckpt_every=3), Optim(lr=1e-3, warmup=0), topk=0.6,
+                   dense_weight=0.5, on_policy=True)
+    recipe = dataclasses.replace(TINY, sla=dataclasses.replace(TINY.sla, base="rcm"), ode=ode, ship_student="sla")
+    trainer = ODETrainer(recipe, src, ENV, teacher, student, fixed_batch=True)
+    assert trainer.inputs.pool_latents is None and not (src / "ode").exists()
+    x, t_net, v_target, context = trainer._batch(0)
+    fx, ft, fv, fc = trainer._trajectory(0, trainer.frozen)
+    steps = recipe.eval_rcm_steps
+    clips = x.shape[0] // steps
+    assert torch.equal(x, fx) and torch.equal(t_net, ft) and torch.equal(context, fc) and clips == 2
+    assert torch.equal(v_target[:-clips], fv[:-clips])                   # the earlier steps keep their outputs
+    s = rcm_times(steps, MODELS[recipe.name].sigma_max)[-2]
+    want = generate_latents(trainer.teacher, context[-clips:], trainer.inputs.negative, tuple(x[-clips:].shape), ENV,
+                            sampler="teacher", steps=recipe.eval_teacher_steps, seed=0, start=(x[-clips:], s))
+    torch.testing.assert_close(x[-clips:] - s * v_target[-clips:], want)   # the last: the teacher's completion
+    assert not torch.allclose(v_target[-clips:], fv[-clips:])
+    logs = drive(trainer, tmp_path / "a", ENV, quiet=True)
+    assert len(logs) == 3 and all(math.isfinite(r["loss_sla"]) and math.isfinite(r["loss_dense"]) for r in logs)
+
+
 def test_cli_overrides_reach_the_ode_stage():
     from turbovid.train.cli import _recipe
     parser = _parser()
     ode = _recipe(parser.parse_args(["train", "ode", "--steps", "9", "--lr", "1e-5", "--topk", "0.6",
                                      "--trajectories", "64"]))
     assert (ode.ode.run.steps, ode.ode.optim.lr, ode.ode.topk, ode.ode.trajectories) == (9, 1e-5, 0.6, 64)
-    assert ode.sla == RECIPES["mini"].sla
+    assert ode.sla == RECIPES["mini"].sla and not ode.ode.on_policy
+    assert _recipe(parser.parse_args(["train", "ode", "--on-policy"])).ode.on_policy
+    with pytest.raises(ValueError, match="--on-policy applies to the ode stage only"):
+        cmd_train(parser.parse_args(["train", "sla", "--on-policy"]))
     with pytest.raises(ValueError, match="--trajectories must be >= 1"):
         _recipe(parser.parse_args(["train", "ode", "--trajectories", "0"]))

@@ -72,6 +72,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--trajectories", type=int, metavar="N",
                    help="ode: the teacher samples N training captions (50 steps, CFG) and the student fits them from "
                         "the states it passes (recipe.ODEStage.trajectories)")
+    p.add_argument("--on-policy", action="store_true",
+                   help="ode: the states of the student's own sampling, the last one's target the teacher's sampler "
+                        "run from it (recipe.ODEStage.on_policy)")
     p.add_argument("--no-eval", action="store_true", help="reproduce: skip the final evaluations")
     g = p.add_argument_group("merge of arbitrary files (all three given: TurboDiffusion's merge_models.py)")
     g.add_argument("--base", help="rCM student checkpoint")
@@ -147,6 +150,8 @@ def _recipe(args, world: int = 1):
             raise ValueError(f"--trajectories must be >= 1, got {args.trajectories}")
         if args.stage == "ode":     # elsewhere the flag check below refuses it
             sla["trajectories"] = args.trajectories
+    if args.on_policy and args.stage == "ode":
+        sla["on_policy"] = True
     if sla:
         field = args.stage if args.stage in ("qat", "ode") else "sla"    # the settings of the stage being run
         recipe = dataclasses.replace(recipe, **{field: dataclasses.replace(getattr(recipe, field), **sla)})
@@ -218,6 +223,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 ("--topk", args.topk, ("sla", "qat", "ode", "rcm", "eval", "ship", "reproduce")),
                                 ("--quant-weight", args.quant_weight, ("sla", "qat", "ode")),
                                 ("--trajectories", args.trajectories, ("ode",)),
+                                ("--on-policy", args.on_policy or None, ("ode",)),
                                 ("--sla-student", args.sla_student or None, ("rcm", "reproduce")),
                                 ("--tangent-warmup", args.tangent_warmup, ("rcm", "reproduce")),
                                 ("--no-dmd", args.no_dmd or None, ("rcm", "reproduce")),

@@ -31,12 +31,18 @@ EVAL_BATCH = 8
 def generate_latents(net, context: torch.Tensor, negative: torch.Tensor, shape: tuple[int, ...], env: Env, *,
                      sampler: str, steps: int, seed: int, guidance: float = SampleConfig.guidance,
                      shift: float = SampleConfig.shift, sigma_max: float = 80.0,
-                     record: dict[int, torch.Tensor | None] | None = None) -> torch.Tensor:
+                     record: dict[int, torch.Tensor | None] | None = None,
+                     start: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """Latents [B, 16, T, h, w] fp32 for the prompts embedded in `context` [B, text_len, text_dim].
     `record` (teacher sampler): for each step index among its keys, the state x (fp32) the network is evaluated at
-    in that step is stored under it (step 0: the initial noise)."""
+    in that step is stored under it (step 0: the initial noise).
+    `start` = (x, s) (teacher sampler, entered late): sample from the state x at RF time s over the times of the
+    `steps`-step schedule below s, instead of from fresh noise (`seed` then draws nothing)."""
     generator = torch.Generator(env.device).manual_seed(seed)
-    noise = torch.randn(shape, generator=generator, device=env.device, dtype=torch.float32)
+    if start is not None and sampler != "teacher":
+        raise ValueError("a start state is for the teacher sampler")
+    noise = torch.randn(shape, generator=generator, device=env.device, dtype=torch.float32) if start is None \
+        else start[0]
     if sampler == "rcm":
         def velocity(x, t_net, step, s_cur):
             with env.autocast():
@@ -52,7 +58,10 @@ def generate_latents(net, context: torch.Tensor, negative: torch.Tensor, shape: 
                 v = net(torch.cat([x, x]).float(), torch.cat([t_net, t_net]), both).float()
             v_cond, v_uncond = v.chunk(2)
             return cfg_velocity(v_cond, v_uncond, guidance)
-        return unipc_sample(guided, noise, flow_times(steps, shift))
+        times = flow_times(steps, shift)
+        if start is not None:
+            times = [start[1]] + [s for s in times if s < start[1]]
+        return unipc_sample(guided, noise, times)
     raise ValueError(f"unknown sampler {sampler!r}; choose teacher or rcm")
 
 

@@ -141,11 +141,14 @@ class RCMStage:
 
 @dataclass(frozen=True)
 class ODEStage:
-    """Trajectory distillation (ours, train/trajectory.py): the shipped student fits the teacher's own 50-step
-    samples from the states the teacher's sampler passes at the few-step sampler's times."""
-    run: Schedule                # batch: student inputs per step, `trajectory.STATES` of them per trajectory
+    """Trajectory distillation (ours, train/trajectory.py): the student fits the teacher's own 50-step samples from
+    the states the teacher's sampler passes at the few-step sampler's times, or (on_policy) the teacher's completion
+    of the last state of the student's own sampling."""
+    run: Schedule                # batch: student inputs per step, one per few-step sampler call of a trajectory
     optim: Optim
-    trajectories: int = 3072     # teacher samples (training captions) recorded with their states
+    trajectories: int = 3072     # teacher samples (training captions) recorded with their states (not on_policy)
+    on_policy: bool = False      # the states of the frozen start student's own sampling, drawn every step: the last
+                                 # one's target is the teacher's sampler run from it, the others' the frozen student's
     topk: float = 0.75           # SLA's top-k while it trains (the release's default)
     dense_weight: float = 1.0    # > 0: also fit the student's dense-attention output, with this weight
     quant_weight: float = 0.0    # > 0: also fit its quantized output (SageSLA + W8A8, straight-through)

@@ -176,9 +176,10 @@ class SLATrainer(_VelocityStage):
         if cfg.compile and env.device.type == "cuda":
             compile_blocks(self.teacher)
 
-    def _trajectory(self, step: int):
-        """(x, network time, frozen output, context) at every step of the frozen student's rCM sampling of
-        batch / steps captions, concatenated: batch training inputs."""
+    def _trajectory(self, step: int, frozen: WanDiT | None = None):
+        """(x, network time, frozen output, context) at every step of the frozen student's (`frozen`, default
+        self.teacher) rCM sampling of batch / steps captions, concatenated step after step: batch training inputs."""
+        frozen = self.teacher if frozen is None else frozen
         steps = self.recipe.eval_rcm_steps
         clips = max(1, self.schedule.batch // steps)
         data_step = 0 if self.fixed_batch else step
@@ -189,7 +190,7 @@ class SLATrainer(_VelocityStage):
 
         def velocity(x, t_net, i, s_cur):
             with torch.no_grad(), self.env.autocast():
-                v = self.teacher(x.float(), t_net, context).float()
+                v = frozen(x.float(), t_net, context).float()
             xs.append(x.float())
             ts.append(t_net)
             vs.append(v)

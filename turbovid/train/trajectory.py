@@ -20,6 +20,16 @@ v* = (x - x0_T) / s is the one whose x0 prediction is the teacher's sample, and 
 times that of its dense-attention output (one file serves every --attention), plus `quant_weight` times that of
 its quantized output. In x0 terms a state weighs 1 / s^2 (1.0 to 2.7 for the mini schedule). The student starts
 from the SLA-tuned rCM student (run_dir/sla) and exports its power EMA.
+
+On-policy (`recipe.ode.on_policy`). Fitting every state pulls the first prediction, from pure noise, toward the
+mean of what the teacher could draw: session 19 measured the student's shapes blurred by it (the full stack 0.848 ->
+0.727 on 256 validation prompts). And the student loses its clips late: run for 1-3 of its 4 steps, then
+finished by the teacher, it grades as the teacher after its first step and a few clips under it after its third
+(docs/training/mini/session19_checks/hybrid.py). So here the inputs are the states the frozen start student visits
+when it samples (as the SLA stage's, teacher.SLATrainer._trajectory), drawn every step: the targets of the first
+STATES - 1 are the frozen student's own outputs (those steps are kept as they are), and the last state's is the
+teacher's completion from it, its UniPC + CFG sampler run from that state over its schedule's later times
+(`evaluate.generate_latents(start=...)`; 12 of 50 steps for the mini schedule). Nothing is pooled.
 """
 from __future__ import annotations
 
@@ -82,11 +92,16 @@ class ODETrainer(SLATrainer):
         cfg = recipe.ode
         self.teacher = frozen_dit(recipe, teacher_weights, env)
         student = dit_from_weights(recipe, start_weights, "sla", cfg.topk, new_proj_l=True)
-        if inputs is None:
+        if cfg.on_policy:
+            self.frozen = frozen_dit(recipe, start_weights, env)       # the start student, dense, samples the states
+            inputs = inputs or LatentBatches(recipe, run_dir, env)     # captions only
+        elif inputs is None:
             inputs = TeacherTrajectories(recipe, run_dir, env, self.teacher, cfg.trajectories)
         self._setup(recipe, run_dir, env, student, cfg, fixed_batch, inputs)
 
     def _batch(self, step: int):
+        if self.cfg.on_policy:
+            return self._on_policy_batch(step)
         n = len(self.inputs.times)
         data_step = 0 if self.fixed_batch else step
         paths, context, _ = self.inputs.get(step_indices(data_step, self.env, max(1, self.schedule.batch // n)))
@@ -95,6 +110,17 @@ class ODETrainer(SLATrainer):
         s = torch.tensor(self.inputs.times, dtype=torch.float32, device=x.device).repeat(paths.shape[0])
         v_target = (x - x0) / s.view(-1, *[1] * (x.dim() - 1))
         return x, 1000 * s, v_target, context.repeat_interleave(n, dim=0)
+
+
+    def _on_policy_batch(self, step: int):
+        x, t_net, v_target, context = self._trajectory(step, self.frozen)
+        clips = context.shape[0] // self.recipe.eval_rcm_steps        # the last clips rows: the last sampler call
+        s = rcm_times(self.recipe.eval_rcm_steps, MODELS[self.recipe.name].sigma_max)[-2]
+        last = x[-clips:]
+        x0 = generate_latents(self.teacher, context[-clips:], self.inputs.negative, tuple(last.shape), self.env,
+                              sampler="teacher", steps=self.recipe.eval_teacher_steps, seed=0, start=(last, s))
+        v_target = torch.cat([v_target[:-clips], (last - x0) / s])
+        return x, t_net, v_target, context
 
 
 def run_ode(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None) -> Path:

@@ -16,6 +16,10 @@
 #       scratch with the shipped VAE, ${UNTIL:-40} steps each; GPU memory sampled every 2 s to $OUT/gpu_memory.csv.
 #   h1: session19_checks/hybrid.py: the shipped student for its first k of 4 steps, then the teacher (UniPC + CFG 5)
 #       for the rest, k = 1, 2, 3, beside the student and the teacher alone, on held-out prompts 0..${COUNT:-160}-1.
+#   p1: the ode stage on policy (`--on-policy`): the shipped student's own 4-step sampling states, the last one's
+#       target the teacher's UniPC + CFG completion from it, the others' the shipped student's own outputs; its
+#       schedule fitted to the command minus 250 s (one process: `stage`); then that student shipped and graded as
+#       o2 grades (validation 1000..1255, reported 0..255).
 #   o3: the release's grade of the student carried as runs/carry/s19/dit.safetensors (shipped with ship_file), every
 #       row on 128 held-out prompts, then teacher, SLA and full stack on 256 (prelude release_eval_gpu).
 source "$(dirname "$0")/prelude.sh" "$1"
@@ -40,9 +44,14 @@ r1) nvidia-smi --query-gpu=memory.used --format=csv,noheader -l 2 > "$OUT/gpu_me
 h1) fresh runs/hy
     python3 docs/training/mini/session19_checks/hybrid.py "$S" --count "${COUNT:-160}" \
       --out "$OUT/hybrid_h100_n${COUNT:-160}.json" 2>&1 | tee "$OUT/hybrid.log" ;;
+p1) fresh "$S"
+    stage ode ode --on-policy --steps 100000 --fit-minutes "$(minutes_left 250)" --max-minutes "$(minutes_left 230)"
+    ship_file "$S/ode/final.safetensors"
+    turbo_eval val_on_policy 1000
+    turbo_eval reported_on_policy 0 ;;
 o3) ship_file runs/carry/s19/dit.safetensors
     release_eval_gpu
     COUNT=256 CONFIGS=teacher,sla,turbo release_eval_gpu ;;
-*)  echo "usage: session19.sh o1|o2|r1|h1|o3 (o1, o2: TRAJ; o2: MID; r1: UNTIL; h1: COUNT)"
+*)  echo "usage: session19.sh o1|o2|r1|h1|p1|o3 (o1, o2: TRAJ; o2: MID; r1: UNTIL; h1: COUNT)"
     exit 2 ;;
 esac
