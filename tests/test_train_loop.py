@@ -942,6 +942,12 @@ def test_ode_stage_on_policy_fits_the_teachers_completion_of_the_last_step(run, 
     assert not torch.allclose(v_target[-clips:], fv[-clips:])
     logs = drive(trainer, tmp_path / "a", ENV, quiet=True)
     assert len(logs) == 3 and all(math.isfinite(r["loss_sla"]) and math.isfinite(r["loss_dense"]) for r in logs)
+    # the completed call named by its index: call 1 is the tiny schedule's last
+    named = dataclasses.replace(recipe, ode=dataclasses.replace(ode, on_policy_step=1))
+    again = ODETrainer(named, src, ENV, teacher, student, fixed_batch=True)._batch(0)
+    assert all(torch.equal(a, b) for a, b in zip(again, (x, t_net, v_target, context)))
+    with pytest.raises(ValueError, match="pure-noise start"):
+        dataclasses.replace(ode, on_policy_step=0)
 
 
 def test_cli_overrides_reach_the_ode_stage():
@@ -952,6 +958,9 @@ def test_cli_overrides_reach_the_ode_stage():
     assert (ode.ode.run.steps, ode.ode.optim.lr, ode.ode.topk, ode.ode.trajectories) == (9, 1e-5, 0.6, 64)
     assert ode.sla == RECIPES["mini"].sla and not ode.ode.on_policy
     assert _recipe(parser.parse_args(["train", "ode", "--on-policy"])).ode.on_policy
+    assert _recipe(parser.parse_args(["train", "ode", "--on-policy", "--on-policy-step", "2"])).ode.on_policy_step == 2
+    with pytest.raises(ValueError, match="goes with --on-policy"):
+        _recipe(parser.parse_args(["train", "ode", "--on-policy-step", "2"]))
     with pytest.raises(ValueError, match="--on-policy applies to the ode stage only"):
         cmd_train(parser.parse_args(["train", "sla", "--on-policy"]))
     with pytest.raises(ValueError, match="--trajectories must be >= 1"):

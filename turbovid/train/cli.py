@@ -75,6 +75,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--on-policy", action="store_true",
                    help="ode: the states of the student's own sampling, the last one's target the teacher's sampler "
                         "run from it (recipe.ODEStage.on_policy)")
+    p.add_argument("--on-policy-step", type=int, metavar="K",
+                   help="ode --on-policy: the sampler call (1..steps-1, or -1 the last) whose state the teacher "
+                        "completes (recipe.ODEStage.on_policy_step)")
     p.add_argument("--no-eval", action="store_true", help="reproduce: skip the final evaluations")
     g = p.add_argument_group("merge of arbitrary files (all three given: TurboDiffusion's merge_models.py)")
     g.add_argument("--base", help="rCM student checkpoint")
@@ -152,6 +155,10 @@ def _recipe(args, world: int = 1):
             sla["trajectories"] = args.trajectories
     if args.on_policy and args.stage == "ode":
         sla["on_policy"] = True
+    if args.on_policy_step is not None and args.stage == "ode":
+        if not args.on_policy:
+            raise ValueError("--on-policy-step goes with --on-policy")
+        sla["on_policy_step"] = args.on_policy_step
     if sla:
         field = args.stage if args.stage in ("qat", "ode") else "sla"    # the settings of the stage being run
         recipe = dataclasses.replace(recipe, **{field: dataclasses.replace(getattr(recipe, field), **sla)})
@@ -224,6 +231,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 ("--quant-weight", args.quant_weight, ("sla", "qat", "ode")),
                                 ("--trajectories", args.trajectories, ("ode",)),
                                 ("--on-policy", args.on_policy or None, ("ode",)),
+                                ("--on-policy-step", args.on_policy_step, ("ode",)),
                                 ("--sla-student", args.sla_student or None, ("rcm", "reproduce")),
                                 ("--tangent-warmup", args.tangent_warmup, ("rcm", "reproduce")),
                                 ("--no-dmd", args.no_dmd or None, ("rcm", "reproduce")),

@@ -149,6 +149,7 @@ class ODEStage:
     trajectories: int = 3072     # teacher samples (training captions) recorded with their states (not on_policy)
     on_policy: bool = False      # the states of the frozen start student's own sampling, drawn every step: the last
                                  # one's target is the teacher's sampler run from it, the others' the frozen student's
+    on_policy_step: int = -1     # on_policy: the sampler call (0-based, -1 the last) whose state the teacher completes
     topk: float = 0.75           # SLA's top-k while it trains (the release's default)
     dense_weight: float = 1.0    # > 0: also fit the student's dense-attention output, with this weight
     quant_weight: float = 0.0    # > 0: also fit its quantized output (SageSLA + W8A8, straight-through)
@@ -160,6 +161,9 @@ class ODEStage:
             raise ValueError(f"ode.trajectories must be >= 1, got {self.trajectories}")
         if not 0 < self.topk <= 1:
             raise ValueError(f"ode.topk must be in (0, 1], got {self.topk}")
+        if self.on_policy_step == 0:
+            raise ValueError("ode.on_policy_step 0 is the pure-noise start, which the teacher's sampler would complete "
+                             "from scratch: pick a later sampler call")
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ mean of what the teacher could draw: session 19 measured the student's shapes bl
 finished by the teacher, it grades as the teacher after its first step and a few clips under it after its third
 (docs/training/mini/session19_checks/hybrid.py). So here the inputs are the states the frozen start student visits
 when it samples (as the SLA stage's, teacher.SLATrainer._trajectory), drawn every step: the targets of the first
-STATES - 1 are the frozen student's own outputs (those steps are kept as they are), and the last state's is the
-teacher's completion from it, its UniPC + CFG sampler run from that state over its schedule's later times
+STATES - 1 are the frozen student's own outputs (those steps are kept as they are), and the last state's (or that
+of the call `recipe.ode.on_policy_step`) is the teacher's completion from it, its UniPC + CFG sampler run from that state over its schedule's later times
 (`evaluate.generate_latents(start=...)`; 12 of 50 steps for the mini schedule). Nothing is pooled.
 """
 from __future__ import annotations
@@ -114,12 +114,17 @@ class ODETrainer(SLATrainer):
 
     def _on_policy_batch(self, step: int):
         x, t_net, v_target, context = self._trajectory(step, self.frozen)
-        clips = context.shape[0] // self.recipe.eval_rcm_steps        # the last clips rows: the last sampler call
-        s = rcm_times(self.recipe.eval_rcm_steps, MODELS[self.recipe.name].sigma_max)[-2]
-        last = x[-clips:]
-        x0 = generate_latents(self.teacher, context[-clips:], self.inputs.negative, tuple(last.shape), self.env,
-                              sampler="teacher", steps=self.recipe.eval_teacher_steps, seed=0, start=(last, s))
-        v_target = torch.cat([v_target[:-clips], (last - x0) / s])
+        steps = self.recipe.eval_rcm_steps
+        k = self.cfg.on_policy_step % steps                            # the sampler call the teacher completes
+        if k == 0:
+            raise ValueError("ode.on_policy_step must name a sampler call after the pure-noise start")
+        clips = context.shape[0] // steps                              # rows k clips .. (k + 1) clips: call k
+        rows = slice(k * clips, (k + 1) * clips)
+        s = rcm_times(steps, MODELS[self.recipe.name].sigma_max)[k]
+        x0 = generate_latents(self.teacher, context[rows], self.inputs.negative, tuple(x[rows].shape), self.env,
+                              sampler="teacher", steps=self.recipe.eval_teacher_steps, seed=0, start=(x[rows], s))
+        v_target = v_target.clone()
+        v_target[rows] = (x[rows] - x0) / s
         return x, t_net, v_target, context
 
 

@@ -20,6 +20,8 @@
 #       target the teacher's UniPC + CFG completion from it, the others' the shipped student's own outputs; its
 #       schedule fitted to the command minus 250 s (one process: `stage`); then that student shipped and graded as
 #       o2 grades (validation 1000..1255, reported 0..255).
+#   p2: p1 with the teacher completing the third sampler call's state instead (`--on-policy-step 2`, s = 0.85):
+#       the last step stays the shipped student's own; the stage stopped 60 s after its fitted end.
 #   o3: the release's grade of the student carried as runs/carry/s19/dit.safetensors (shipped with ship_file), every
 #       row on 128 held-out prompts, then teacher, SLA and full stack on 256 (prelude release_eval_gpu).
 source "$(dirname "$0")/prelude.sh" "$1"
@@ -49,9 +51,15 @@ p1) fresh "$S"
     ship_file "$S/ode/final.safetensors"
     turbo_eval val_on_policy 1000
     turbo_eval reported_on_policy 0 ;;
+p2) fresh "$S"
+    stage ode ode --on-policy --on-policy-step 2 --steps 100000 --fit-minutes "$(minutes_left 260)" \
+      --max-minutes "$(minutes_left 200)"
+    ship_file "$S/ode/final.safetensors"
+    turbo_eval val_on_policy2 1000
+    turbo_eval reported_on_policy2 0 ;;
 o3) ship_file runs/carry/s19/dit.safetensors
     release_eval_gpu
     COUNT=256 CONFIGS=teacher,sla,turbo release_eval_gpu ;;
-*)  echo "usage: session19.sh o1|o2|r1|h1|p1|o3 (o1, o2: TRAJ; o2: MID; r1: UNTIL; h1: COUNT)"
+*)  echo "usage: session19.sh o1|o2|r1|h1|p1|p2|o3 (o1, o2: TRAJ; o2: MID; r1: UNTIL; h1: COUNT)"
     exit 2 ;;
 esac
