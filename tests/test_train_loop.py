@@ -757,6 +757,19 @@ def test_for_world_keeps_the_global_batch():
         for_world(mini, 3)
 
 
+def _run_with_rcm_student(src, dst):
+    """dst: a run directory with src's VAE, teacher, text encoder and tokenizer, and the teacher's weights standing in
+    for an rCM student (rcm/final.safetensors, 3 steps in its history); returns the rcm history."""
+    for name in ("vae", "vae_decoder", "teacher"):
+        shutil.copytree(src / name, dst / name)
+    for name in ("text_encoder.safetensors", "spiece.model"):
+        shutil.copyfile(src / name, dst / name)
+    rcm_history = [{"stage": "rcm", "steps": 3}]
+    save_weights(dst / "rcm" / "final.safetensors", load_weights(src / "teacher" / "final.safetensors"),
+                 metadata=history_metadata(rcm_history))
+    return rcm_history
+
+
 def test_qat_stage_continues_the_sla_student_quantization_aware(run, tmp_path):
     # The qat stage (teacher.QATTrainer): the SLA-tuned rCM student, trained against the frozen rCM student on the
     # sla stage's loss terms plus the loss of its output run as the turbo path runs it (SageSLA + W8A8 rounding).
@@ -764,13 +777,7 @@ def test_qat_stage_continues_the_sla_student_quantization_aware(run, tmp_path):
     from turbovid.train.teacher import QATTrainer, quantization_aware, run_qat, run_sla
 
     src, _ = run
-    for name in ("vae", "vae_decoder", "teacher"):
-        shutil.copytree(src / name, tmp_path / name)
-    for name in ("text_encoder.safetensors", "spiece.model"):
-        shutil.copyfile(src / name, tmp_path / name)
-    rcm_history = [{"stage": "rcm", "steps": 3}]      # the teacher's weights stand in for an rCM student
-    save_weights(tmp_path / "rcm" / "final.safetensors", load_weights(src / "teacher" / "final.safetensors"),
-                 metadata=history_metadata(rcm_history))
+    rcm_history = _run_with_rcm_student(src, tmp_path)
     sla = dataclasses.replace(TINY.sla, base="rcm", dense_weight=0.5, run=dataclasses.replace(TINY.sla.run, steps=2))
     qat = dataclasses.replace(sla, quant_weight=2.0, run=dataclasses.replace(TINY.sla.run, steps=3),
                               optim=dataclasses.replace(TINY.sla.optim, lr=1e-5))
@@ -844,13 +851,8 @@ def test_ode_stage_fits_the_teachers_trajectories(run, tmp_path):
     from turbovid.train.trajectory import ODETrainer, TeacherTrajectories, run_ode, trajectory_steps
 
     src, _ = run
-    for name in ("vae", "vae_decoder", "teacher"):
-        shutil.copytree(src / name, tmp_path / name)
-    for name in ("text_encoder.safetensors", "spiece.model"):
-        shutil.copyfile(src / name, tmp_path / name)
-    rcm_history = [{"stage": "rcm", "steps": 3}]      # the teacher's weights stand in for an rCM student
+    rcm_history = _run_with_rcm_student(src, tmp_path)
     teacher = load_weights(src / "teacher" / "final.safetensors")
-    save_weights(tmp_path / "rcm" / "final.safetensors", teacher, metadata=history_metadata(rcm_history))
     sla = dataclasses.replace(TINY.sla, base="rcm", dense_weight=0.5, run=dataclasses.replace(TINY.sla.run, steps=2))
     ode = ODEStage(Schedule(steps=3, batch=4, log_every=1, ckpt_every=3), Optim(lr=1e-3, warmup=0), trajectories=3,
                    topk=0.6, dense_weight=0.5)

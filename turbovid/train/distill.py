@@ -59,14 +59,15 @@ class TeacherSamples(LatentBatches):
     depend on the teacher, so they are cached beside the stage's checkpoints, run_dir/rcm/teacher_data_*."""
 
     POOL_CHUNK = 64
+    CACHE = ("rcm", "teacher_data")    # the cache's folder in the run directory and its file names' start
 
     def __init__(self, recipe: Recipe, run_dir: Path, env: Env, teacher, count: int):
         self.teacher = teacher
         super().__init__(recipe, run_dir, env, pool=count)
 
     def _pool_file(self, split: str, pool: int) -> Path:
-        env = self.env
-        return self.run_dir / "rcm" / f"teacher_data_{split}_{pool}_rank{env.rank}of{env.world}.safetensors"
+        env, (folder, name) = self.env, self.CACHE
+        return self.run_dir / folder / f"{name}_{split}_{pool}_rank{env.rank}of{env.world}.safetensors"
 
     def _pool_chunk(self, indices: list[int]) -> torch.Tensor:
         from turbovid.train.evaluate import generate_latents

@@ -40,6 +40,7 @@ import torch
 from turbovid.config import MODELS, SampleConfig
 from turbovid.sampling import flow_times, rcm_times
 from turbovid.train.checkpoint import load_weights
+from turbovid.train.distill import TeacherSamples
 from turbovid.train.evaluate import generate_latents
 from turbovid.train.inputs import LatentBatches
 from turbovid.train.loop import Env, drive, step_indices
@@ -56,20 +57,15 @@ def trajectory_steps(recipe: Recipe) -> tuple[list[int], list[float]]:
     return steps, [few[0]] + [grid[k] for k in steps[1:]]
 
 
-class TeacherTrajectories(LatentBatches):
+class TeacherTrajectories(TeacherSamples):
     """Pooled teacher trajectories: `get` returns latents [B, STATES + 1, 16, T, h, w], the kept states at
-    `self.times` and last the teacher's sample (captions and batching are LatentBatches')."""
+    `self.times` and last the teacher's sample (captions, batching and seeds are TeacherSamples')."""
 
-    POOL_CHUNK = 64
+    CACHE = ("ode", "trajectories")
 
     def __init__(self, recipe: Recipe, run_dir: Path, env: Env, teacher, count: int):
-        self.teacher = teacher
         self.steps, self.times = trajectory_steps(recipe)
-        super().__init__(recipe, run_dir, env, pool=count)
-
-    def _pool_file(self, split: str, pool: int) -> Path:
-        env = self.env
-        return self.run_dir / "ode" / f"trajectories_{split}_{pool}_rank{env.rank}of{env.world}.safetensors"
+        super().__init__(recipe, run_dir, env, teacher, count)
 
     def _pool_chunk(self, indices: list[int]) -> torch.Tensor:
         context, _ = self.captions(indices)
