@@ -22,8 +22,9 @@
 #       o2 grades (validation 1000..1255, reported 0..255).
 #   p2: p1 with the teacher completing the third sampler call's state instead (`--on-policy-step 2`, s = 0.85):
 #       the last step stays the shipped student's own; the stage stopped 60 s after its fitted end.
-#   o3: the release's grade of the student carried as runs/carry/s19/dit.safetensors (shipped with ship_file), every
-#       row on 128 held-out prompts, then teacher, SLA and full stack on 256 (prelude release_eval_gpu).
+#   o3: not run in session 19. The release's grade of the student carried as ${FILE:-runs/carry/s19/p2_final.safetensors}
+#       (p2's, fp32; shipped with ship_file): every row on 128 held-out prompts (prelude release_eval_gpu).
+#   o4: not run in session 19. The same release: teacher, SLA and full stack on 256 prompts.
 source "$(dirname "$0")/prelude.sh" "$1"
 export BF16=1
 S=runs/s19
@@ -57,9 +58,10 @@ p2) fresh "$S"
     ship_file "$S/ode/final.safetensors"
     turbo_eval val_on_policy2 1000
     turbo_eval reported_on_policy2 0 ;;
-o3) ship_file runs/carry/s19/dit.safetensors
-    release_eval_gpu
-    COUNT=256 CONFIGS=teacher,sla,turbo release_eval_gpu ;;
-*)  echo "usage: session19.sh o1|o2|r1|h1|p1|p2|o3 (o1, o2: TRAJ; o2: MID; r1: UNTIL; h1: COUNT)"
+o3) ship_file "${FILE:-runs/carry/s19/p2_final.safetensors}"
+    release_eval_gpu ;;
+o4) ship_file "${FILE:-runs/carry/s19/p2_final.safetensors}"
+    COUNT=256 CONFIGS=teacher,student_sla,turbo release_eval_gpu ;;
+*)  echo "usage: session19.sh o1|o2|r1|h1|p1|p2|o3|o4 (o1, o2: TRAJ; o2: MID; r1: UNTIL; h1: COUNT; o3, o4: FILE)"
     exit 2 ;;
 esac
