@@ -950,6 +950,9 @@ def test_ode_stage_on_policy_fits_the_teachers_completion_of_the_last_step(run, 
     assert all(torch.equal(a, b) for a, b in zip(again, (x, t_net, v_target, context)))
     with pytest.raises(ValueError, match="pure-noise start"):
         dataclasses.replace(ode, on_policy_step=0)
+    for outside in (2, -2):     # the tiny recipe's sampler has calls 0 and 1 only
+        with pytest.raises(ValueError, match="must name one of the 2-step sampler's calls"):
+            dataclasses.replace(recipe, ode=dataclasses.replace(ode, on_policy_step=outside))
 
 
 def test_cli_overrides_reach_the_ode_stage():

@@ -70,12 +70,17 @@ class TeacherSamples(LatentBatches):
         return self.run_dir / folder / f"{name}_{split}_{pool}_rank{env.rank}of{env.world}.safetensors"
 
     def _pool_chunk(self, indices: list[int]) -> torch.Tensor:
+        return self._draw(indices)
+
+    def _draw(self, indices: list[int], record: dict | None = None) -> torch.Tensor:
+        """The teacher's samples of the captions of the clips at `indices`, seeded by the first index
+        (`record`: generate_latents')."""
         from turbovid.train.evaluate import generate_latents
 
         context, _ = self.captions(indices)
         return generate_latents(self.teacher, context, self.negative, (len(indices), *self.recipe.latent_shape),
                                 self.env, sampler="teacher", steps=self.recipe.eval_teacher_steps,
-                                seed=self.recipe.seed * 1_000_003 + indices[0])
+                                seed=self.recipe.seed * 1_000_003 + indices[0], record=record)
 
 
 class RCMTrainer:

@@ -181,7 +181,7 @@ class Recipe:
     qat: SLAStage | None = None  # optional quantization-aware fine-tune of the SLA-tuned rCM student (ours,
                                  # teacher.QATTrainer: quant_weight > 0, base "rcm"), after the sla stage; part of
                                  # `reproduce` and of the release when ship_student is "qat"
-    ode: ODEStage | None = None  # optional trajectory distillation of the SLA-tuned (or qat) student (ours,
+    ode: ODEStage | None = None  # optional trajectory distillation of the SLA-tuned rCM student (ours,
                                  # trajectory.ODETrainer), the last DiT stage; part of `reproduce` and of the
                                  # release when ship_student is "ode"
     vae_decoder: VAEStage | None = None   # optional second VAE stage: fine-tune the decoder, encoder frozen
@@ -219,6 +219,10 @@ class Recipe:
             raise ValueError("ship_student='ode' needs an ode stage")
         if self.ode is not None and self.sla.base != "rcm":
             raise ValueError("the ode stage continues the SLA-tuned rCM student: it needs sla.base 'rcm'")
+        if self.ode is not None and not 0 < abs(self.ode.on_policy_step) < self.eval_rcm_steps:
+            raise ValueError(f"ode.on_policy_step must name one of the {self.eval_rcm_steps}-step sampler's calls after "
+                             f"the first: 1..{self.eval_rcm_steps - 1} or -{self.eval_rcm_steps - 1}..-1, got "
+                             f"{self.ode.on_policy_step}")
         if self.ship_topk is not None and not 0 < self.ship_topk <= 1:
             raise ValueError(f"ship_topk must be in (0, 1], got {self.ship_topk}")
 

@@ -72,11 +72,8 @@ class TeacherTrajectories(TeacherSamples):
         super().__init__(recipe, run_dir, env, teacher, count)
 
     def _pool_chunk(self, indices: list[int]) -> torch.Tensor:
-        context, _ = self.captions(indices)
         record = dict.fromkeys(self.steps)
-        x0 = generate_latents(self.teacher, context, self.negative, (len(indices), *self.recipe.latent_shape),
-                              self.env, sampler="teacher", steps=self.recipe.eval_teacher_steps,
-                              seed=self.recipe.seed * 1_000_003 + indices[0], record=record)
+        x0 = self._draw(indices, record)
         states = [record[k] for k in self.steps]
         states[0] = self.times[0] * states[0]      # step 0's state is the noise: the few-step start is s_0 eps
         return torch.stack([*states, x0], dim=1)
@@ -115,9 +112,7 @@ class ODETrainer(SLATrainer):
     def _on_policy_batch(self, step: int):
         x, t_net, v_target, context = self._trajectory(step, self.frozen)
         steps = self.recipe.eval_rcm_steps
-        k = self.cfg.on_policy_step % steps                            # the sampler call the teacher completes
-        if k == 0:
-            raise ValueError("ode.on_policy_step must name a sampler call after the pure-noise start")
+        k = self.cfg.on_policy_step % steps        # the sampler call the teacher completes (the recipe checks its range)
         clips = context.shape[0] // steps                              # rows k clips .. (k + 1) clips: call k
         rows = slice(k * clips, (k + 1) * clips)
         s = rcm_times(steps, MODELS[self.recipe.name].sigma_max)[k]

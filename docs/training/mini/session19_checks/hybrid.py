@@ -26,11 +26,12 @@ from pathlib import Path
 
 import torch
 
-from turbovid.config import MODELS, WAN_NEGATIVE_PROMPT, SampleConfig
-from turbovid.sampling import cfg_velocity, flow_times, rcm_sample, rcm_times, unipc_sample
+from turbovid.config import MODELS, WAN_NEGATIVE_PROMPT
+from turbovid.sampling import rcm_sample, rcm_times
 from turbovid.train.checkpoint import load_weights
 from turbovid.train.data import sample_clip
 from turbovid.train.detect import adherence
+from turbovid.train.evaluate import generate_latents
 from turbovid.train.inputs import build_text_encoder, load_trained_vae
 from turbovid.train.loop import Env
 from turbovid.train.recipe import RECIPES
@@ -50,13 +51,13 @@ def main() -> None:
     env = Env(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     run_dir = args.run_dir
     student = frozen_dit(recipe, load_weights(run_dir / "sla" / "final.safetensors", env.device), env)
-    teacher = frozen_dit(recipe, load_weights(run_dir / "teacher" / "final.safetensors", env.device), env)
+    teacher_net = frozen_dit(recipe, load_weights(run_dir / "teacher" / "final.safetensors", env.device), env)
     text = build_text_encoder(recipe, run_dir, env)
     vae = load_trained_vae(recipe, run_dir, env)
     negative = text.encode([WAN_NEGATIVE_PROMPT]).float()
     clips = [sample_clip(recipe.data_seed, "heldout", i) for i in range(args.start, args.start + args.count)]
-    few = rcm_times(recipe.eval_rcm_steps, MODELS[recipe.name].sigma_max)
-    grid = flow_times(recipe.eval_teacher_steps, SampleConfig.shift)
+    sigma_max = MODELS[recipe.name].sigma_max
+    few = rcm_times(recipe.eval_rcm_steps, sigma_max)
     variants = {"student": None, **{f"hybrid_{k}": k for k in range(1, len(few) - 1)}, "teacher": 0}
     videos: dict[str, list[torch.Tensor]] = {name: [] for name in variants}
     seconds = {name: 0.0 for name in variants}
@@ -64,30 +65,28 @@ def main() -> None:
     for first in range(0, args.count, BATCH):
         batch = clips[first:first + BATCH]
         context = text.encode([c.caption for c in batch]).float()
-        both = torch.cat([context, negative.expand_as(context)])
-        shape = (len(batch), *recipe.latent_shape)
+        shape, seed = (len(batch), *recipe.latent_shape), args.start + first
 
         def student_v(x, t_net, step, s_cur):
             with env.autocast():
                 return student(x.float(), t_net, context).float()
 
-        def teacher_v(x, t_net, step, s_cur):
-            with env.autocast():
-                v = teacher(torch.cat([x, x]).float(), torch.cat([t_net, t_net]), both).float()
-            return cfg_velocity(*v.chunk(2), SampleConfig.guidance)
+        def teacher(start=None):   # the graded teacher sampler, from fresh noise or entered late at start = (x, s)
+            return generate_latents(teacher_net, context, negative, shape, env, sampler="teacher",
+                                    steps=recipe.eval_teacher_steps, seed=seed, start=start)
 
         for name, k in variants.items():
             t0 = time.perf_counter()
-            g = torch.Generator(env.device).manual_seed(args.start + first)
-            noise = torch.randn(shape, generator=g, device=env.device)
             with torch.no_grad():
                 if k is None:
-                    z = rcm_sample(student_v, noise, few, g)
+                    z = generate_latents(student, context, negative, shape, env, sampler="rcm",
+                                         steps=recipe.eval_rcm_steps, seed=seed, sigma_max=sigma_max)
                 elif k == 0:
-                    z = unipc_sample(teacher_v, noise, grid)
+                    z = teacher()
                 else:    # the student's first k steps end at s_k (its x0 re-noised there), the teacher goes on
-                    x = rcm_sample(student_v, noise, few[:k + 1], g)
-                    z = unipc_sample(teacher_v, x, [few[k]] + [s for s in grid if s < few[k]])
+                    g = torch.Generator(env.device).manual_seed(seed)
+                    noise = torch.randn(shape, generator=g, device=env.device)
+                    z = teacher((rcm_sample(student_v, noise, few[:k + 1], g), few[k]))
                 videos[name].append(vae.decode_reference(z.to(vae.dtype), clamp=True).float().cpu())
             if env.device.type == "cuda":
                 torch.cuda.synchronize()
