@@ -2,7 +2,7 @@
 # Session 20's device script. One GPU; each group starts from the files as committed (turbovid/assets/mini = the
 # release, session 14's student).
 #   q1: session 19's p2 student (`train ode --on-policy --on-policy-step 2`, fp32, carried as
-#       ${FILE:-runs/carry/s20/p2_final.safetensors}) beside the release and its teacher, one run: the release's
+#       ${FILE:-runs/carry/s19/p2_final.safetensors}) beside the release and its teacher, one run: the release's
 #       teacher and full stack on the reported prompts 0..255 (`turbovid eval`, the reported seeds), then p2's full
 #       stack (ship_file) on the same prompts; time allowing, both full stacks on a second validation set 2000..2255.
 #   q2: the ode stage on policy with the teacher completing the second sampler call's state (`--on-policy-step 1`,
@@ -10,12 +10,18 @@
 #       teacher (0.906 each), two steps 0.875, so the second call is where the student first falls behind; its
 #       schedule fitted to the command minus 260 s; that student shipped and its full stack graded on the validation
 #       prompts 1000..1255 (release 217, p2 225), then, time allowing, the reported 0..255.
+#   q3: meant as q2 again from q2's student on the machine q2 left warm; as run, `fresh` had already set S to the new
+#       directory, the copy failed and q3 repeated q2 from the release's student (416 steps): a second draw of q2.
+#   q4: what q3 meant, a second round: q2 from ${FILE:-runs/carry/s20/q3_final.safetensors} (q3's student, carried):
+#       its states and the start of its other calls' targets are that student's.
+#   q5: ${FILE:-runs/carry/s20/q3_final.safetensors}'s full stack on the reported prompts 0..255, then, time
+#       allowing, on the second validation set 2000..2255 beside the release's.
 source "$(dirname "$0")/prelude.sh" "$1"
 S=runs/s20
 case "$1" in
 q1) rm -rf runs/release && cp -r turbovid/assets/mini runs/release
     release_eval release_teacher_turbo_start0_n256.json --configs teacher,turbo --count 256
-    ship_file "${FILE:-runs/carry/s20/p2_final.safetensors}"
+    ship_file "${FILE:-runs/carry/s19/p2_final.safetensors}"
     turbo_eval p2_turbo_start0 0
     if [ "$(left)" -gt 240 ]; then
       turbo_eval p2_turbo_start2000 2000
@@ -27,6 +33,26 @@ q2) fresh "$S"
     ship_file "$S/ode/final.safetensors"
     turbo_eval val_on_policy1 1000
     if [ "$(left)" -gt 110 ]; then turbo_eval reported_on_policy1 0; fi ;;
-*)  echo "usage: session20.sh q1|q2 (q1: FILE)"
+q3) fresh runs/s20b    # as run in session 20: fresh sets S=runs/s20b, so the copy below failed and q3 was q2 again
+    cp "$S/ode/final.safetensors" runs/s20b/sla/final.safetensors || true
+    stage ode ode --on-policy --on-policy-step 1 --steps 100000 --fit-minutes "$(minutes_left 260)" \
+      --max-minutes "$(minutes_left 200)"
+    ship_file "$S/ode/final.safetensors"
+    turbo_eval val_on_policy1_round2 1000
+    if [ "$(left)" -gt 110 ]; then turbo_eval reported_on_policy1_round2 0; fi ;;
+q4) fresh runs/s20r2 && cp "${FILE:-runs/carry/s20/q3_final.safetensors}" "$S/sla/final.safetensors"
+    stage ode ode --on-policy --on-policy-step 1 --steps 100000 --fit-minutes "$(minutes_left 270)" \
+      --max-minutes "$(minutes_left 210)"
+    ship_file "$S/ode/final.safetensors"
+    turbo_eval val_round2 1000
+    if [ "$(left)" -gt 110 ]; then turbo_eval reported_round2 0; fi ;;
+q5) rm -rf runs/release && cp -r turbovid/assets/mini runs/release
+    ship_file "${FILE:-runs/carry/s20/q3_final.safetensors}"
+    turbo_eval reported_q3 0
+    if [ "$(left)" -gt 240 ]; then
+      turbo_eval q3_turbo_start2000 2000
+      rm -rf turbovid/assets/mini && cp -r runs/release turbovid/assets/mini && turbo_eval release_turbo_start2000 2000
+    fi ;;
+*)  echo "usage: session20.sh q1|q2|q3|q4|q5 (q1, q4, q5: FILE)"
     exit 2 ;;
 esac
