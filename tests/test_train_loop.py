@@ -959,14 +959,23 @@ def test_cli_overrides_reach_the_ode_stage():
     from turbovid.train.cli import _recipe
     parser = _parser()
     ode = _recipe(parser.parse_args(["train", "ode", "--steps", "9", "--lr", "1e-5", "--topk", "0.6",
-                                     "--trajectories", "64"]))
+                                     "--off-policy", "--trajectories", "64"]))
     assert (ode.ode.run.steps, ode.ode.optim.lr, ode.ode.topk, ode.ode.trajectories) == (9, 1e-5, 0.6, 64)
     assert ode.sla == RECIPES["mini"].sla and not ode.ode.on_policy
-    assert _recipe(parser.parse_args(["train", "ode", "--on-policy"])).ode.on_policy
-    assert _recipe(parser.parse_args(["train", "ode", "--on-policy", "--on-policy-step", "2"])).ode.on_policy_step == 2
-    with pytest.raises(ValueError, match="goes with --on-policy"):
-        _recipe(parser.parse_args(["train", "ode", "--on-policy-step", "2"]))
-    with pytest.raises(ValueError, match="--on-policy applies to the ode stage only"):
-        cmd_train(parser.parse_args(["train", "sla", "--on-policy"]))
+    mini = RECIPES["mini"].ode                                  # the shipped student's stage: on policy, call 1
+    assert mini.on_policy and mini.on_policy_step == 1 and RECIPES["mini"].ship_student == "ode"
+    assert _recipe(parser.parse_args(["train", "ode"])).ode == mini
+    assert _recipe(parser.parse_args(["train", "ode", "--on-policy-step", "2"])).ode.on_policy_step == 2
+    on = _recipe(parser.parse_args(["train", "ode", "--on-policy", "--on-policy-step", "-1"])).ode
+    assert on.on_policy and on.on_policy_step == -1
+    with pytest.raises(ValueError, match="--on-policy-step goes with the on-policy ode stage"):
+        _recipe(parser.parse_args(["train", "ode", "--off-policy", "--on-policy-step", "2"]))
+    with pytest.raises(ValueError, match="--trajectories goes with the off-policy ode stage"):
+        _recipe(parser.parse_args(["train", "ode", "--trajectories", "64"]))
+    with pytest.raises(SystemExit):                              # argparse: not allowed with each other
+        parser.parse_args(["train", "ode", "--on-policy", "--off-policy"])
+    for flag in ("--on-policy", "--off-policy"):
+        with pytest.raises(ValueError, match=f"{flag} applies to the ode stage only"):
+            cmd_train(parser.parse_args(["train", "sla", flag]))
     with pytest.raises(ValueError, match="--trajectories must be >= 1"):
         _recipe(parser.parse_args(["train", "ode", "--trajectories", "0"]))

@@ -72,11 +72,14 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--trajectories", type=int, metavar="N",
                    help="ode: the teacher samples N training captions (50 steps, CFG) and the student fits them from "
                         "the states it passes (recipe.ODEStage.trajectories)")
-    p.add_argument("--on-policy", action="store_true",
-                   help="ode: the states of the student's own sampling, the last one's target the teacher's sampler "
-                        "run from it (recipe.ODEStage.on_policy)")
+    policy = p.add_mutually_exclusive_group()
+    policy.add_argument("--on-policy", action="store_true",
+                        help="ode: the states of the student's own sampling, one call's target the teacher's sampler "
+                             "run from its state (recipe.ODEStage.on_policy; the mini recipe's default)")
+    policy.add_argument("--off-policy", action="store_true",
+                        help="ode: the teacher's own trajectories instead (--trajectories of them)")
     p.add_argument("--on-policy-step", type=int, metavar="K",
-                   help="ode --on-policy: the sampler call (1..steps-1, or -1 the last) whose state the teacher "
+                   help="ode on policy: the sampler call (1..steps-1, or -1 the last) whose state the teacher "
                         "completes (recipe.ODEStage.on_policy_step)")
     p.add_argument("--no-eval", action="store_true", help="reproduce: skip the final evaluations")
     g = p.add_argument_group("merge of arbitrary files (all three given: TurboDiffusion's merge_models.py)")
@@ -148,17 +151,20 @@ def _recipe(args, world: int = 1):
         if args.quant_weight < 0 or (args.stage == "qat" and args.quant_weight == 0):
             raise ValueError(f"--quant-weight must be >= 0 (> 0 for qat), got {args.quant_weight}")
         sla["quant_weight"] = args.quant_weight
-    if args.trajectories is not None:
-        if args.trajectories < 1:
-            raise ValueError(f"--trajectories must be >= 1, got {args.trajectories}")
-        if args.stage == "ode":     # elsewhere the flag check below refuses it
+    if args.trajectories is not None and args.trajectories < 1:
+        raise ValueError(f"--trajectories must be >= 1, got {args.trajectories}")
+    if args.stage == "ode" and recipe.ode is not None:      # elsewhere the flag check below refuses these flags
+        on_policy = (recipe.ode.on_policy or args.on_policy) and not args.off_policy
+        if args.on_policy or args.off_policy:
+            sla["on_policy"] = on_policy
+        if args.trajectories is not None:
+            if on_policy:
+                raise ValueError("--trajectories goes with the off-policy ode stage (--off-policy)")
             sla["trajectories"] = args.trajectories
-    if args.on_policy and args.stage == "ode":
-        sla["on_policy"] = True
-    if args.on_policy_step is not None and args.stage == "ode":
-        if not args.on_policy:
-            raise ValueError("--on-policy-step goes with --on-policy")
-        sla["on_policy_step"] = args.on_policy_step
+        if args.on_policy_step is not None:
+            if not on_policy:
+                raise ValueError("--on-policy-step goes with the on-policy ode stage (--on-policy)")
+            sla["on_policy_step"] = args.on_policy_step
     if sla:
         field = args.stage if args.stage in ("qat", "ode") else "sla"    # the settings of the stage being run
         recipe = dataclasses.replace(recipe, **{field: dataclasses.replace(getattr(recipe, field), **sla)})
@@ -231,6 +237,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 ("--quant-weight", args.quant_weight, ("sla", "qat", "ode")),
                                 ("--trajectories", args.trajectories, ("ode",)),
                                 ("--on-policy", args.on_policy or None, ("ode",)),
+                                ("--off-policy", args.off_policy or None, ("ode",)),
                                 ("--on-policy-step", args.on_policy_step, ("ode",)),
                                 ("--sla-student", args.sla_student or None, ("rcm", "reproduce")),
                                 ("--tangent-warmup", args.tangent_warmup, ("rcm", "reproduce")),

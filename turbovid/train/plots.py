@@ -16,7 +16,7 @@ PANELS = (   # (stage, [keys], title, log y)
     ("teacher", ["loss"], "teacher: flow-matching velocity MSE", True),
     ("sla", ["loss", "loss_sla", "loss_dense"], "SLA fine-tune: MSE to the frozen dense network", True),
     ("qat", ["loss_sla", "loss_dense", "loss_quant"], "quantization-aware fine-tune: MSE per output", True),
-    ("ode", ["loss_sla", "loss_dense"], "trajectory distillation: velocity MSE to the teacher's samples", True),
+    ("ode", ["loss_sla", "loss_dense"], "ode (trajectory distillation): velocity MSE to its targets", True),
     ("rcm", ["loss_scm"], "rCM: sCM loss (x loss_scale)", False),
     ("rcm", ["loss_dmd", "loss_fake"], "rCM: DMD loss / fake-score loss", True),
     ("teacher", ["lr"], "teacher: learning rate", False),

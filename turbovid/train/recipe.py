@@ -143,12 +143,13 @@ class RCMStage:
 class ODEStage:
     """Trajectory distillation (ours, train/trajectory.py): the student fits the teacher's own 50-step samples from
     the states the teacher's sampler passes at the few-step sampler's times, or (on_policy) the teacher's completion
-    of the last state of the student's own sampling."""
+    of one call's state (on_policy_step) of the student's own sampling."""
     run: Schedule                # batch: student inputs per step, one per few-step sampler call of a trajectory
     optim: Optim
     trajectories: int = 3072     # teacher samples (training captions) recorded with their states (not on_policy)
-    on_policy: bool = False      # the states of the frozen start student's own sampling, drawn every step: the last
-                                 # one's target is the teacher's sampler run from it, the others' the frozen student's
+    on_policy: bool = False      # the states of the frozen start student's own sampling, drawn every step: call
+                                 # on_policy_step's target is the teacher's sampler run from its state, the others'
+                                 # the frozen student's own outputs
     on_policy_step: int = -1     # on_policy: the sampler call (0-based, -1 the last) whose state the teacher completes
     topk: float = 0.75           # SLA's top-k while it trains (the release's default)
     dense_weight: float = 1.0    # > 0: also fit the student's dense-attention output, with this weight
@@ -321,15 +322,19 @@ def _mini() -> Recipe:
         # the GPU 0.875 -> 0.875 (H200 -> H100); docs/training/mini/README.md.
         qat=SLAStage(Schedule(steps=909, batch=32, ckpt_every=1000), Optim(lr=2e-5, warmup=100, cosine=True),
                      topk=0.5, base="rcm", dense_weight=1.0, quant_weight=1.0),
-        # Trajectory distillation of the SLA-tuned student (session 19, one H100; not shipped, so `reproduce` does not
-        # run it): it fits the teacher's own 50-step CFG samples (what the teacher's adherence is graded on). Off
-        # policy, from the states the teacher's sampler passes at the 4-step sampler's times (these settings, 3072
-        # trajectories, 1500 x 32): full stack 0.719 on the 256 reported prompts against the release's 0.879 (the
-        # shapes blur). On policy (`--on-policy`), the teacher completing the student's last state: 701 x 32
-        # (fitted), 0.844; completing its third state (`--on-policy-step 2`): 349 x 32 (fitted), 225 of 256
-        # validation prompts against the release's 217, but 0.883 against 0.891 on the CPU's reported 128.
-        ode=ODEStage(Schedule(steps=1500, batch=32, ckpt_every=250), Optim(lr=2e-5, warmup=100, cosine=True),
-                     trajectories=3072),
+        # On-policy trajectory distillation of the SLA-tuned student, the shipped student's last stage (session 20,
+        # one H100, fitted to 416 steps at 1.38 steps/s): the states of its own 4-step sampling, drawn every step; the
+        # second call's state (s = 0.93) gets the teacher's UniPC + CFG completion from it as the target, the other
+        # calls their start student's own outputs; SLA at top-k 0.75 plus the dense term. Session 19's hybrid check
+        # found the student first falling behind the teacher at that call. Full stack, `turbovid eval`, against the
+        # SLA-tuned student it starts from: 256 prompts on the H100, 226 / 224 / 222 right against 225 / 217 / 222
+        # (reported 0..255, validation 1000.. and 2000..; Frechet 0.050 / 0.043 / 0.073 against 0.073 / 0.068 /
+        # 0.106); the CPU's reported 128, 0.938 against 0.891 (6 gained, none lost; the teacher 0.914).
+        # Tried before (session 19): off policy, fitting 3072 teacher trajectories from their states at the 4-step
+        # times (1500 x 32), 0.719 on the reported prompts (the shapes blur); on policy with the teacher completing
+        # the last state (701 x 32) 0.844, the third (349 x 32) 0.859 there.
+        ode=ODEStage(Schedule(steps=416, batch=32, ckpt_every=250), Optim(lr=2e-5, warmup=100, cosine=True),
+                     on_policy=True, on_policy_step=1),
         # The student tuned at top-k 0.5 runs at 0.75 by default (24 of 32 key blocks): `turbovid eval`, 128 held-out
         # prompts, H100 (session 12), full stack 0.797 at 0.5 and 0.844 / 0.859 at 0.75 (two runs) against the
         # teacher's 0.867 and the dense student's 0.836; the DiT takes 0.13-0.14 s per video instead of 0.11 s.
@@ -348,8 +353,8 @@ def _mini() -> Recipe:
         # The merge hurt the session-4 run (SLA fine-tune of the teacher, 478 steps; `turbovid eval`, 24 held-out
         # prompts, CPU): merged student 0.21 adherence with dense attention and 0.08 with SLA, vs 0.42 for the rCM
         # student alone (= the teacher's 0.42); the rCM student with SLA and a zero proj_l scored 0.04. So the
-        # release ships the rCM student SLA-tuned on its own sampling states.
-        ship_student="sla",
+        # release ships the rCM student SLA-tuned on its own sampling states, then fitted on policy (ode, above).
+        ship_student="ode",
     )
 
 

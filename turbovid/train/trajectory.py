@@ -30,10 +30,12 @@ when it samples (as the SLA stage's, teacher.SLATrainer._trajectory), drawn ever
 STATES - 1 are the frozen student's own outputs (those steps are kept as they are), and the last state's (or that
 of the call `recipe.ode.on_policy_step`) is the teacher's completion from it: its UniPC + CFG sampler run from that
 state over its schedule's later times (`evaluate.generate_latents(start=...)`; 12 of 50 steps from the mini
-schedule's last state). Nothing is pooled. Measured (session 19, full stack): completing the last state lifted
-colour to 1.00 but blurred shapes (0.844 on the reported prompts against 0.879); completing the third, the last
-step staying the student's, read 225 of 256 validation prompts against 217, and 0.883 against 0.891 on the CPU's
-reported 128. Neither is shipped.
+schedule's last state). Nothing is pooled. Measured (full stack, `turbovid eval`, H100, 256 prompts against the
+SLA-tuned student it starts from): completing the last state lifted colour to 1.00 but blurred shapes (0.844 on the
+reported prompts against 0.879); completing the third 0.859 there; completing the second (s = 0.93, where the
+hybrid check sees the student first fall behind) 226 / 224 / 222 right against 225 / 217 / 222 on three prompt sets,
+Frechet distance down by a third on each, and 0.938 against 0.891 on the CPU's reported 128. That one ships
+(recipe.mini: on_policy_step 1).
 """
 from __future__ import annotations
 

@@ -25,12 +25,15 @@
 #   o3: not run in session 19. The release's grade of the student carried as ${FILE:-runs/carry/s19/p2_final.safetensors}
 #       (p2's, fp32; shipped with ship_file): every row on 128 held-out prompts (prelude release_eval_gpu).
 #   o4: not run in session 19. The same release: teacher, SLA and full stack on 256 prompts.
+# o1 / o2 ran before `--off-policy` existed, when the stage was off policy by default; since session 20 the mini
+# recipe's ode stage is on policy at call 1 (416 steps), so they now pass --off-policy and session 19's --steps
+# 1500, and p1 names the last call (-1, the default then).
 source "$(dirname "$0")/prelude.sh" "$1"
 export BF16=1
 S=runs/s19
 case "$1" in
-o1) fresh "$S"; kept ode "$S/sla/final.safetensors" 250 --trajectories "${TRAJ:-3072}" ;;
-o2) kept ode "$S/sla/final.safetensors" 250 --trajectories "${TRAJ:-3072}"
+o1) fresh "$S"; kept ode "$S/sla/final.safetensors" 250 --off-policy --trajectories "${TRAJ:-3072}" --steps 1500 ;;
+o2) kept ode "$S/sla/final.safetensors" 250 --off-policy --trajectories "${TRAJ:-3072}" --steps 1500
     ship_file "$S/ode/final.safetensors"
     turbo_eval val_final 1000
     turbo_eval reported_final 0
@@ -48,7 +51,8 @@ h1) fresh runs/hy
     python3 docs/training/mini/session19_checks/hybrid.py "$S" --count "${COUNT:-160}" \
       --out "$OUT/hybrid_h100_n${COUNT:-160}.json" 2>&1 | tee "$OUT/hybrid.log" ;;
 p1) fresh "$S"
-    stage ode ode --on-policy --steps 100000 --fit-minutes "$(minutes_left 250)" --max-minutes "$(minutes_left 230)"
+    stage ode ode --on-policy --on-policy-step -1 --steps 100000 --fit-minutes "$(minutes_left 250)" \
+      --max-minutes "$(minutes_left 230)"
     ship_file "$S/ode/final.safetensors"
     turbo_eval val_on_policy 1000
     turbo_eval reported_on_policy 0 ;;

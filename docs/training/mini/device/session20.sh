@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Session 20's device script. One GPU; each group starts from the files as committed (turbovid/assets/mini = the
-# release, session 14's student).
+# Session 20's device script. One GPU; each group starts from the files as committed then (turbovid/assets/mini = the
+# release of session 14, whose student q2-q4 continue; since q3's student shipped, they would continue that one).
 #   q1: session 19's p2 student (`train ode --on-policy --on-policy-step 2`, fp32, carried as
 #       ${FILE:-runs/carry/s19/p2_final.safetensors}) beside the release and its teacher, one run: the release's
 #       teacher and full stack on the reported prompts 0..255 (`turbovid eval`, the reported seeds), then p2's full
@@ -16,6 +16,8 @@
 #       its states and the start of its other calls' targets are that student's.
 #   q5: ${FILE:-runs/carry/s20/q3_final.safetensors}'s full stack on the reported prompts 0..255, then, time
 #       allowing, on the second validation set 2000..2255 beside the release's.
+#   q6: the release with ${FILE:-runs/carry/s20/q3_final.safetensors} as its student (ship_file): every row on 128
+#       held-out prompts (prelude release_eval_gpu), the teacher in the same run.
 source "$(dirname "$0")/prelude.sh" "$1"
 S=runs/s20
 case "$1" in
@@ -53,6 +55,8 @@ q5) rm -rf runs/release && cp -r turbovid/assets/mini runs/release
       turbo_eval q3_turbo_start2000 2000
       rm -rf turbovid/assets/mini && cp -r runs/release turbovid/assets/mini && turbo_eval release_turbo_start2000 2000
     fi ;;
-*)  echo "usage: session20.sh q1|q2|q3|q4|q5 (q1, q4, q5: FILE)"
+q6) ship_file "${FILE:-runs/carry/s20/q3_final.safetensors}"
+    release_eval_gpu ;;
+*)  echo "usage: session20.sh q1|q2|q3|q4|q5|q6 (q1, q4, q5, q6: FILE)"
     exit 2 ;;
 esac
