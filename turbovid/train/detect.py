@@ -219,6 +219,11 @@ def _detect(x: torch.Tensor, bg: torch.Tensor, raw: torch.Tensor, dist: torch.Te
 
 
 @torch.no_grad()
+def prompt_right(detection: dict[str, str], attributes: dict[str, str]) -> bool:
+    """One clip's headline verdict: colour, shape and direction all detected as the prompt asked."""
+    return all(detection[k] == attributes[k] for k in ("color", "shape", "direction"))
+
+
 def adherence(videos: torch.Tensor | list[torch.Tensor], attributes: list[dict[str, str]]) -> dict:
     """Accuracy of each attribute over a batch of (video [3, F, H, W], ground-truth attributes), plus
     "all" = colour, shape and direction all right (the headline prompt-adherence score), "hue_drift" = the mean
@@ -234,7 +239,6 @@ def adherence(videos: torch.Tensor | list[torch.Tensor], attributes: list[dict[s
     scores = {k: sum(d[k] == a[k] for d, a in zip(found, attributes)) / len(found) for k in ATTRIBUTES}
     drifts = [abs(d["hue_drift"]) for d in found if d["hue_drift"] is not None]
     scores["hue_drift"] = sum(drifts) / len(drifts) if drifts else None   # mean |degrees| (hue_drift)
-    scores["all"] = sum(all(d[k] == a[k] for k in ("color", "shape", "direction"))
-                        for d, a in zip(found, attributes)) / len(found)
+    scores["all"] = sum(prompt_right(d, a) for d, a in zip(found, attributes)) / len(found)
     scores["detections"] = found
     return scores

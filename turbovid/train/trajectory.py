@@ -110,7 +110,6 @@ class ODETrainer(SLATrainer):
         v_target = (x - x0) / s.view(-1, *[1] * (x.dim() - 1))
         return x, 1000 * s, v_target, context.repeat_interleave(n, dim=0)
 
-
     def _on_policy_batch(self, step: int):
         x, t_net, v_target, context = self._trajectory(step, self.frozen)
         steps = self.recipe.eval_rcm_steps
@@ -120,8 +119,7 @@ class ODETrainer(SLATrainer):
         s = rcm_times(steps, MODELS[self.recipe.name].sigma_max)[k]
         x0 = generate_latents(self.teacher, context[rows], self.inputs.negative, tuple(x[rows].shape), self.env,
                               sampler="teacher", steps=self.recipe.eval_teacher_steps, seed=0, start=(x[rows], s))
-        v_target = v_target.clone()
-        v_target[rows] = (x[rows] - x0) / s
+        v_target[rows] = (x[rows] - x0) / s          # the frozen outputs' torch.cat is this step's own tensor
         return x, t_net, v_target, context
 
 

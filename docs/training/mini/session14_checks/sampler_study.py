@@ -12,7 +12,7 @@ from pathlib import Path
 from turbovid.config import SampleConfig
 from turbovid.pipeline import Pipeline
 from turbovid.train.data import sample_clip
-from turbovid.train.detect import adherence
+from turbovid.train.detect import adherence, prompt_right
 from turbovid.video import from_uint8_frames
 
 HERE = Path(__file__).resolve().parent
@@ -51,7 +51,7 @@ def main() -> None:
                **{k: s[k] for k in ("all", "color", "shape", "direction", "hue_drift")},
                "drifts": [d["hue_drift"] for d in s["detections"]],
                "missed": [FIRST + i for i, (d, c) in enumerate(zip(s["detections"], clips))
-                          if any(d[k] != c.attributes()[k] for k in ("color", "shape", "direction"))],
+                          if not prompt_right(d, c.attributes())],
                "seconds": time.perf_counter() - t0}
         rows.append(row)
         print(f"{name:<10} all {row['all']:.3f} colour {row['color']:.3f} shape {row['shape']:.3f} "

@@ -30,7 +30,7 @@ from turbovid.config import MODELS, WAN_NEGATIVE_PROMPT
 from turbovid.sampling import rcm_sample, rcm_times
 from turbovid.train.checkpoint import load_weights
 from turbovid.train.data import sample_clip
-from turbovid.train.detect import adherence
+from turbovid.train.detect import adherence, prompt_right
 from turbovid.train.evaluate import generate_latents
 from turbovid.train.inputs import build_text_encoder, load_trained_vae
 from turbovid.train.loop import Env
@@ -96,12 +96,11 @@ def main() -> None:
     rows, found = {}, {}
     for name in variants:
         scores = adherence(list(torch.cat(videos[name])), truth)
-        found[name] = [d for d in scores["detections"]]
+        found[name] = scores["detections"]
         rows[name] = {k: v for k, v in scores.items() if k != "detections"} | {"seconds": seconds[name]}
         print(f"{name:10s} adherence {scores['all']:.3f} colour {scores['color']:.2f} shape {scores['shape']:.2f} "
               f"direction {scores['direction']:.2f} ({seconds[name]:.0f} s)", flush=True)
-    right = {name: [all(d.get(a) == t[a] for a in ("color", "shape", "direction")) for d, t in zip(found[name], truth)]
-             for name in variants}
+    right = {name: [prompt_right(d, t) for d, t in zip(found[name], truth)] for name in variants}
     versus = {name: {"right_where_teacher_wrong": sum(r and not t for r, t in zip(right[name], right["teacher"])),
                      "wrong_where_teacher_right": sum(t and not r for r, t in zip(right[name], right["teacher"]))}
               for name in variants if name != "teacher"}
