@@ -684,7 +684,7 @@ def test_cli_overrides_reach_the_stage_recipe():
 
 
 def test_teacher_rounds_chain_their_weights_and_logs(run, tmp_path):
-    from turbovid.train.plots import teacher_log
+    from turbovid.train.plots import rounds_log
     from turbovid.train.recipe import Optim, Schedule, TeacherStage
     from turbovid.train.teacher import teacher_dirs
     src, _ = run
@@ -701,7 +701,7 @@ def test_teacher_rounds_chain_their_weights_and_logs(run, tmp_path):
     first, second = load_weights(run_dir / "teacher_round1" / "final.safetensors"), load_weights(out)
     assert all(torch.allclose(second[k], v, atol=1e-6) for k, v in first.items())
     assert not torch.equal(first["head.head.weight"], new_dit(TINY).state_dict()["head.head.weight"])
-    steps = [r["step"] for r in teacher_log(run_dir, recipe)]
+    steps = [r["step"] for r in rounds_log(run_dir, teacher_dirs(recipe))]
     assert steps == list(range(TINY.teacher.run.steps + 3))   # round 2's steps counted on after round 1's
     assert run_teacher(recipe, run_dir, ENV) == out          # finished rounds are skipped
     # the last round's weights record both rounds (what `train ship` reports)
@@ -904,7 +904,8 @@ def test_ode_stage_fits_the_teachers_trajectories(run, tmp_path):
     out = run_ode(recipe, tmp_path, ENV)
     assert weights_history(out) == [*rcm_history, {"stage": "sla", "steps": 2}, {"stage": "ode", "steps": 3}]
     config = json.loads((ship(recipe, tmp_path, tmp_path / "export") / "config.json").read_text())
-    assert config["student"] == "ode" and config["stages"]["ode"] == {"steps": 3} and config["sla_topk_tuned"] == 0.6
+    assert config["student"] == "ode" and config["stages"]["ode"] == {"steps": 3, "rounds": [3]}
+    assert config["sla_topk_tuned"] == 0.6
     with pytest.raises(ValueError, match="ship_student='ode' needs an ode stage"):
         dataclasses.replace(recipe, ode=None)
     with pytest.raises(ValueError, match="needs sla.base 'rcm'"):
@@ -955,6 +956,45 @@ def test_ode_stage_on_policy_fits_the_teachers_completion_of_the_last_step(run, 
             dataclasses.replace(recipe, ode=dataclasses.replace(ode, on_policy_step=outside))
 
 
+def test_ode_rounds_continue_each_other(run, tmp_path):
+    # recipe.ode_rounds: round 2 starts from round 1's exported student (its frozen sampler and its weights), the
+    # histories and the logs chain, finished rounds are skipped, and `ship` reports every round.
+    from turbovid.train.plots import rounds_log
+    from turbovid.train.recipe import ODEStage, Optim, Schedule
+    from turbovid.train.reproduce import ship
+    from turbovid.train.trajectory import ode_dirs, run_ode
+
+    src, _ = run
+    for entry in src.iterdir():
+        if entry.name not in ("sla", "eval") and not entry.name.startswith("ode"):
+            (tmp_path / entry.name).symlink_to(entry)
+    teacher = load_weights(src / "teacher" / "final.safetensors")
+    start = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in teacher.items()}
+    save_weights(tmp_path / "sla" / "final.safetensors", start, history_metadata([{"stage": "sla", "steps": 5}]))
+    first = ODEStage(Schedule(steps=2, batch=4, log_every=1, ckpt_every=2), Optim(lr=1e-3, warmup=0), topk=0.6,
+                     on_policy=True)
+    # round 2 at a negligible learning rate: its weights stay its start's, so "continues round 1" is checkable
+    still = dataclasses.replace(first, run=dataclasses.replace(first.run, steps=1), optim=Optim(lr=1e-12, warmup=0))
+    recipe = dataclasses.replace(TINY, sla=dataclasses.replace(TINY.sla, base="rcm"), ode=first, ode_rounds=(still,),
+                                 ship_student="ode")
+    assert ode_dirs(recipe) == ["ode_round1", "ode"] and ode_dirs(dataclasses.replace(recipe, ode_rounds=())) == ["ode"]
+    out = run_ode(recipe, tmp_path, ENV)
+    assert out == tmp_path / "ode" / "final.safetensors"
+    one, two = load_weights(tmp_path / "ode_round1" / "final.safetensors"), load_weights(out)
+    assert all(torch.allclose(two[k], v, atol=1e-6) for k, v in one.items())
+    assert not torch.allclose(one["head.head.weight"], start["head.head.weight"], atol=1e-6)
+    assert weights_history(out) == [{"stage": "sla", "steps": 5}, {"stage": "ode", "steps": 2},
+                                    {"stage": "ode", "steps": 1}]
+    assert [r["step"] for r in rounds_log(tmp_path, ode_dirs(recipe))] == [0, 1, 2]
+    assert run_ode(recipe, tmp_path, ENV) == out              # finished rounds are skipped
+    config = json.loads((ship(recipe, tmp_path, tmp_path / "export") / "config.json").read_text())
+    assert config["stages"]["ode"] == {"steps": 3, "rounds": [2, 1]}
+    with pytest.raises(ValueError, match="ode_rounds continue the ode stage"):
+        dataclasses.replace(TINY, ode_rounds=(first,))
+    with pytest.raises(ValueError, match="must name one of the 2-step sampler's calls"):
+        dataclasses.replace(recipe, ode_rounds=(dataclasses.replace(still, on_policy_step=2),))
+
+
 def test_cli_overrides_reach_the_ode_stage():
     from turbovid.train.cli import _recipe
     parser = _parser()
@@ -965,7 +1005,17 @@ def test_cli_overrides_reach_the_ode_stage():
     mini = RECIPES["mini"].ode                                  # the shipped student's stage: on policy, call 1
     assert mini.on_policy and mini.on_policy_step == 1 and RECIPES["mini"].ship_student == "ode"
     assert _recipe(parser.parse_args(["train", "ode"])).ode == mini
-    assert _recipe(parser.parse_args(["train", "ode", "--on-policy-step", "2"])).ode.on_policy_step == 2
+    # its rounds walk down the sampler: the second call, then the third from that student
+    assert [(o.on_policy_step, o.run.steps) for o in RECIPES["mini"].ode_stages] == [(1, 416), (2, 371)]
+    assert _recipe(parser.parse_args(["train", "ode"])).ode_rounds == RECIPES["mini"].ode_rounds
+    assert _recipe(parser.parse_args(["train", "sla", "--steps", "5"])).ode_rounds == RECIPES["mini"].ode_rounds
+    assert all(o.compile for o in _recipe(parser.parse_args(["train", "ode", "--compile"])).ode_stages)
+    step2 = _recipe(parser.parse_args(["train", "ode", "--on-policy-step", "2"]))
+    assert step2.ode.on_policy_step == 2 and step2.ode_rounds == ()       # a setting given: one round, as given
+    for flags in (["--steps", "9"], ["--batch", "8"], ["--lr", "1e-5"], ["--topk", "0.5"]):
+        assert _recipe(parser.parse_args(["train", "ode", *flags])).ode_rounds == (), flags
+    halved = _recipe(parser.parse_args(["train", "ode"]), world=2)      # the global batch of every round kept
+    assert [(o.run.batch, o.run.gpus) for o in halved.ode_stages] == [(16, 2), (16, 2)]
     on = _recipe(parser.parse_args(["train", "ode", "--on-policy", "--on-policy-step", "-1"])).ode
     assert on.on_policy and on.on_policy_step == -1
     with pytest.raises(ValueError, match="--on-policy-step goes with the on-policy ode stage"):

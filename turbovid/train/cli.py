@@ -27,8 +27,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("stage", choices=STAGES)
     p.add_argument("--run-dir", default="runs/mini", help="folder for checkpoints, logs and results")
     p.add_argument("--recipe", default="mini", choices=sorted(RECIPES), help="model size and hyper-parameters")
-    p.add_argument("--steps", type=int, help="override the stage's number of steps (teacher: one round of this "
-                   "many steps instead of the recipe's rounds)")
+    p.add_argument("--steps", type=int, help="override the stage's number of steps (teacher, ode: one round of this "
+                   "many steps instead of the recipe's rounds; any other ode setting also makes it one round)")
     p.add_argument("--batch", type=int, help="override the stage's batch per process (default: the recipe's global "
                    "batch split over the GPUs)")
     p.add_argument("--lr", type=float, help="override the stage's learning rate")
@@ -105,7 +105,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 
 def _recipe(args, world: int = 1):
     """The named recipe for `world` GPUs (recipe.for_world) with the command line's overrides. An explicit
-    --steps or --lr for the teacher replaces its recorded rounds by one round; --compile applies to all."""
+    --steps or --lr for the teacher replaces its recorded rounds by one round, and so does any setting of the ode
+    stage (--steps, --batch, --lr and its own flags) for the ode rounds; --compile applies to all."""
     from turbovid.train.recipe import RECIPES, STAGE_FIELDS, for_world
 
     stage_field = STAGE_FIELDS.get(args.stage)
@@ -116,6 +117,10 @@ def _recipe(args, world: int = 1):
     recipe = for_world(recipe, world, () if args.batch is not None else tuple(fields))
     if "teacher" in fields and (args.steps is not None or args.lr is not None):
         recipe = dataclasses.replace(recipe, teacher_rounds=())
+    own = (args.topk, args.quant_weight, args.trajectories, args.on_policy_step, args.on_policy or None,
+           args.off_policy or None) if args.stage == "ode" else ()
+    if "ode" in fields and any(v is not None for v in (args.steps, args.batch, args.lr, *own)):
+        recipe = dataclasses.replace(recipe, ode_rounds=())      # one round: the settings given, from sla/final
     for name in fields:
         cfg = getattr(recipe, name)
         run, optim = cfg.run, cfg.optim
@@ -204,7 +209,8 @@ def _recipe(args, world: int = 1):
         compiled = lambda cfg: dataclasses.replace(cfg, compile=True)  # noqa: E731
         recipe = dataclasses.replace(recipe, teacher=compiled(recipe.teacher), sla=compiled(recipe.sla),
                                      qat=recipe.qat and compiled(recipe.qat), ode=recipe.ode and compiled(recipe.ode),
-                                     teacher_rounds=tuple(map(compiled, recipe.teacher_rounds)))
+                                     teacher_rounds=tuple(map(compiled, recipe.teacher_rounds)),
+                                     ode_rounds=tuple(map(compiled, recipe.ode_rounds)))
     return recipe
 
 

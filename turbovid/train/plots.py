@@ -10,6 +10,7 @@ from pathlib import Path
 
 from turbovid.train.recipe import Recipe
 from turbovid.train.teacher import teacher_dirs
+from turbovid.train.trajectory import ode_dirs
 
 PANELS = (   # (stage, [keys], title, log y)
     ("vae", ["l1", "l2"], "VAE: reconstruction (foreground-weighted)", True),
@@ -27,10 +28,10 @@ def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def teacher_log(run_dir: Path, recipe: Recipe) -> list[dict]:
-    """The recipe's teacher rounds' logs (teacher.teacher_dirs) as one log, steps counted on."""
+def rounds_log(run_dir: Path, dirs: list[str]) -> list[dict]:
+    """The logs of a stage's rounds (the folders `dirs`, in order) as one log, steps counted on."""
     records, offset = [], 0
-    for name in teacher_dirs(recipe):
+    for name in dirs:
         if (run_dir / name / "log.jsonl").is_file():
             rows = read_log(run_dir / name / "log.jsonl")
             records += [{**r, "step": r["step"] + offset} for r in rows]
@@ -46,10 +47,10 @@ def plot_run(run_dir: str | Path, output: str | Path, recipe: Recipe, window: in
     except ImportError:
         raise ValueError("plotting needs matplotlib: pip install 'turbovid[train]'") from None
     run_dir, output = Path(run_dir), Path(output)
-    stages = {stage for stage, *_ in PANELS if stage != "teacher"}    # the teacher's rounds: teacher_log
+    rounds = {"teacher": teacher_dirs(recipe), "ode": ode_dirs(recipe) if recipe.ode else ["ode"]}
+    stages = {stage for stage, *_ in PANELS if stage not in rounds}
     logs = {s: read_log(run_dir / s / "log.jsonl") for s in stages if (run_dir / s / "log.jsonl").is_file()}
-    if teacher := teacher_log(run_dir, recipe):
-        logs["teacher"] = teacher
+    logs.update({s: log for s, dirs in rounds.items() if (log := rounds_log(run_dir, dirs))})
     if not logs:
         raise ValueError(f"no stage logs (<stage>/log.jsonl) under {run_dir}")
     fig, axes = plt.subplots(2, 4, figsize=(20, 8))
@@ -57,7 +58,7 @@ def plot_run(run_dir: str | Path, output: str | Path, recipe: Recipe, window: in
         ax.set_visible(False)
     for ax, (stage, keys, title, log_y) in zip(axes.flat, PANELS):
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel(f"{stage} step" + (" (all rounds)" if stage == "teacher" else ""))
+        ax.set_xlabel(f"{stage} step" + (" (all rounds)" if stage in rounds else ""))
         for key in keys:
             pts = [(r["step"], r[key]) for r in logs.get(stage, []) if isinstance(r.get(key), (int, float))]
             if not pts:

@@ -189,6 +189,8 @@ class Recipe:
                                  # (latents unchanged, so it may run any time after the vae stage; vae.py)
     teacher_rounds: tuple[TeacherStage, ...] = ()   # further teacher rounds, each started from the previous
                                  # round's EMA weights with a fresh optimizer and its own schedule (teacher.py)
+    ode_rounds: tuple[ODEStage, ...] = ()   # further ode rounds, each continuing the previous round's student
+                                 # (on policy: its sampling states and its other calls' targets are that student's)
     merge_weight: float = 1.0    # merged = rCM + w (SLA - teacher)  (TD)
     ship_topk: float | None = None  # the top-k the release runs SLA at by default (config.json sla_topk); None:
                                  # sla.topk, the one it was tuned at (config.json sla_topk_tuned either way)
@@ -220,10 +222,13 @@ class Recipe:
             raise ValueError("ship_student='ode' needs an ode stage")
         if self.ode is not None and self.sla.base != "rcm":
             raise ValueError("the ode stage continues the SLA-tuned rCM student: it needs sla.base 'rcm'")
-        if self.ode is not None and not 0 < abs(self.ode.on_policy_step) < self.eval_rcm_steps:
-            raise ValueError(f"ode.on_policy_step must name one of the {self.eval_rcm_steps}-step sampler's calls after "
-                             f"the first: 1..{self.eval_rcm_steps - 1} or -{self.eval_rcm_steps - 1}..-1, got "
-                             f"{self.ode.on_policy_step}")
+        if self.ode_rounds and self.ode is None:
+            raise ValueError("ode_rounds continue the ode stage: the recipe has none")
+        for ode in self.ode_stages:
+            if not 0 < abs(ode.on_policy_step) < self.eval_rcm_steps:
+                raise ValueError(f"ode.on_policy_step must name one of the {self.eval_rcm_steps}-step sampler's calls "
+                                 f"after the first: 1..{self.eval_rcm_steps - 1} or -{self.eval_rcm_steps - 1}..-1, "
+                                 f"got {ode.on_policy_step}")
         if self.ship_topk is not None and not 0 < self.ship_topk <= 1:
             raise ValueError(f"ship_topk must be in (0, 1], got {self.ship_topk}")
 
@@ -235,6 +240,10 @@ class Recipe:
     @property
     def teacher_stages(self) -> tuple[TeacherStage, ...]:
         return (self.teacher, *self.teacher_rounds)
+
+    @property
+    def ode_stages(self) -> tuple[ODEStage, ...]:
+        return () if self.ode is None else (self.ode, *self.ode_rounds)
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -322,19 +331,25 @@ def _mini() -> Recipe:
         # the GPU 0.875 -> 0.875 (H200 -> H100); docs/training/mini/README.md.
         qat=SLAStage(Schedule(steps=909, batch=32, ckpt_every=1000), Optim(lr=2e-5, warmup=100, cosine=True),
                      topk=0.5, base="rcm", dense_weight=1.0, quant_weight=1.0),
-        # On-policy trajectory distillation of the SLA-tuned student, the shipped student's last stage (session 20,
-        # one H100, fitted to 416 steps at 1.38 steps/s): the states of its own 4-step sampling, drawn every step; the
-        # second call's state (s = 0.93) gets the teacher's UniPC + CFG completion from it as the target, the other
-        # calls their start student's own outputs; SLA at top-k 0.75 plus the dense term. Session 19's hybrid check
-        # found the student first falling behind the teacher at that call. Full stack, `turbovid eval`, against the
-        # SLA-tuned student it starts from: 256 prompts on the H100, 226 / 224 / 222 right against 225 / 217 / 222
-        # (reported 0..255, validation 1000.. and 2000..; Frechet 0.050 / 0.043 / 0.073 against 0.073 / 0.068 /
-        # 0.106); the CPU's reported 128, 0.938 against 0.891 (6 gained, none lost; the teacher 0.914).
-        # Tried before (session 19): off policy, fitting 3072 teacher trajectories from their states at the 4-step
-        # times (1500 x 32), 0.719 on the reported prompts (the shapes blur); on policy with the teacher completing
-        # the last state (701 x 32) 0.844, the third (349 x 32) 0.859 there.
+        # On-policy trajectory distillation of the SLA-tuned student, the shipped student's last stages, one call at a
+        # time down the 4-step sampler: the states of the start student's own sampling, drawn every step; one call's
+        # state gets the teacher's UniPC + CFG completion from it as the target, the other calls their start student's
+        # own outputs; SLA at top-k 0.75 plus the dense term. Round 1 (session 20, one H100, fitted to 416 steps at
+        # 1.38 steps/s): the second call (s = 0.93), where session 19's hybrid check found the student first falling
+        # behind the teacher. Round 2 (session 21, fitted to 371 steps at 1.49 steps/s): the third call (s = 0.85),
+        # from round 1's student, so its states and its second call's targets are the fitted ones. Full stack,
+        # `turbovid eval`, H100, 256 prompts per set (reported 0..255, validation 1000.., 2000.., 3000..): the SLA-tuned
+        # student 225 / 217 / 222 / -, after round 1 226 / 224 / 222 / 217, after round 2 228 / 225 / 227 / 220, the
+        # teacher 235 / 233 / 232 / 233; Frechet distance lower after each round on every set.
+        # Tried besides (sessions 19-21): off policy, fitting 3072 teacher trajectories from their states at the 4-step
+        # times (1500 x 32), 0.719 on the reported prompts (the shapes blur); the last call's completion (s = 0.61)
+        # from the SLA-tuned student (701 x 32) 0.844 there, and as a third round (689 x 32) 217 of 256 on validation
+        # 1000.. (shape 0.86: the last step's regression blurs small shapes); the third call's from the SLA-tuned
+        # student (349 x 32) 0.859 there; round 1 twice (373 more steps) no change.
         ode=ODEStage(Schedule(steps=416, batch=32, ckpt_every=250), Optim(lr=2e-5, warmup=100, cosine=True),
                      on_policy=True, on_policy_step=1),
+        ode_rounds=(ODEStage(Schedule(steps=371, batch=32, ckpt_every=250), Optim(lr=2e-5, warmup=100, cosine=True),
+                             on_policy=True, on_policy_step=2),),
         # The student tuned at top-k 0.5 runs at 0.75 by default (24 of 32 key blocks): `turbovid eval`, 128 held-out
         # prompts, H100 (session 12), full stack 0.797 at 0.5 and 0.844 / 0.859 at 0.75 (two runs) against the
         # teacher's 0.867 and the dense student's 0.836; the DiT takes 0.13-0.14 s per video instead of 0.11 s.
@@ -381,8 +396,9 @@ STAGE_FIELDS = {"vae": "vae_stage", "vae_decoder": "vae_decoder", "teacher": "te
 
 
 def for_world(recipe: Recipe, world: int, stages: tuple[str, ...] = tuple(STAGE_FIELDS.values())) -> Recipe:
-    """The recipe for a run on `world` GPUs: the per-GPU batch of each named stage (the teacher with all its
-    rounds) becomes batch * gpus / world, the recorded global batch; a one-line ValueError if that does not divide."""
+    """The recipe for a run on `world` GPUs: the per-GPU batch of each named stage (the teacher and the ode stage
+    with all their rounds) becomes batch * gpus / world, the recorded global batch; a one-line ValueError if that
+    does not divide."""
     def scale(cfg):
         total = cfg.run.batch * cfg.run.gpus
         if total % world:
@@ -390,8 +406,9 @@ def for_world(recipe: Recipe, world: int, stages: tuple[str, ...] = tuple(STAGE_
         return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, batch=total // world, gpus=world))
 
     changes = {name: scale(getattr(recipe, name)) for name in stages if getattr(recipe, name) is not None}
-    if "teacher" in stages:
-        changes["teacher_rounds"] = tuple(scale(r) for r in recipe.teacher_rounds)
+    for name in ("teacher", "ode"):
+        if name in stages:
+            changes[f"{name}_rounds"] = tuple(scale(r) for r in getattr(recipe, f"{name}_rounds"))
     return dataclasses.replace(recipe, **changes)
 
 

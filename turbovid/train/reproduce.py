@@ -35,7 +35,7 @@ from turbovid.train.loop import Env
 from turbovid.train.merge import merge_files
 from turbovid.train.recipe import Recipe
 from turbovid.train.teacher import run_qat, run_sla, run_teacher, teacher_dirs
-from turbovid.train.trajectory import run_ode
+from turbovid.train.trajectory import ode_dirs, run_ode
 from turbovid.train.vae import run_vae
 
 
@@ -153,8 +153,12 @@ def ship(recipe: Recipe, run_dir: Path, dest: Path, summary: dict | None = None)
         found = [entry["steps"] for entry in recorded if entry["stage"] == stage]
         return found[-1] if found else folder_steps(stage)
     stages = {stage: {"steps": steps(stage)} for stage in ("vae", "sla", "rcm")}
-    if recipe.ship_student in ("qat", "ode"):
-        stages[recipe.ship_student] = {"steps": steps(recipe.ship_student)}
+    if recipe.ship_student == "qat":
+        stages["qat"] = {"steps": steps("qat")}
+    if recipe.ship_student == "ode":      # every ode round behind the student, as the teacher's rounds below
+        rounds = [entry["steps"] for entry in histories["dit"] if entry["stage"] == "ode"]
+        rounds = rounds or [folder_steps(name) for name in ode_dirs(recipe)]
+        stages["ode"] = {"steps": sum(rounds), "rounds": rounds}
     if recipe.vae_decoder is not None:
         stages["vae_decoder"] = {"steps": steps("vae_decoder")}
     rounds = [entry["steps"] for entry in histories["dit_teacher"] if entry["stage"] == "teacher"]

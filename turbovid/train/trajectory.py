@@ -30,15 +30,20 @@ when it samples (as the SLA stage's, teacher.SLATrainer._trajectory), drawn ever
 STATES - 1 are the frozen student's own outputs (those steps are kept as they are), and the last state's (or that
 of the call `recipe.ode.on_policy_step`) is the teacher's completion from it: its UniPC + CFG sampler run from that
 state over its schedule's later times (`evaluate.generate_latents(start=...)`; 12 of 50 steps from the mini
-schedule's last state). Nothing is pooled. Measured (full stack, `turbovid eval`, H100, 256 prompts against the
-SLA-tuned student it starts from): completing the last state lifted colour to 1.00 but blurred shapes (0.844 on the
-reported prompts against 0.879); completing the third 0.859 there; completing the second (s = 0.93, where the
-hybrid check sees the student first fall behind) 226 / 224 / 222 right against 225 / 217 / 222 on three prompt sets,
-Frechet distance down by a third on each, and 0.938 against 0.891 on the CPU's reported 128. That one ships
-(recipe.mini: on_policy_step 1).
+schedule's last state). Nothing is pooled.
+
+Rounds (`recipe.ode_rounds`, folders `ode_dirs`): each continues the previous round's student, so the mini recipe
+walks down the sampler one call at a time: round 1 completes the second call (s = 0.93, where the hybrid check sees
+the student first fall behind), round 2 the third (s = 0.85) from round 1's student, whose second call keeps its
+fitted outputs as targets. Measured (full stack, `turbovid eval`, H100, 256 prompts on each of four sets): the
+SLA-tuned student 225 / 217 / 222 right on the first three, round 1 226 / 224 / 222 / 217, round 2 228 / 225 / 227 /
+220, the teacher 235 / 233 / 232 / 233; Frechet distance lower after each round on every set. Completing the last
+call blurs small shapes, from the SLA-tuned student (0.844 against 0.879 on the reported prompts) and as a third
+round (217 of 256 against 225 on validation), so the ladder stops at the third call.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -87,7 +92,7 @@ class ODETrainer(SLATrainer):
 
     def __init__(self, recipe: Recipe, run_dir: Path, env: Env, teacher_weights: dict[str, torch.Tensor],
                  start_weights: dict[str, torch.Tensor], fixed_batch: bool = False,
-                 inputs: TeacherTrajectories | None = None):
+                 inputs: TeacherTrajectories | LatentBatches | None = None):
         cfg = recipe.ode
         self.teacher = frozen_dit(recipe, teacher_weights, env)
         student = dit_from_weights(recipe, start_weights, "sla", cfg.topk, new_proj_l=True)
@@ -123,15 +128,34 @@ class ODETrainer(SLATrainer):
         return x, t_net, v_target, context
 
 
+def ode_dirs(recipe: Recipe) -> list[str]:
+    """Run-directory folders of the ode rounds: ode_round1, ..., and `ode` for the last (the student `ship` reads)."""
+    n = len(recipe.ode_stages)
+    return [f"ode_round{i + 1}" for i in range(n - 1)] + ["ode"]
+
+
 def run_ode(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None) -> Path:
-    """Trajectory distillation (recipe.ode) of the SLA-tuned rCM student against the frozen teacher."""
+    """Trajectory distillation (recipe.ode, then each of recipe.ode_rounds) of the SLA-tuned rCM student against the
+    frozen teacher. Round i > 0 continues round i-1's exported student with a fresh optimizer (`until` counts steps
+    of the round being run); finished rounds are skipped, an interrupted one resumes. Returns the last round's
+    weights path (still missing when `--max-minutes` stopped a round)."""
     if recipe.ode is None:
         raise ValueError(f"recipe {recipe.name!r} has no ode stage")
     start = Path(run_dir) / "sla" / "final.safetensors"
     if not start.is_file():
         raise ValueError(f"{start} not found: the ode stage continues the SLA-tuned student; run `turbovid train sla` "
                          "first")
-    teacher = teacher_file(run_dir)
-    trainer = ODETrainer(recipe, run_dir, env, load_weights(teacher, env.device), load_weights(start, env.device))
-    drive(trainer, Path(run_dir) / "ode", env, until=until, init=start)
-    return Path(run_dir) / "ode" / "final.safetensors"
+    teacher = load_weights(teacher_file(run_dir), env.device)
+    inputs, kind = None, None     # built by the first round that runs, shared by later ones that read the same data
+    for stage, name in zip(recipe.ode_stages, ode_dirs(recipe)):
+        out = Path(run_dir) / name
+        if not (out / "final.safetensors").is_file():
+            data = (stage.on_policy, stage.on_policy or stage.trajectories)     # captions only, or N trajectories
+            trainer = ODETrainer(dataclasses.replace(recipe, ode=stage), run_dir, env, teacher,
+                                 load_weights(start, env.device), inputs=inputs if data == kind else None)
+            inputs, kind = trainer.inputs, data
+            drive(trainer, out, env, until=until, init=start)
+            if not (out / "final.safetensors").is_file():
+                break
+        start = out / "final.safetensors"
+    return out / "final.safetensors"

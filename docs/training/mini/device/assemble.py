@@ -35,4 +35,4 @@ if "vae_reconstruction" in config:   # the VAE's report, which `train ship` puts
     (run / "vae" / "reconstruction.json").write_text(json.dumps(config["vae_reconstruction"], indent=1))
 copy("dit_teacher", run / "init" / "teacher.safetensors")
 copy("dit_teacher", run / "teacher" / "final.safetensors")   # the rCM / SLA stages read the teacher from here
-copy("dit", run / "sla" / "final.safetensors")    # the SLA-tuned rCM student (sessions 14-19), then it after ode (20)
+copy("dit", run / "sla" / "final.safetensors")    # the SLA-tuned rCM student (sessions 14-19), then it after ode (20, 21)

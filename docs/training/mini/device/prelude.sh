@@ -106,3 +106,26 @@ grade_students() {
     check "$f dense" --count 128 --dit "$f" --attention dense --sampler rcm
   done
 }
+# `on_policy STEP FIT STOP VAL REPORTED`: the ode stage on policy with the teacher completing sampler call STEP's state
+# (`--on-policy-step STEP`) from $S/sla/final.safetensors, its schedule fitted to the command minus FIT s and stopped
+# STOP s before its end; that student shipped (ship_file) and graded on the validation prompts 1000..1255
+# ($OUT/VAL.json), then, time allowing, on the reported 0..255 (REPORTED).
+on_policy() {
+  stage ode ode --on-policy --on-policy-step "$1" --steps 100000 --fit-minutes "$(minutes_left "$2")" \
+    --max-minutes "$(minutes_left "$3")"
+  ship_file "$S/ode/final.safetensors"
+  turbo_eval "$4" 1000
+  if [ "$(left)" -gt 110 ]; then turbo_eval "$5" 0; fi
+}
+# `beside_release FILE NAME0 NAME2000`: the release kept in runs/release, FILE shipped as its student (ship_file) and
+# its full stack graded on the reported prompts 0..255 ($OUT/NAME0.json); time allowing, on 2000..2255 (NAME2000),
+# then the kept release's on the same prompts (release_turbo_start2000).
+beside_release() {
+  rm -rf runs/release && cp -r turbovid/assets/mini runs/release
+  ship_file "$1"
+  turbo_eval "$2" 0
+  if [ "$(left)" -gt 240 ]; then
+    turbo_eval "$3" 2000
+    rm -rf turbovid/assets/mini && cp -r runs/release turbovid/assets/mini && turbo_eval release_turbo_start2000 2000
+  fi
+}

@@ -20,39 +20,16 @@
 #       held-out prompts (prelude release_eval_gpu), the teacher in the same run.
 source "$(dirname "$0")/prelude.sh" "$1"
 S=runs/s20
-# `beside_release FILE NAME0 NAME2000`: the release kept in runs/release, FILE shipped as its student (ship_file) and
-# its full stack graded on the reported prompts 0..255 ($OUT/NAME0.json); time allowing, on 2000..2255 (NAME2000),
-# then the kept release's on the same prompts (release_turbo_start2000).
-beside_release() {
-  rm -rf runs/release && cp -r turbovid/assets/mini runs/release
-  ship_file "$1"
-  turbo_eval "$2" 0
-  if [ "$(left)" -gt 240 ]; then
-    turbo_eval "$3" 2000
-    rm -rf turbovid/assets/mini && cp -r runs/release turbovid/assets/mini && turbo_eval release_turbo_start2000 2000
-  fi
-}
-# `on_policy1 FIT STOP VAL REPORTED`: the ode stage on policy at the second call (`--on-policy-step 1`) from
-# $S/sla/final.safetensors, its schedule fitted to the command minus FIT s and stopped STOP s before its end; that
-# student shipped and graded on the validation prompts 1000..1255 ($OUT/VAL.json), then, time allowing, on the
-# reported 0..255 (REPORTED).
-on_policy1() {
-  stage ode ode --on-policy --on-policy-step 1 --steps 100000 --fit-minutes "$(minutes_left "$1")" \
-    --max-minutes "$(minutes_left "$2")"
-  ship_file "$S/ode/final.safetensors"
-  turbo_eval "$3" 1000
-  if [ "$(left)" -gt 110 ]; then turbo_eval "$4" 0; fi
-}
 case "$1" in
 q1) release_eval release_teacher_turbo_start0_n256.json --configs teacher,turbo --count 256
     beside_release "${FILE:-runs/carry/s19/p2_final.safetensors}" p2_turbo_start0 p2_turbo_start2000 ;;
 q2) fresh "$S"
-    on_policy1 260 200 val_on_policy1 reported_on_policy1 ;;
+    on_policy 1 260 200 val_on_policy1 reported_on_policy1 ;;
 q3) fresh runs/s20b    # as run in session 20: fresh sets S=runs/s20b, so the copy below failed and q3 was q2 again
     cp "$S/ode/final.safetensors" runs/s20b/sla/final.safetensors || true
-    on_policy1 260 200 val_on_policy1_round2 reported_on_policy1_round2 ;;
+    on_policy 1 260 200 val_on_policy1_round2 reported_on_policy1_round2 ;;
 q4) fresh runs/s20r2 && cp "${FILE:-runs/carry/s20/q3_final.safetensors}" "$S/sla/final.safetensors"
-    on_policy1 270 210 val_round2 reported_round2 ;;
+    on_policy 1 270 210 val_round2 reported_round2 ;;
 q5) beside_release "${FILE:-runs/carry/s20/q3_final.safetensors}" reported_q3 q3_turbo_start2000 ;;
 q6) ship_file "${FILE:-runs/carry/s20/q3_final.safetensors}"
     release_eval_gpu ;;
