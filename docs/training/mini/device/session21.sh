@@ -5,11 +5,13 @@
 #       (`--on-policy-step 2`, s = 0.85) from the release's student in fp32 (${FILE:-runs/carry/s20/q3_final.safetensors},
 #       carried), so its states, and its other calls' targets, are those of the student whose second call already
 #       learned the teacher's completion (session 19's p2 ran step 2 from the student before it); fitted to the command
-#       minus 260 s; graded on the validation prompts 1000..1255 (the release 224), then the reported 0..255 (226).
+#       minus 260 s; graded on the validation prompts 1000..1255 (the release 224), then the reported 0..255 (226;
+#       as run, no time was left for it: r4).
 #   r2, r3: the teacher of the release on the validation sets 1000..1255 (r2) and 2000..2255 (r3), which only the
 #       full stack had been graded on (224 and 222 of 256), so the gap is measured on 768 prompts, not 256; time
 #       allowing, the full stack of ${FILE2:-runs/carry/s21/r1_final.safetensors} (r1's student) on the same set.
 #   r4: FILE2's full stack on the reported prompts 0..255, then the release's on 2000..2255 (beside r3's rows).
+#       (as run, LIMIT=330 left time for the first only)
 #   r5: the ladder's last rung: the ode stage on policy at the fourth (last) call (`--on-policy-step 3`, s = 0.61)
 #       from r1's student (FILE2); session 19's p1 ran it from the student before q3 and blurred shapes. As r1.
 #   r6: FILE2 shipped as the student (ship_file) and `turbovid eval` of that release, every row, 128 held-out
