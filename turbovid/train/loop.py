@@ -261,3 +261,29 @@ def drive(stage: Stage, out_dir: str | Path, env: Env, until: int | None = None,
                      metadata={"stage": stage.name, "steps": str(total), **history_metadata(history)})
     env.barrier()
     return records
+
+
+def round_dirs(stage: str, count: int) -> list[str]:
+    """Run-directory folders of a stage trained in `count` rounds: <stage>_round1, ..., and <stage> for the last (the
+    weights the later stages and `ship` read)."""
+    return [f"{stage}_round{i + 1}" for i in range(count - 1)] + [stage]
+
+
+def drive_rounds(build, rounds: list[tuple[str, object]], run_dir: Path, env: Env, init: str | Path | None = None,
+                 until: int | None = None) -> Path:
+    """A stage's rounds in turn (`rounds`: [(folder, settings)], folders from round_dirs): round i is
+    `build(settings, init, inputs)`, a Stage started from `init` (round i > 0: round i-1's exported weights) with a
+    fresh optimizer, handed the previous round's `inputs` (None for the first) to reuse where they fit; `until`
+    counts steps of the round being run. Finished rounds are skipped, an interrupted one resumes. Returns the last
+    round's weights path (still missing when `--max-minutes` stopped a round)."""
+    inputs = None
+    for name, settings in rounds:
+        out = Path(run_dir) / name
+        if not (out / "final.safetensors").is_file():
+            stage = build(settings, init, inputs)
+            inputs = stage.inputs
+            drive(stage, out, env, until=until, init=init)
+            if not (out / "final.safetensors").is_file():
+                break
+        init = out / "final.safetensors"
+    return out / "final.safetensors"

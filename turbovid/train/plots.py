@@ -47,7 +47,7 @@ def plot_run(run_dir: str | Path, output: str | Path, recipe: Recipe, window: in
     except ImportError:
         raise ValueError("plotting needs matplotlib: pip install 'turbovid[train]'") from None
     run_dir, output = Path(run_dir), Path(output)
-    rounds = {"teacher": teacher_dirs(recipe), "ode": ode_dirs(recipe) if recipe.ode else ["ode"]}
+    rounds = {"teacher": teacher_dirs(recipe), "ode": ode_dirs(recipe)}     # stages trained in rounds
     stages = {stage for stage, *_ in PANELS if stage not in rounds}
     logs = {s: read_log(run_dir / s / "log.jsonl") for s in stages if (run_dir / s / "log.jsonl").is_file()}
     logs.update({s: log for s, dirs in rounds.items() if (log := rounds_log(run_dir, dirs))})

@@ -152,18 +152,18 @@ def ship(recipe: Recipe, run_dir: Path, dest: Path, summary: dict | None = None)
     def steps(stage: str) -> int:   # the shipped files' last record of the stage, else its run folder's
         found = [entry["steps"] for entry in recorded if entry["stage"] == stage]
         return found[-1] if found else folder_steps(stage)
+    def rounds(role: str, stage: str, dirs: list[str]) -> dict:   # every round the role's file records, else its folders'
+        found = [entry["steps"] for entry in histories[role] if entry["stage"] == stage]
+        found = found or [folder_steps(name) for name in dirs]
+        return {"steps": sum(found), "rounds": found}
     stages = {stage: {"steps": steps(stage)} for stage in ("vae", "sla", "rcm")}
     if recipe.ship_student == "qat":
         stages["qat"] = {"steps": steps("qat")}
-    if recipe.ship_student == "ode":      # every ode round behind the student, as the teacher's rounds below
-        rounds = [entry["steps"] for entry in histories["dit"] if entry["stage"] == "ode"]
-        rounds = rounds or [folder_steps(name) for name in ode_dirs(recipe)]
-        stages["ode"] = {"steps": sum(rounds), "rounds": rounds}
+    if recipe.ship_student == "ode":
+        stages["ode"] = rounds("dit", "ode", ode_dirs(recipe))
     if recipe.vae_decoder is not None:
         stages["vae_decoder"] = {"steps": steps("vae_decoder")}
-    rounds = [entry["steps"] for entry in histories["dit_teacher"] if entry["stage"] == "teacher"]
-    rounds = rounds or [folder_steps(name) for name in teacher_dirs(recipe)]
-    stages["teacher"] = {"steps": sum(rounds), "rounds": rounds}
+    stages["teacher"] = rounds("dit_teacher", "teacher", teacher_dirs(recipe))
     config = {"recipe": recipe.name, "size": recipe.size, "frames": recipe.frames, "stages": stages,
               "vae_latent_stats": json.loads((run_dir / "vae" / "latent_stats.json").read_text()),
               "student": recipe.ship_student, "sla_topk": recipe.ship_topk or recipe.sla.topk,

@@ -41,8 +41,8 @@ from turbovid.train.checkpoint import load_weights
 from turbovid.train.data import latent_object_mask, object_weights
 from turbovid.train.ema import PowerEMA
 from turbovid.train.inputs import LatentBatches
-from turbovid.train.loop import (Env, drive, make_optimizer, optimizer_step, step_generator, step_indices, unwrap,
-                                 wrap_ddp)
+from turbovid.train.loop import (Env, drive, drive_rounds, make_optimizer, optimizer_step, round_dirs, step_generator,
+                                 step_indices, unwrap, wrap_ddp)
 from turbovid.train.losses import flow_matching_pair, lognormal_rf, shifted_logit_normal, velocity_loss
 from turbovid.train.recipe import Recipe, TeacherStage
 from turbovid.train.trigflow import rf_velocity, swap_attention
@@ -253,28 +253,18 @@ class QATTrainer(SLATrainer):
 
 
 def teacher_dirs(recipe: Recipe) -> list[str]:
-    """Run-directory folders of the teacher rounds: teacher_round1, ..., and `teacher` for the last one (the
-    weights every later stage reads)."""
-    n = len(recipe.teacher_stages)
-    return [f"teacher_round{i + 1}" for i in range(n - 1)] + ["teacher"]
+    """Run-directory folders of the teacher rounds (loop.round_dirs): `teacher` holds the last one, the weights every
+    later stage reads."""
+    return round_dirs("teacher", len(recipe.teacher_stages))
 
 
 def run_teacher(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None,
                 init: str | Path | None = None) -> Path:
-    """Every teacher round in turn (`until` counts steps of the round being run). Round i > 0 starts from round
-    i-1's exported EMA weights with a fresh optimizer; finished rounds are skipped, an interrupted one resumes.
-    Returns the last round's weights path (still missing when `--max-minutes` stopped a round)."""
-    inputs = None   # built by the first round that runs, shared by the later ones (one pool load)
-    for stage, name in zip(recipe.teacher_stages, teacher_dirs(recipe)):
-        out = Path(run_dir) / name
-        if not (out / "final.safetensors").is_file():
-            trainer = TeacherTrainer(recipe, run_dir, env, init=init, stage=stage, inputs=inputs)
-            inputs = trainer.inputs
-            drive(trainer, out, env, until=until, init=init)
-            if not (out / "final.safetensors").is_file():
-                break
-        init = out / "final.safetensors"
-    return out / "final.safetensors"
+    """Every teacher round in turn (loop.drive_rounds; the first from `init`, the later ones from the previous round's
+    exported EMA weights), sharing one pool load. Returns the last round's weights path."""
+    def build(stage, start, inputs):
+        return TeacherTrainer(recipe, run_dir, env, init=start, stage=stage, inputs=inputs)
+    return drive_rounds(build, list(zip(teacher_dirs(recipe), recipe.teacher_stages)), run_dir, env, init, until)
 
 
 def teacher_file(run_dir: Path) -> Path:

@@ -54,7 +54,7 @@ from turbovid.train.checkpoint import load_weights
 from turbovid.train.distill import TeacherSamples
 from turbovid.train.evaluate import generate_latents
 from turbovid.train.inputs import LatentBatches
-from turbovid.train.loop import Env, drive, step_indices
+from turbovid.train.loop import Env, drive_rounds, round_dirs, step_indices
 from turbovid.train.recipe import Recipe
 from turbovid.train.teacher import SLATrainer, dit_from_weights, frozen_dit, teacher_file
 
@@ -92,7 +92,7 @@ class ODETrainer(SLATrainer):
 
     def __init__(self, recipe: Recipe, run_dir: Path, env: Env, teacher_weights: dict[str, torch.Tensor],
                  start_weights: dict[str, torch.Tensor], fixed_batch: bool = False,
-                 inputs: TeacherTrajectories | LatentBatches | None = None):
+                 inputs: TeacherTrajectories | None = None):
         cfg = recipe.ode
         self.teacher = frozen_dit(recipe, teacher_weights, env)
         student = dit_from_weights(recipe, start_weights, "sla", cfg.topk, new_proj_l=True)
@@ -129,16 +129,15 @@ class ODETrainer(SLATrainer):
 
 
 def ode_dirs(recipe: Recipe) -> list[str]:
-    """Run-directory folders of the ode rounds: ode_round1, ..., and `ode` for the last (the student `ship` reads)."""
-    n = len(recipe.ode_stages)
-    return [f"ode_round{i + 1}" for i in range(n - 1)] + ["ode"]
+    """Run-directory folders of the ode rounds (loop.round_dirs): `ode` holds the last one, the student `ship` reads."""
+    return round_dirs("ode", len(recipe.ode_stages))
 
 
 def run_ode(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None) -> Path:
-    """Trajectory distillation (recipe.ode, then each of recipe.ode_rounds) of the SLA-tuned rCM student against the
-    frozen teacher. Round i > 0 continues round i-1's exported student with a fresh optimizer (`until` counts steps
-    of the round being run); finished rounds are skipped, an interrupted one resumes. Returns the last round's
-    weights path (still missing when `--max-minutes` stopped a round)."""
+    """Trajectory distillation (recipe.ode, then each of recipe.ode_rounds: loop.drive_rounds) of the SLA-tuned rCM
+    student against the frozen teacher; round i > 0 continues round i-1's exported student. Each round builds its
+    own inputs: on policy they are captions alone, off policy the trajectories cached in run_dir/ode/. Returns the
+    last round's weights path."""
     if recipe.ode is None:
         raise ValueError(f"recipe {recipe.name!r} has no ode stage")
     start = Path(run_dir) / "sla" / "final.safetensors"
@@ -146,16 +145,7 @@ def run_ode(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None) -
         raise ValueError(f"{start} not found: the ode stage continues the SLA-tuned student; run `turbovid train sla` "
                          "first")
     teacher = load_weights(teacher_file(run_dir), env.device)
-    inputs, kind = None, None     # built by the first round that runs, shared by later ones that read the same data
-    for stage, name in zip(recipe.ode_stages, ode_dirs(recipe)):
-        out = Path(run_dir) / name
-        if not (out / "final.safetensors").is_file():
-            data = (stage.on_policy, stage.on_policy or stage.trajectories)     # captions only, or N trajectories
-            trainer = ODETrainer(dataclasses.replace(recipe, ode=stage), run_dir, env, teacher,
-                                 load_weights(start, env.device), inputs=inputs if data == kind else None)
-            inputs, kind = trainer.inputs, data
-            drive(trainer, out, env, until=until, init=start)
-            if not (out / "final.safetensors").is_file():
-                break
-        start = out / "final.safetensors"
-    return out / "final.safetensors"
+
+    def build(stage, init, _inputs):
+        return ODETrainer(dataclasses.replace(recipe, ode=stage), run_dir, env, teacher, load_weights(init, env.device))
+    return drive_rounds(build, list(zip(ode_dirs(recipe), recipe.ode_stages)), run_dir, env, start, until)

@@ -117,15 +117,19 @@ on_policy() {
   turbo_eval "$4" 1000
   if [ "$(left)" -gt 110 ]; then turbo_eval "$5" 0; fi
 }
-# `beside_release FILE NAME0 NAME2000`: the release kept in runs/release, FILE shipped as its student (ship_file) and
-# its full stack graded on the reported prompts 0..255 ($OUT/NAME0.json); time allowing, on 2000..2255 (NAME2000),
-# then the kept release's on the same prompts (release_turbo_start2000).
+# `keep_release` / `restore_release`: the release in turbovid/assets/mini copied to runs/release before a ship_file
+# replaces it, and put back.
+keep_release() { rm -rf runs/release && cp -r turbovid/assets/mini runs/release; }
+restore_release() { rm -rf turbovid/assets/mini && cp -r runs/release turbovid/assets/mini; }
+# `beside_release FILE NAME0 NAME2000`: the release kept, FILE shipped as its student (ship_file) and its full stack
+# graded on the reported prompts 0..255 ($OUT/NAME0.json); time allowing, on 2000..2255 (NAME2000), then the kept
+# release's on the same prompts (release_turbo_start2000).
 beside_release() {
-  rm -rf runs/release && cp -r turbovid/assets/mini runs/release
+  keep_release
   ship_file "$1"
   turbo_eval "$2" 0
   if [ "$(left)" -gt 240 ]; then
     turbo_eval "$3" 2000
-    rm -rf turbovid/assets/mini && cp -r runs/release turbovid/assets/mini && turbo_eval release_turbo_start2000 2000
+    restore_release && turbo_eval release_turbo_start2000 2000
   fi
 }
