@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from turbovid.config import WAN_NEGATIVE_PROMPT
 from turbovid.train.data import (BACKGROUNDS, COLORS, DIRECTIONS, MIN_CONTRAST, PATH_JITTER, SHAPES, ProceduralVideos,
-                                 is_heldout, latent_object_mask, object_weights, parse_caption, render, sample_clip)
+                                 is_heldout, latent_object_estimate, latent_object_mask, object_weights, parse_caption,
+                                 render, sample_clip)
 from turbovid.train import detect as detect_module
 from turbovid.train.detect import ATTRIBUTES, adherence, detect, hue_drift
 from turbovid.train.recipe import MINI_TEXT
@@ -242,6 +243,41 @@ def test_latent_object_mask_covers_the_rendered_object_and_little_else():
     assert small and mask[small].mean() < 0.08
     with pytest.raises(ValueError, match="latent frames"):
         latent_object_mask(clips, 32, grid)
+
+
+def test_latent_object_estimate_finds_the_object_without_its_clip():
+    # Latent stand-ins: the rendered clips averaged over each latent cell (8 x 8 pixels, the VAE's frame groups),
+    # plus an offset on the two-cell edge ring on every channel (the VAE's padding does that to real latents).
+    clips = [sample_clip(0, "train", i) for i in range(12)]
+    size, frames, grid = 240, 33, (9, 30, 30)
+    z, cells = [], []
+    for clip in clips:
+        video = render(clip, size, frames)                                         # [3, F, H, W]
+        groups = torch.cat([video[:, :1], video[:, 1:].reshape(3, 8, 4, size, size).mean(2)], dim=1)
+        z.append(torch.nn.functional.avg_pool2d(groups, 8))                        # [3, 9, 30, 30]
+        bg = torch.tensor(clip.bg_rgb).view(3, 1, 1, 1) * 2 - 1
+        obj = ((video - bg).abs().amax(0) > 0.3).float()                           # the object's pixels
+        obj = torch.cat([obj[:1], obj[1:].reshape(8, 4, size, size).amax(1)])
+        cells.append(torch.nn.functional.max_pool2d(obj[:, None], 8)[:, 0])        # the cells they touch
+    z, cells = torch.stack(z), torch.stack(cells)
+    ring = torch.ones(30, 30)
+    ring[2:-2, 2:-2] = 0
+    z = z + 0.3 * ring + 0.01 * torch.randn(z.shape, generator=torch.Generator().manual_seed(0))
+    found = latent_object_estimate(z)
+    assert found.shape == (12, *grid) and set(found.unique().tolist()) <= {0.0, 1.0}
+    disc = latent_object_mask(clips, frames, grid)
+    assert ((found * cells).flatten(1).sum(1) / cells.flatten(1).sum(1)).min() > 0.95  # the object is covered
+    assert found.mean() < disc.mean()                          # and not much else: the ring is read as background
+    assert (found * (1 - disc)).mean() < 0.01
+    blank = torch.zeros(2, 4, 3, 16, 16) + torch.linspace(0, 1, 16)                  # a plane: no object at all
+    assert latent_object_estimate(blank + 0.01 * torch.randn(blank.shape)).mean() < 0.1
+    with pytest.raises(ValueError, match="latents"):
+        latent_object_estimate(z[0])
+    small = torch.zeros(1, 4, 2, 4, 4)                       # too small for the edge ring: every cell is inner
+    small[..., 1, 2] = 1
+    near = torch.zeros(4, 4)
+    near[0:3, 1:4] = 1                                           # the cell and its 3 x 3 neighbourhood
+    assert torch.equal(latent_object_estimate(small)[0], near.expand(2, 4, 4))
 
 
 def test_object_weights_give_the_object_its_share_whatever_its_size():

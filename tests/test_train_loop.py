@@ -14,7 +14,7 @@ from turbovid.attention.sla import SparseLinearAttention
 from turbovid.loading import load_dit, load_vae
 from turbovid.train.checkpoint import LATEST, history_metadata, load_weights, save_weights, weights_history
 from turbovid.train.cli import add_train_parser, cmd_train
-from turbovid.train.data import ProceduralVideos
+from turbovid.train.data import ProceduralVideos, latent_object_estimate, object_weights
 from turbovid.train.distill import RCMTrainer
 from turbovid.train.evaluate import generate_latents
 from turbovid.train.inputs import LatentBatches, encode_videos, trained_vae_file, vae_config
@@ -945,6 +945,27 @@ def test_ode_stage_on_policy_fits_the_teachers_completion_of_the_last_step(run, 
     assert not torch.allclose(v_target[-clips:], fv[-clips:])
     logs = drive(trainer, tmp_path / "a", ENV, quiet=True)
     assert len(logs) == 3 and all(math.isfinite(r["loss_sla"]) and math.isfinite(r["loss_dense"]) for r in logs)
+    # fg_share: each row's loss weighs the object read off its target x0 (data.latent_object_estimate); no weight
+    # without it
+    assert trainer._loss_weight(x, t_net, v_target) is None
+    shared = ODETrainer(dataclasses.replace(recipe, ode=dataclasses.replace(ode, fg_share=0.5)), src, ENV, teacher,
+                        student, fixed_batch=True)
+    weight = shared._loss_weight(x, t_net, v_target)
+    mask = latent_object_estimate(x - (t_net.float() / 1000).view(-1, 1, 1, 1, 1) * v_target)
+    torch.testing.assert_close(weight, object_weights(mask, fg_share=0.5).unsqueeze(1))
+    assert weight.shape == (x.shape[0], 1, *x.shape[2:])
+    x0 = torch.zeros_like(x)
+    x0[..., 0, 0] = 5.0                                          # an object in the top-left cell of every target
+    s = (t_net.float() / 1000).view(-1, 1, 1, 1, 1)
+    drawn = shared._loss_weight(x, t_net, (x - x0) / s)
+    corner = torch.zeros(x.shape[-2:])
+    corner[:2, :2] = 1                                           # the cell and its neighbours (a 3 x 3 dilation)
+    torch.testing.assert_close(drawn, object_weights(corner.expand(x.shape[0], x.shape[2], -1, -1), fg_share=0.5)
+                               .unsqueeze(1), atol=1e-3, rtol=1e-3)
+    weighted = drive(shared, tmp_path / "w", ENV, quiet=True)
+    assert len(weighted) == 3 and all(math.isfinite(r["loss_sla"]) for r in weighted)
+    with pytest.raises(ValueError, match="not both"):
+        dataclasses.replace(ode, fg_share=1.0)
     # the completed call named by its index: call 1 is the tiny schedule's last
     named = dataclasses.replace(recipe, ode=dataclasses.replace(ode, on_policy_step=1))
     again = ODETrainer(named, src, ENV, teacher, student, fixed_batch=True)._batch(0)
@@ -1018,6 +1039,12 @@ def test_cli_overrides_reach_the_ode_stage():
     assert [(o.run.batch, o.run.gpus) for o in halved.ode_stages] == [(16, 2), (16, 2)]
     on = _recipe(parser.parse_args(["train", "ode", "--on-policy", "--on-policy-step", "-1"])).ode
     assert on.on_policy and on.on_policy_step == -1
+    shared = _recipe(parser.parse_args(["train", "ode", "--fg-share", "0.5"]))    # the ode stage's, not the teacher's
+    assert shared.ode.fg_share == 0.5 and shared.ode_rounds == () and shared.teacher == RECIPES["mini"].teacher
+    with pytest.raises(ValueError, match="--fg-share must be in"):
+        _recipe(parser.parse_args(["train", "ode", "--fg-share", "1"]))
+    with pytest.raises(ValueError, match="--fg-share applies to the teacher, rcm, ode stages only"):
+        cmd_train(parser.parse_args(["train", "sla", "--fg-share", "0.5"]))
     with pytest.raises(ValueError, match="--on-policy-step goes with the on-policy ode stage"):
         _recipe(parser.parse_args(["train", "ode", "--off-policy", "--on-policy-step", "2"]))
     with pytest.raises(ValueError, match="--trajectories goes with the off-policy ode stage"):

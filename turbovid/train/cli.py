@@ -50,7 +50,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--fg-share", type=float, help="teacher, instead of --fg-weight: the cells near the object carry "
                                                   "this share (0-1) of each sample's loss, small objects and large "
                                                   "alike (recipe.TeacherStage.fg_share); rcm: the same for the sCM "
-                                                  "loss (recipe.RCMStage.fg_share)")
+                                                  "loss (recipe.RCMStage.fg_share); ode: the same, the object read "
+                                                  "off each target (recipe.ODEStage.fg_share)")
     p.add_argument("--proj-l-only", action="store_true",
                    help="sla: train only SLA's linear-branch projections; the dense output stays the base network's "
                         "(recipe.SLAStage.proj_l_only; no dense loss term then)")
@@ -140,6 +141,12 @@ def _recipe(args, world: int = 1):
                 raise ValueError(f"--edge must be >= 0, got {args.edge}")
             extra["edge"] = args.edge
         recipe = dataclasses.replace(recipe, **{name: dataclasses.replace(cfg, run=run, optim=optim, **extra)})
+    if args.fg_weight is not None and args.fg_weight < 0:
+        raise ValueError(f"--fg-weight must be >= 0, got {args.fg_weight}")
+    if args.fg_share is not None and not 0 <= args.fg_share < 1:
+        raise ValueError(f"--fg-share must be in [0, 1), got {args.fg_share}")
+    if args.fg_weight is not None and args.fg_share is not None:
+        raise ValueError("--fg-weight and --fg-share are two ways to weigh the object: give one")
     sla = {}
     if args.topk is not None:
         if not 0 < args.topk <= 1:
@@ -168,6 +175,8 @@ def _recipe(args, world: int = 1):
             if not on_policy:
                 raise ValueError("--on-policy-step goes with the on-policy ode stage (--on-policy)")
             sla["on_policy_step"] = args.on_policy_step
+    if args.fg_share is not None and args.stage == "ode" and recipe.ode is not None:   # weighs each target's object
+        sla["fg_share"] = args.fg_share
     if sla:
         field = args.stage if args.stage in ("qat", "ode") else "sla"    # the settings of the stage being run
         recipe = dataclasses.replace(recipe, **{field: dataclasses.replace(getattr(recipe, field), **sla)})
@@ -190,17 +199,11 @@ def _recipe(args, world: int = 1):
         if not args.guidance >= 1:
             raise ValueError(f"--guidance must be >= 1 (1: no CFG), got {args.guidance}")
         rcm["guidance"] = args.guidance
-    if args.fg_weight is not None and args.fg_weight < 0:
-        raise ValueError(f"--fg-weight must be >= 0, got {args.fg_weight}")
-    if args.fg_share is not None and not 0 <= args.fg_share < 1:
-        raise ValueError(f"--fg-share must be in [0, 1), got {args.fg_share}")
-    if args.fg_weight is not None and args.fg_share is not None:
-        raise ValueError("--fg-weight and --fg-share are two ways to weigh the object: give one")
     if args.fg_share is not None and args.stage == "rcm":   # the sCM loss's object weighting
         rcm["fg_share"] = args.fg_share
     if rcm:
         recipe = dataclasses.replace(recipe, rcm=dataclasses.replace(recipe.rcm, **rcm))
-    if (args.fg_weight is not None or args.fg_share is not None) and args.stage != "rcm":   # teacher, every round
+    if (args.fg_weight is not None or args.fg_share is not None) and args.stage not in ("rcm", "ode"):   # teacher
         weighted = lambda cfg: dataclasses.replace(cfg, fg_weight=args.fg_weight or 0.0,  # noqa: E731
                                                    fg_share=args.fg_share or 0.0)
         recipe = dataclasses.replace(recipe, teacher=weighted(recipe.teacher),
@@ -237,7 +240,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     for flag, value, stages in (("--init", args.init, ("teacher", "vae", "rcm")),
                                 ("--edge", args.edge, ("vae", "vae_decoder")),
                                 ("--fg-weight", args.fg_weight, ("teacher", "reproduce")),
-                                ("--fg-share", args.fg_share, ("teacher", "rcm", "reproduce")),
+                                ("--fg-share", args.fg_share, ("teacher", "rcm", "ode", "reproduce")),
                                 ("--proj-l-only", args.proj_l_only or None, ("sla",)),
                                 ("--topk", args.topk, ("sla", "qat", "ode", "rcm", "eval", "ship", "reproduce")),
                                 ("--quant-weight", args.quant_weight, ("sla", "qat", "ode")),

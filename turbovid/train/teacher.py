@@ -212,19 +212,25 @@ class SLATrainer(_VelocityStage):
             v_target = self.teacher(x, t_net, context).float()
         return x, t_net, v_target, context
 
+    def _loss_weight(self, x: torch.Tensor, t_net: torch.Tensor, v_target: torch.Tensor) -> torch.Tensor | None:
+        """Per-cell loss weights (broadcast to the velocity) or None: every cell alike (the ode stage weighs the
+        object's cells)."""
+        return None
+
     def train_step(self, step: int) -> dict[str, float]:
         x, t_net, v_target, context = self._batch(step)
+        weight = self._loss_weight(x, t_net, v_target)
         with self.env.autocast():
-            loss = velocity_loss(self.model(x, t_net, context).float(), v_target)
+            loss = velocity_loss(self.model(x, t_net, context).float(), v_target, weight)
         terms = {}
         if self.cfg.dense_weight:
             with swap_attention(self.net, SparseLinearAttention, lambda _: DenseAttention()), self.env.autocast():
                 terms["loss_dense"] = (self.cfg.dense_weight,
-                                       velocity_loss(self.model(x, t_net, context).float(), v_target))
+                                       velocity_loss(self.model(x, t_net, context).float(), v_target, weight))
         if self.cfg.quant_weight:
             with quantization_aware(self.net), self.env.autocast():
                 terms["loss_quant"] = (self.cfg.quant_weight,
-                                       velocity_loss(self.model(x, t_net, context).float(), v_target))
+                                       velocity_loss(self.model(x, t_net, context).float(), v_target, weight))
         if not terms:
             return self._finish(loss, step)
         logs = self._finish(loss + sum(w * term for w, term in terms.values()), step)

@@ -13,6 +13,10 @@ grades as the teacher does, the student loses its clips in its last step; if hyb
 the first step (pure noise -> x0) decides them.
 
     PYTHONPATH=. python3 docs/training/mini/session19_checks/hybrid.py RUN_DIR [--count N] [--start S] [--out F]
+        [--variants student,hybrid_3,...]
+
+(The detector runs on the CPU, one video at a time: 5 variants of 512 prompts did not finish in a 10-minute command
+on the H100 machine in session 22; `--variants` picks some.)
 
 RUN_DIR: a run directory assembled from the shipped files (docs/training/mini/device/assemble.py); the student is
 RUN_DIR/sla/final.safetensors, the teacher RUN_DIR/teacher/final.safetensors.
@@ -46,6 +50,7 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=128)
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--variants", help="comma-separated subset of student, hybrid_1, hybrid_2, hybrid_3, teacher")
     args = ap.parse_args()
     recipe = RECIPES["mini"]
     env = Env(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
@@ -59,6 +64,11 @@ def main() -> None:
     sigma_max = MODELS[recipe.name].sigma_max
     few = rcm_times(recipe.eval_rcm_steps, sigma_max)
     variants = {"student": None, **{f"hybrid_{k}": k for k in range(1, len(few) - 1)}, "teacher": 0}
+    if args.variants:
+        unknown = set(args.variants.split(",")) - set(variants)
+        if unknown:
+            raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {list(variants)}")
+        variants = {name: k for name, k in variants.items() if name in args.variants.split(",")}
     videos: dict[str, list[torch.Tensor]] = {name: [] for name in variants}
     seconds = {name: 0.0 for name in variants}
 
@@ -101,15 +111,16 @@ def main() -> None:
         print(f"{name:10s} adherence {scores['all']:.3f} colour {scores['color']:.2f} shape {scores['shape']:.2f} "
               f"direction {scores['direction']:.2f} ({seconds[name]:.0f} s)", flush=True)
     right = {name: [prompt_right(d, t) for d, t in zip(found[name], truth)] for name in variants}
-    versus = {name: {"right_where_teacher_wrong": sum(r and not t for r, t in zip(right[name], right["teacher"])),
-                     "wrong_where_teacher_right": sum(t and not r for r, t in zip(right[name], right["teacher"]))}
-              for name in variants if name != "teacher"}
+    ref = "teacher" if "teacher" in variants else next(iter(variants))    # the teacher, else the first variant
+    versus = {name: {f"right_where_{ref}_wrong": sum(r and not t for r, t in zip(right[name], right[ref])),
+                     f"wrong_where_{ref}_right": sum(t and not r for r, t in zip(right[name], right[ref]))}
+              for name in variants if name != ref}
     print(json.dumps(versus))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"count": args.count, "start": args.start, "device": str(env.device),
                                         "gpu": torch.cuda.get_device_name() if env.device.type == "cuda" else None,
-                                        "times_rcm": few, "rows": rows, "versus_teacher": versus,
+                                        "times_rcm": few, "rows": rows, f"versus_{ref}": versus,
                                         "clips": [{"caption": c.caption, "truth": t, **{n: found[n][i] for n in variants}}
                                                   for i, (c, t) in enumerate(zip(clips, truth))]}, indent=1))
 
