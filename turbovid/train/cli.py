@@ -175,8 +175,8 @@ def _recipe(args, world: int = 1):
             if not on_policy:
                 raise ValueError("--on-policy-step goes with the on-policy ode stage (--on-policy)")
             sla["on_policy_step"] = args.on_policy_step
-    if args.fg_share is not None and args.stage == "ode" and recipe.ode is not None:   # weighs each target's object
-        sla["fg_share"] = args.fg_share
+        if args.fg_share is not None:      # the object read off each target
+            sla["fg_share"] = args.fg_share
     if sla:
         field = args.stage if args.stage in ("qat", "ode") else "sla"    # the settings of the stage being run
         recipe = dataclasses.replace(recipe, **{field: dataclasses.replace(getattr(recipe, field), **sla)})

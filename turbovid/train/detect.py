@@ -218,12 +218,12 @@ def _detect(x: torch.Tensor, bg: torch.Tensor, raw: torch.Tensor, dist: torch.Te
     return {"color": color, "shape": shape, "direction": direction, "speed": speed, "size": size}
 
 
-@torch.no_grad()
 def prompt_right(detection: dict[str, str], attributes: dict[str, str]) -> bool:
     """One clip's headline verdict: colour, shape and direction all detected as the prompt asked."""
     return all(detection[k] == attributes[k] for k in ("color", "shape", "direction"))
 
 
+@torch.no_grad()
 def adherence(videos: torch.Tensor | list[torch.Tensor], attributes: list[dict[str, str]]) -> dict:
     """Accuracy of each attribute over a batch of (video [3, F, H, W], ground-truth attributes), plus
     "all" = colour, shape and direction all right (the headline prompt-adherence score), "hue_drift" = the mean

@@ -133,7 +133,6 @@ class ODETrainer(SLATrainer):
         v_target[rows] = (x[rows] - x0) / s          # the frozen outputs' torch.cat is this step's own tensor
         return x, t_net, v_target, context
 
-
     def _loss_weight(self, x, t_net, v_target):
         """fg_share > 0: the object's cells, read off each row's target x0 = x - s v* (data.latent_object_estimate:
         the teacher's sample or completion, or the frozen student's output), carry fg_share of its loss."""

@@ -55,6 +55,15 @@ ship_release() {
   $T ship --run-dir "$S" --output turbovid/assets/mini
   mkdir -p "$OUT/assets" && cp turbovid/assets/mini/dit{,_int8}.safetensors turbovid/assets/mini/config.json "$OUT/assets/"
 }
+# `export_weights SRC DEST BF16 HISTORY [STAGE STEPS]`: SRC's weights (in bf16, as a release stores them, when BF16=1)
+# to DEST with HISTORY's weights history (the file they came from), plus a record of STAGE's STEPS when given.
+export_weights() {
+  python3 -c "import sys; from safetensors.torch import load_file
+from turbovid.train.checkpoint import history_metadata, save_weights, weights_history
+h = weights_history(sys.argv[4]) + ([{'stage': sys.argv[5], 'steps': int(sys.argv[6])}] if len(sys.argv) > 5 else [])
+w = {k: v.bfloat16() if sys.argv[3] == '1' and v.is_floating_point() else v for k, v in load_file(sys.argv[1]).items()}
+save_weights(sys.argv[2], w, history_metadata(h))" "$@"
+}
 # `kept NAME FROM EVERY ARGS...`: `train NAME --run-dir $S ARGS` run EVERY steps at a time (each run resumes from the
 # last checkpoint) until the stage is done or the command's time ends, stopped and checkpointed 40 s before its end.
 # After each run the EMA student goes to $OUT/<NAME>_<step>.safetensors and $S/kept/ with the weights history the
@@ -68,13 +77,8 @@ kept() {
       >> "$OUT/$name.log" 2>&1 || echo "$name exit $?"
     tail -1 "$OUT/$name.log"
     ckpt=$(cat "$S/$name/checkpoints/latest") && step=$(echo "$ckpt" | sed 's/^step_0*//')
-    python3 -c "import sys; from safetensors.torch import load_file
-from turbovid.train.checkpoint import history_metadata, save_weights, weights_history
-h = weights_history(sys.argv[2]) + [{'stage': sys.argv[6], 'steps': int(sys.argv[3])}]
-w = {k: v.bfloat16() if sys.argv[5] == '1' and v.is_floating_point() else v for k, v in load_file(sys.argv[1]).items()}
-save_weights(sys.argv[4], w, history_metadata(h))" \
-      "$S/$name/checkpoints/$ckpt/ema.safetensors" "$from" "$step" "$S/kept/${name}_$step.safetensors" "${BF16:-0}" \
-      "$name"
+    export_weights "$S/$name/checkpoints/$ckpt/ema.safetensors" "$S/kept/${name}_$step.safetensors" "${BF16:-0}" \
+      "$from" "$name" "$step"
     cp "$S/kept/${name}_$step.safetensors" "$S/$name/log.jsonl" "$OUT/"
     if [ "$step" -lt "$n" ] || [ -f "$S/$name/final.safetensors" ]; then break; fi    # time ran out, or done
   done

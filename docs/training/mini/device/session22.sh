@@ -35,11 +35,8 @@ c1) weighted runs/s22a 3
     wait
     for d in s22a s22b; do
       tail -2 "$OUT/$d.log"
-      python3 -c "import sys; from safetensors.torch import load_file, save_file
-from turbovid.train.checkpoint import save_weights, weights_history, history_metadata
-w = {k: v.bfloat16() if v.is_floating_point() else v for k, v in load_file(sys.argv[1]).items()}
-save_weights(sys.argv[2], w, history_metadata(weights_history(sys.argv[1])))" \
-        "runs/$d/ode/final.safetensors" "$OUT/${d}_final_bf16.safetensors" || echo "$d: no final weights"
+      export_weights "runs/$d/ode/final.safetensors" "$OUT/${d}_final_bf16.safetensors" 1 \
+        "runs/$d/ode/final.safetensors" || echo "$d: no final weights"
       cp "runs/$d/ode/log.jsonl" "$OUT/${d}_log.jsonl" || true
     done ;;
 c2) keep_release

@@ -65,10 +65,10 @@ def main() -> None:
     few = rcm_times(recipe.eval_rcm_steps, sigma_max)
     variants = {"student": None, **{f"hybrid_{k}": k for k in range(1, len(few) - 1)}, "teacher": 0}
     if args.variants:
-        unknown = set(args.variants.split(",")) - set(variants)
-        if unknown:
-            raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {list(variants)}")
-        variants = {name: k for name, k in variants.items() if name in args.variants.split(",")}
+        picked = set(args.variants.split(","))
+        if picked - set(variants):
+            raise SystemExit(f"unknown variants {sorted(picked - set(variants))}; choose from {list(variants)}")
+        variants = {name: k for name, k in variants.items() if name in picked}
     videos: dict[str, list[torch.Tensor]] = {name: [] for name in variants}
     seconds = {name: 0.0 for name in variants}
 
