@@ -67,12 +67,14 @@ def test_eval_command_on_the_shipped_model(tmp_path, capsys, monkeypatch):
     assert row["hue_drift"] is None or 0 <= row["hue_drift"] <= 180      # mean |degrees| (detect.hue_drift)
     assert all("hue_drift" in d for d in row["detections"])
     assert main(["eval", "--configs", "bogus"]) == 2
-    # --topk reaches the SLA configurations, and each row records the top-k it ran at. (SLA through its PyTorch
-    # reference, as on any CPU without the Triton interpreter that `make test` sets.)
+    # --topk and --sla-blocks reach the SLA configurations, and each row records what it ran at. (SLA through its
+    # PyTorch reference, as on any CPU without the Triton interpreter that `make test` sets.)
     monkeypatch.setenv("TURBOVID_KERNELS", "ref")
     assert main(["eval", "--configs", "student,student_sla", "--count", "2", "--device", "cpu", "--topk", "0.75",
-                 "--out", str(out)]) == 0
-    assert [r["topk"] for r in json.loads(out.read_text())["rows"]] == [None, 0.75]
+                 "--sla-blocks", "64x128", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["topk"], r["sla_blocks"]) for r in rows] == [(None, None), (0.75, [64, 128])]
+    assert main(["eval", "--configs", "student_sla", "--count", "2", "--sla-blocks", "128x48"]) == 2
 
 
 def test_eval_start_and_sampler_options_reach_generate(tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ from turbovid.kernels import int8_gemm as IG
 from turbovid.models.dit import WanDiT
 from turbovid.quant.int8 import FastInt8Linear, Int8Linear, swap_block_linears
 from turbovid.speedups import (FusedWanBlock, TextKVCache, apply_speedups, compile_blocks, enable_text_kv_cache,
-                               fuse_block_norms, quantize, set_attention)
+                               fuse_block_norms, quantize, set_attention, set_sla_blocks)
 
 CFG = MODELS["tiny"].dit            # dim 128, 2 heads of 64, 2 blocks
 
@@ -78,6 +78,35 @@ def test_set_attention_swaps_every_block_and_keeps_proj_l(models):
     set_attention(model, "dense")
     assert all(isinstance(b.self_attn.attn_op.local_attn, DenseAttention) for b in model.blocks)
     assert all(isinstance(b.cross_attn.attn_op.local_attn, DenseAttention) for b in model.blocks)
+
+
+def test_sla_blocks_are_set_carried_and_parsed(models):
+    from turbovid.attention.sla import parse_blocks
+    from turbovid.pipeline import Pipeline
+
+    model = set_attention(copy.deepcopy(models[1]), "sla", topk=0.5)
+    cpu = torch.device("cpu")
+    assert {b.self_attn.attn_op.local_attn.block_sizes(cpu) for b in model.blocks} == {(128, 64)}  # TurboDiffusion's
+    set_sla_blocks(model, (64, 128))
+    set_attention(model, "sagesla", topk=0.5)                     # sla <-> sagesla keeps the fixed sizes
+    assert {b.self_attn.attn_op.local_attn.block_sizes(cpu) for b in model.blocks} == {(64, 128)}
+    set_sla_blocks(model, None)
+    assert {b.self_attn.attn_op.local_attn.block_sizes(cpu) for b in model.blocks} == {(128, 64)}
+    # The sizes change which key blocks are selected, so the output (fp32, 256 tokens, 2-4 key blocks at top-k 0.5).
+    x, t, c = inputs(grid=(2, 8, 16))
+    sla = set_attention(copy.deepcopy(models[0]), "sla", topk=0.5)
+    wide = set_sla_blocks(copy.deepcopy(sla), (128, 128))
+    assert rel(run(wide, x, t, c), run(sla, x, t, c)) > 1e-3
+    assert parse_blocks("128x64") == (128, 64) and parse_blocks(" 64 X 128") == (64, 128)
+    for bad, match in (("128", "look like"), ("128x64x64", "look like"), ("axb", "look like"), ("96x64", "64 or 128")):
+        with pytest.raises(ValueError, match=match):
+            parse_blocks(bad)
+    pipe = Pipeline.load("tiny", attention="sla", sla_blocks=(64, 64), device="cpu")
+    assert pipe.sla_blocks == (64, 64)
+    assert pipe.dit.blocks[0].self_attn.attn_op.local_attn.block_sizes(cpu) == (64, 64)
+    assert Pipeline.load("tiny", device="cpu").sla_blocks is None        # the model's default: none fixed
+    with pytest.raises(ValueError, match="64 or 128"):
+        Pipeline.load("tiny", attention="sla", sla_blocks=(32, 64), device="cpu")
 
 
 def test_sla_with_topk_one_is_dense_attention(models):

@@ -30,6 +30,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention", default="dense", help="dense | sage | sla | sagesla (default dense)")
     g.add_argument("--topk", type=float, help="SLA key-block ratio kept per query block (default: the shipped "
                    "model's, 0.75 for mini; else 0.1)")
+    g.add_argument("--sla-blocks", metavar="BQxBK", help="SLA / SageSLA query x key block sizes, 64 or 128 each, "
+                   "e.g. 128x64 (default: the shipped model's; else TurboDiffusion's per GPU: SageSLA 64x128 on "
+                   "H100/H200, 128x64 elsewhere)")
     g.add_argument("--quant", action="store_true", help="W8A8 INT8 block linears (loads -quant files, "
                                                         "quantizes bf16 ones on the fly)")
     g.add_argument("--quant-format", default="fast", help="fast: per-channel/per-token INT8 (default; -quant "
@@ -40,6 +43,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-memory", type=float, metavar="GB", help="GPU memory budget: models wait on the CPU and "
                    "come in stage by stage (text encoder freed, experts swapped, blocks streamed, VAE tiled as needed)")
     g.add_argument("--device", help="cuda | cpu (default: cuda if available)")
+
+
+def sla_blocks_arg(args: argparse.Namespace) -> tuple[int, int] | None:
+    """--sla-blocks "128x64" -> (128, 64); None when not given (the model's default)."""
+    from turbovid.attention.sla import parse_blocks
+    return parse_blocks(args.sla_blocks) if getattr(args, "sla_blocks", None) else None
 
 
 def _generate_parser(sub) -> None:
@@ -134,7 +143,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     pipe = Pipeline.load(args.model, dit=args.dit, dit_low=args.dit_low, vae=args.vae,
                          text_encoder=args.text_encoder, tokenizer=args.tokenizer, attention=args.attention,
-                         topk=args.topk, quant=args.quant, quant_format=args.quant_format,
+                         topk=args.topk, sla_blocks=sla_blocks_arg(args), quant=args.quant,
+                         quant_format=args.quant_format,
                          fuse=False if args.no_fuse else None, compile=args.compile, max_memory=args.max_memory,
                          device=args.device, teacher=args.steps > MAX_RCM_STEPS)
     if spec.untrained and not args.dit:

@@ -91,16 +91,18 @@ def _real_features(clips, size: int, frames: int) -> torch.Tensor:
 # ---- one configuration -----------------------------------------------------------------------------
 
 def evaluate_config(name: str, clips, *, model: str, device: str | None, seed: int, real: torch.Tensor,
-                    log=print, topk: float | None = None, sigma_max: float | None = None, ode: bool = False,
+                    log=print, topk: float | None = None, sla_blocks: tuple[int, int] | None = None,
+                    sigma_max: float | None = None, ode: bool = False,
                     mid_angles: tuple[float, ...] | None = None) -> dict:
-    """`topk`: SLA's kept key-block ratio for the SLA / SageSLA configurations (default: the model's).
+    """`topk` / `sla_blocks`: SLA's kept key-block ratio and (b_q, b_k) for the SLA / SageSLA configurations
+    (default: the model's; blocks else TurboDiffusion's per GPU).
     `sigma_max` / `ode` / `mid_angles`: the rCM sampler's, for the few-step rows (the 50-step teacher row ignores
     them)."""
     from turbovid.pipeline import MAX_RCM_STEPS, Pipeline
     from turbovid.train.detect import adherence
 
     kwargs, steps, what = CONFIGS[name]
-    pipe = Pipeline.load(model, device=device, **kwargs, topk=topk)
+    pipe = Pipeline.load(model, device=device, **kwargs, topk=topk, sla_blocks=sla_blocks)
     spec = pipe.spec
     rcm = steps <= MAX_RCM_STEPS
     sample = SampleConfig(steps=steps, sigma_max=(sigma_max or spec.sigma_max) if rcm else None, ode=ode and rcm,
@@ -115,8 +117,10 @@ def evaluate_config(name: str, clips, *, model: str, device: str | None, seed: i
         log(f"[eval] {name}: {i + 1}/{len(clips)} ({seconds[-1]:.2f} s)")
     scores = adherence(videos, [c.attributes() for c in clips])
     fake = torch.stack([clip_features(v) for v in videos])
-    sparse = kwargs.get("attention") in ("sla", "sagesla")     # the rows that run SLA record its top-k
-    return {"config": name, "what": what, "steps": steps, "topk": pipe.topk if sparse else None, "model": spec.name,
+    sparse = kwargs.get("attention") in ("sla", "sagesla")     # the rows that run SLA record its top-k and blocks
+    blocks = pipe.dit.blocks[0].self_attn.attn_op.local_attn.block_sizes(pipe.device) if sparse else None
+    return {"config": name, "what": what, "steps": steps, "topk": pipe.topk if sparse else None,
+            "sla_blocks": list(blocks) if sparse else None, "model": spec.name,
             "count": len(clips),
             **({"sigma_max": sample.sigma_max, "ode": sample.ode, "mid_angles": list(sample.mid_angles[:steps - 1])}
                if rcm else {}),
@@ -127,8 +131,8 @@ def evaluate_config(name: str, clips, *, model: str, device: str | None, seed: i
 
 
 def run_eval(configs: list[str], *, model: str = "mini", count: int = 32, seed: int = 0, device: str | None = None,
-             out: str | Path | None = None, log=print, topk: float | None = None, start: int = 0,
-             sigma_max: float | None = None, ode: bool = False, mid_angles: tuple[float, ...] | None = None) -> dict:
+             out: str | Path | None = None, log=print, topk: float | None = None,
+             sla_blocks: tuple[int, int] | None = None, start: int = 0, sigma_max: float | None = None, ode: bool = False, mid_angles: tuple[float, ...] | None = None) -> dict:
     from turbovid.config import MODELS
     from turbovid.train.data import path_start, sample_clip
 
@@ -158,7 +162,7 @@ def run_eval(configs: list[str], *, model: str = "mini", count: int = 32, seed: 
     rows = []
     for name in configs:
         rows.append(evaluate_config(name, clips, model=model, device=device, seed=seed, real=real, log=log, topk=topk,
-                                    sigma_max=sigma_max, ode=ode, mid_angles=mid_angles))
+                                    sla_blocks=sla_blocks, sigma_max=sigma_max, ode=ode, mid_angles=mid_angles))
         if out is not None:
             _write(out, rows, floor, count, seed, start)
     return {"rows": rows, "real_vs_real": floor}
@@ -183,12 +187,13 @@ def _write(out, rows, floor, count, seed, start) -> None:
 
 
 def print_table(result: dict) -> None:
-    print(f"{'config':<22}{'steps':>6}{'top-k':>6}{'all':>7}{'colour':>8}{'shape':>7}{'dir':>6}{'drift':>7}{'FD':>8}"
+    print(f"{'config':<22}{'steps':>6}{'top-k':>6}{'blocks':>8}{'all':>7}{'colour':>8}{'shape':>7}{'dir':>6}{'drift':>7}{'FD':>8}"
           f"{'s/video':>9}{'DiT s':>8}")
     for r in result["rows"]:
         topk = "-" if r.get("topk") is None else f"{r['topk']:g}"
         drift = "-" if r.get("hue_drift") is None else f"{r['hue_drift']:.1f}"
-        print(f"{r['config']:<22}{r['steps']:>6}{topk:>6}{r['all']:>7.3f}{r['color']:>8.2f}{r['shape']:>7.2f}"
+        blocks = "-" if r.get("sla_blocks") is None else "x".join(map(str, r["sla_blocks"]))
+        print(f"{r['config']:<22}{r['steps']:>6}{topk:>6}{blocks:>8}{r['all']:>7.3f}{r['color']:>8.2f}{r['shape']:>7.2f}"
               f"{r['direction']:>6.2f}{drift:>7}{r['frechet']:>8.3f}{r['seconds_per_video']:>9.2f}"
               f"{r.get('dit_seconds_per_video', float('nan')):>8.2f}")
     print("drift: mean |hue change| (degrees) of the object from frame 0 to the last quarter (detect.hue_drift)")
@@ -212,14 +217,19 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu | cuda (default: cuda if available)")
     p.add_argument("--out", help="results JSON (rewritten after each configuration)")
+    p.add_argument("--sla-blocks", metavar="BQxBK", help="SLA / SageSLA block sizes for those configurations, e.g. "
+                   "128x64 (default: the model's; else TurboDiffusion's per GPU); each row records its blocks")
     p.add_argument("--topk", type=float, help="SLA's kept key-block ratio for the SLA / SageSLA configurations "
                                               "(default: the model's, 0.75 for mini); each row records its top-k")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from turbovid.cli import sla_blocks_arg
+
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     result = run_eval(configs, model=args.model, count=args.count, seed=args.seed, device=args.device, out=args.out,
-                      log=lambda msg: print(msg, file=sys.stderr, flush=True), topk=args.topk, start=args.start,
+                      log=lambda msg: print(msg, file=sys.stderr, flush=True), topk=args.topk,
+                      sla_blocks=sla_blocks_arg(args), start=args.start,
                       sigma_max=args.sigma_max, ode=args.ode, mid_angles=parse_mid_angles(args.mid_angles))
     print_table(result)
     if args.out:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from turbovid.attention import ATTENTION_KINDS
+from turbovid.attention.sla import BLOCK_CHOICES
 from turbovid.config import DEFAULT_MODEL, MODELS, RESOLUTIONS, WAN_NEGATIVE_PROMPT, ModelSpec, SampleConfig
 from turbovid.loading import load_dit, load_text_encoder, load_vae
 from turbovid.memory import MemoryPlan, activate_expert, plan_memory, prepare_stage, track_peak
@@ -25,7 +26,7 @@ from turbovid.models.text_encoder import TextEncoder, Tokenizer, make_umt5
 from turbovid.models.vae import WanVAE
 from turbovid.sampling import (MID_ANGLES, cfg_velocity, check_mid_angles, euler_sample, expert_for_step, flow_times,
                                rcm_sample, rcm_times, unipc_sample)
-from turbovid.speedups import QUANT_FORMATS, apply_speedups
+from turbovid.speedups import QUANT_FORMATS, apply_speedups, set_sla_blocks
 from turbovid.video import VideoWriter, image_to_tensor, tile_samples, to_uint8_frames
 
 MAX_RCM_STEPS = 4
@@ -148,7 +149,7 @@ class Pipeline:
         # Memory plan (turbovid.memory): with a budget, models live on the CPU and each stage brings in
         # what it needs; without one, everything stays resident on `device`.
         self.max_memory: float | None = None
-        self.quant, self.attention, self.topk = False, "dense", spec.sla_topk
+        self.quant, self.attention, self.topk, self.sla_blocks = False, "dense", spec.sla_topk, spec.sla_blocks
         self.reuse_text_encoder = False      # the server keeps the encoder between requests
         self._plan: MemoryPlan | None = None
 
@@ -157,7 +158,8 @@ class Pipeline:
     @classmethod
     def load(cls, model: str = DEFAULT_MODEL, *, dit: str | None = None, dit_low: str | None = None,
              vae: str | None = None, text_encoder: str | None = None, tokenizer: str | None = None,
-             attention: str = "dense", topk: float | None = None, quant: bool = False, quant_format: str = "fast",
+             attention: str = "dense", topk: float | None = None, sla_blocks: tuple[int, int] | None = None,
+             quant: bool = False, quant_format: str = "fast",
              fuse: bool | None = None, compile: bool = False, max_memory: float | None = None,
              device: str | None = None, dtype: torch.dtype | None = None, teacher: bool = False) -> "Pipeline":
         """Build a pipeline from checkpoint paths; a model marked `untrained` (the tiny configs) may
@@ -166,7 +168,8 @@ class Pipeline:
         SLA-tuned rCM student or the rCM student; its INT8 file with `quant`), or with `teacher` the 50-step teacher.
 
         Accelerations (turbovid.speedups): `topk` is SLA's kept key-block ratio (default: the model's
-        `sla_topk`: a shipped student's config.json value, else 0.1); `quant` makes the block linears W8A8 INT8 — `quant_format`
+        `sla_topk`: a shipped student's config.json value, else 0.1); `sla_blocks` SLA's (b_q, b_k) on every
+        device (default: the model's `sla_blocks`, else TurboDiffusion's per-GPU choice); `quant` makes the block linears W8A8 INT8 — `quant_format`
         "fast" (per-channel weights, per-token activations; TurboDiffusion -quant files are converted)
         or "td" (TurboDiffusion's exact 128x128-tile format); `fuse` (default: on CUDA) fuses norm +
         modulation (+ INT8 emit) and GEMM epilogues; `compile` compiles the blocks. Text K/V caching
@@ -182,6 +185,9 @@ class Pipeline:
         topk = spec.sla_topk if topk is None else topk
         if not 0.0 < topk <= 1.0:
             raise ValueError(f"--topk must be in (0, 1], got {topk}")
+        sla_blocks = spec.sla_blocks if sla_blocks is None else tuple(sla_blocks)
+        if sla_blocks is not None and (len(sla_blocks) != 2 or any(b not in BLOCK_CHOICES for b in sla_blocks)):
+            raise ValueError(f"--sla-blocks: each block size must be 64 or 128, got {sla_blocks}")
         if spec.assets:
             files = shipped_files(spec)
             role = "dit_teacher" if teacher else ("dit_int8" if quant and quant_format == "fast" else "dit")
@@ -211,6 +217,7 @@ class Pipeline:
             quantized_file = any(n.endswith("int8_weight") for n, _ in net.named_buffers())
             apply_speedups(net, quant=quant_format if (quant or quantized_file) else None, fuse_norms=fuse,
                            cache_text_kv=True, compile=compile)
+            set_sla_blocks(net, sla_blocks)
             return net.eval().requires_grad_(False)
 
         if vae is not None:
@@ -229,7 +236,7 @@ class Pipeline:
         low = make_dit(dit_low, seed=4) if spec.two_experts else None
         pipe = cls(spec, encoder, vae_net.eval().requires_grad_(False), high, low, device=dev)
         pipe.max_memory, pipe.quant, pipe.attention = (max_memory if planned else None), quant, attention
-        pipe.topk = topk
+        pipe.topk, pipe.sla_blocks = topk, sla_blocks
         return pipe
 
     @property

@@ -62,13 +62,24 @@ QUANT_FORMATS = ("td", "fast")
 
 def set_attention(model: WanDiT, kind: str, topk: float = 0.1) -> WanDiT:
     """Swap every block's `self_attn.attn_op.local_attn` for a `kind` attention. Between sla and sagesla the
-    (trained) proj_l module is carried over; from dense/sage a new SLA starts with proj_l = 0 (pure sparse)."""
+    (trained) proj_l module and any fixed block sizes are carried over; from dense/sage a new SLA starts with proj_l = 0 (pure sparse)."""
     for block in model.blocks:
         op = block.self_attn.attn_op
         new = make_self_attention(kind, model.cfg.head_dim, topk)
         if isinstance(new, SparseLinearAttention) and isinstance(op.local_attn, SparseLinearAttention):
             new.proj_l = op.local_attn.proj_l
+            new.block_q, new.block_k = op.local_attn.block_q, op.local_attn.block_k
         op.local_attn = new.to(block.modulation.device)
+    return model
+
+
+def set_sla_blocks(model: WanDiT, blocks: tuple[int, int] | None) -> WanDiT:
+    """Run every SLA / SageSLA module at (b_q, b_k) on any device; None: TurboDiffusion's per-device choice
+    (attention/sla.py `default_block_sizes`). Dense and Sage modules are left alone."""
+    for block in model.blocks:
+        op = block.self_attn.attn_op.local_attn
+        if isinstance(op, SparseLinearAttention):
+            op.block_q, op.block_k = blocks if blocks is not None else (None, None)
     return model
 
 

@@ -36,6 +36,7 @@ def add_serve_parser(subparsers, add_model_args) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from turbovid.cli import sla_blocks_arg
     from turbovid.pipeline import Pipeline, check_sample
     from turbovid.serve.jobs import explicit_sample
 
@@ -62,7 +63,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"loading {spec.name} ...", file=sys.stderr, flush=True)
     pipe = Pipeline.load(args.model, dit=args.dit, dit_low=args.dit_low, vae=args.vae,
                          text_encoder=args.text_encoder, tokenizer=args.tokenizer, attention=args.attention,
-                         topk=args.topk, quant=args.quant, quant_format=args.quant_format,
+                         topk=args.topk, sla_blocks=sla_blocks_arg(args), quant=args.quant,
+                         quant_format=args.quant_format,
                          fuse=False if args.no_fuse else None, compile=args.compile, max_memory=args.max_memory,
                          device=args.device)
     pipe.reuse_text_encoder = True   # resident model: the memory plan may park the encoder on the CPU, never free it
