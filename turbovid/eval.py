@@ -19,6 +19,7 @@ first N, with seed `seed + i` for prompt i, and grades it:
     turbovid eval --count 32 --out benchmarks/results/eval_mini_cpu.json
     turbovid eval --configs teacher,student --count 8
     turbovid eval --configs student_sagesla,turbo --topk 0.75     (SLA's kept key-block ratio: a trade-off)
+    turbovid eval --configs turbo --sla-blocks 128x64            (SLA's block sizes on every GPU)
     turbovid eval --configs turbo --start 1000 --count 256 --ode --sigma-max 200
 
 `--start` skips prompts: pick a sampler setting (`--ode`, `--sigma-max`, for the few-step rows) on prompts past
@@ -132,7 +133,8 @@ def evaluate_config(name: str, clips, *, model: str, device: str | None, seed: i
 
 def run_eval(configs: list[str], *, model: str = "mini", count: int = 32, seed: int = 0, device: str | None = None,
              out: str | Path | None = None, log=print, topk: float | None = None,
-             sla_blocks: tuple[int, int] | None = None, start: int = 0, sigma_max: float | None = None, ode: bool = False, mid_angles: tuple[float, ...] | None = None) -> dict:
+             sla_blocks: tuple[int, int] | None = None, start: int = 0, sigma_max: float | None = None,
+             ode: bool = False, mid_angles: tuple[float, ...] | None = None) -> dict:
     from turbovid.config import MODELS
     from turbovid.train.data import path_start, sample_clip
 
