@@ -169,7 +169,8 @@ class Pipeline:
 
         Accelerations (turbovid.speedups): `topk` is SLA's kept key-block ratio (default: the model's
         `sla_topk`: a shipped student's config.json value, else 0.1); `sla_blocks` SLA's (b_q, b_k) on every
-        device (default: the model's `sla_blocks`, else TurboDiffusion's per-GPU choice); `quant` makes the block linears W8A8 INT8 — `quant_format`
+        device (default: the model's `sla_blocks`, else TurboDiffusion's per-GPU choice); `quant` makes the block
+        linears W8A8 INT8 — `quant_format`
         "fast" (per-channel weights, per-token activations; TurboDiffusion -quant files are converted)
         or "td" (TurboDiffusion's exact 128x128-tile format); `fuse` (default: on CUDA) fuses norm +
         modulation (+ INT8 emit) and GEMM epilogues; `compile` compiles the blocks. Text K/V caching

@@ -62,7 +62,8 @@ QUANT_FORMATS = ("td", "fast")
 
 def set_attention(model: WanDiT, kind: str, topk: float = 0.1) -> WanDiT:
     """Swap every block's `self_attn.attn_op.local_attn` for a `kind` attention. Between sla and sagesla the
-    (trained) proj_l module and any fixed block sizes are carried over; from dense/sage a new SLA starts with proj_l = 0 (pure sparse)."""
+    (trained) proj_l module and any fixed block sizes are carried over; from dense/sage a new SLA starts with
+    proj_l = 0 (pure sparse)."""
     for block in model.blocks:
         op = block.self_attn.attn_op
         new = make_self_attention(kind, model.cfg.head_dim, topk)
