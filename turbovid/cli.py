@@ -31,8 +31,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--topk", type=float, help="SLA key-block ratio kept per query block (default: the shipped "
                    "model's, 0.75 for mini; else 0.1)")
     g.add_argument("--sla-blocks", metavar="BQxBK", help="SLA / SageSLA query x key block sizes, 64 or 128 each, "
-                   "e.g. 128x64 (default: the shipped model's; else TurboDiffusion's per GPU: SageSLA 64x128 on "
-                   "H100/H200, 128x64 elsewhere)")
+                   "e.g. 128x64 (default: TurboDiffusion's per GPU: SageSLA 64x128 on H100/H200, 128x64 elsewhere)")
     g.add_argument("--quant", action="store_true", help="W8A8 INT8 block linears (loads -quant files, "
                                                         "quantizes bf16 ones on the fly)")
     g.add_argument("--quant-format", default="fast", help="fast: per-channel/per-token INT8 (default; -quant "
@@ -46,7 +45,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def sla_blocks_arg(args: argparse.Namespace) -> tuple[int, int] | None:
-    """--sla-blocks "128x64" -> (128, 64); None when not given (the model's default)."""
+    """--sla-blocks "128x64" -> (128, 64); None when not given (TurboDiffusion's per-GPU sizes)."""
     from turbovid.attention.sla import parse_blocks
     return parse_blocks(args.sla_blocks) if getattr(args, "sla_blocks", None) else None
 

@@ -96,7 +96,7 @@ def evaluate_config(name: str, clips, *, model: str, device: str | None, seed: i
                     sigma_max: float | None = None, ode: bool = False,
                     mid_angles: tuple[float, ...] | None = None) -> dict:
     """`topk` / `sla_blocks`: SLA's kept key-block ratio and (b_q, b_k) for the SLA / SageSLA configurations
-    (default: the model's; blocks else TurboDiffusion's per GPU).
+    (default: the model's top-k; TurboDiffusion's per-GPU blocks).
     `sigma_max` / `ode` / `mid_angles`: the rCM sampler's, for the few-step rows (the 50-step teacher row ignores
     them)."""
     from turbovid.pipeline import MAX_RCM_STEPS, Pipeline
@@ -119,9 +119,9 @@ def evaluate_config(name: str, clips, *, model: str, device: str | None, seed: i
     scores = adherence(videos, [c.attributes() for c in clips])
     fake = torch.stack([clip_features(v) for v in videos])
     sparse = kwargs.get("attention") in ("sla", "sagesla")     # the rows that run SLA record its top-k and blocks
-    blocks = pipe.dit.blocks[0].self_attn.attn_op.local_attn.block_sizes(pipe.device) if sparse else None
+    blocks = list(pipe.dit.blocks[0].self_attn.attn_op.local_attn.block_sizes(pipe.device)) if sparse else None
     return {"config": name, "what": what, "steps": steps, "topk": pipe.topk if sparse else None,
-            "sla_blocks": list(blocks) if sparse else None, "model": spec.name,
+            "sla_blocks": blocks, "model": spec.name,
             "count": len(clips),
             **({"sigma_max": sample.sigma_max, "ode": sample.ode, "mid_angles": list(sample.mid_angles[:steps - 1])}
                if rcm else {}),
@@ -220,7 +220,7 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--device", help="cpu | cuda (default: cuda if available)")
     p.add_argument("--out", help="results JSON (rewritten after each configuration)")
     p.add_argument("--sla-blocks", metavar="BQxBK", help="SLA / SageSLA block sizes for those configurations, e.g. "
-                   "128x64 (default: the model's; else TurboDiffusion's per GPU); each row records its blocks")
+                   "128x64 (default: TurboDiffusion's per GPU); each row records its blocks")
     p.add_argument("--topk", type=float, help="SLA's kept key-block ratio for the SLA / SageSLA configurations "
                                               "(default: the model's, 0.75 for mini); each row records its top-k")
 

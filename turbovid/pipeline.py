@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from turbovid.attention import ATTENTION_KINDS
-from turbovid.attention.sla import BLOCK_CHOICES
+from turbovid.attention.sla import check_blocks
 from turbovid.config import DEFAULT_MODEL, MODELS, RESOLUTIONS, WAN_NEGATIVE_PROMPT, ModelSpec, SampleConfig
 from turbovid.loading import load_dit, load_text_encoder, load_vae
 from turbovid.memory import MemoryPlan, activate_expert, plan_memory, prepare_stage, track_peak
@@ -149,7 +149,7 @@ class Pipeline:
         # Memory plan (turbovid.memory): with a budget, models live on the CPU and each stage brings in
         # what it needs; without one, everything stays resident on `device`.
         self.max_memory: float | None = None
-        self.quant, self.attention, self.topk, self.sla_blocks = False, "dense", spec.sla_topk, spec.sla_blocks
+        self.quant, self.attention, self.topk, self.sla_blocks = False, "dense", spec.sla_topk, None
         self.reuse_text_encoder = False      # the server keeps the encoder between requests
         self._plan: MemoryPlan | None = None
 
@@ -168,9 +168,8 @@ class Pipeline:
         SLA-tuned rCM student or the rCM student; its INT8 file with `quant`), or with `teacher` the 50-step teacher.
 
         Accelerations (turbovid.speedups): `topk` is SLA's kept key-block ratio (default: the model's
-        `sla_topk`: a shipped student's config.json value, else 0.1); `sla_blocks` SLA's (b_q, b_k) on every
-        device (default: the model's `sla_blocks`, else TurboDiffusion's per-GPU choice); `quant` makes the block
-        linears W8A8 INT8 — `quant_format`
+        `sla_topk`: a shipped student's config.json value, else 0.1); `sla_blocks` fixes SLA's (b_q, b_k) on every
+        device (default: TurboDiffusion's per-GPU choice); `quant` makes the block linears W8A8 INT8 — `quant_format`
         "fast" (per-channel weights, per-token activations; TurboDiffusion -quant files are converted)
         or "td" (TurboDiffusion's exact 128x128-tile format); `fuse` (default: on CUDA) fuses norm +
         modulation (+ INT8 emit) and GEMM epilogues; `compile` compiles the blocks. Text K/V caching
@@ -186,9 +185,7 @@ class Pipeline:
         topk = spec.sla_topk if topk is None else topk
         if not 0.0 < topk <= 1.0:
             raise ValueError(f"--topk must be in (0, 1], got {topk}")
-        sla_blocks = spec.sla_blocks if sla_blocks is None else tuple(sla_blocks)
-        if sla_blocks is not None and (len(sla_blocks) != 2 or any(b not in BLOCK_CHOICES for b in sla_blocks)):
-            raise ValueError(f"--sla-blocks: each block size must be 64 or 128, got {sla_blocks}")
+        sla_blocks = None if sla_blocks is None else check_blocks(sla_blocks)
         if spec.assets:
             files = shipped_files(spec)
             role = "dit_teacher" if teacher else ("dit_int8" if quant and quant_format == "fast" else "dit")

@@ -25,20 +25,25 @@ from turbovid.kernels import sla as K
 BLOCK_CHOICES = (64, 128)   # the block sizes both SLA and SageSLA kernels take (SageSLA: 64 or 128 only)
 
 
-def parse_blocks(text: str) -> tuple[int, int]:
-    """"128x64" -> (128, 64): SLA's (b_q, b_k), each 64 or 128; ValueError with a one-line message otherwise."""
-    parts = text.lower().replace("×", "x").split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ValueError(f"--sla-blocks must look like 128x64 (query block x key block), got {text!r}")
-    blocks = int(parts[0]), int(parts[1])
-    if any(b not in BLOCK_CHOICES for b in blocks):
-        raise ValueError(f"--sla-blocks: each block size must be 64 or 128, got {text!r}")
+def check_blocks(blocks) -> tuple[int, int]:
+    """(b_q, b_k) as a tuple of two ints, each 64 or 128; ValueError with a one-line message otherwise."""
+    blocks = tuple(blocks)
+    if len(blocks) != 2 or any(b not in BLOCK_CHOICES for b in blocks):
+        raise ValueError(f"--sla-blocks: each block size must be 64 or 128, got {blocks}")
     return blocks
 
 
+def parse_blocks(text: str) -> tuple[int, int]:
+    """"128x64" -> (128, 64): SLA's (b_q, b_k) (check_blocks); ValueError with a one-line message otherwise."""
+    parts = text.lower().replace("×", "x").split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"--sla-blocks must look like 128x64 (query block x key block), got {text!r}")
+    return check_blocks(int(p) for p in parts)
+
+
 def default_block_sizes(quantized: bool, device: torch.device) -> tuple[int, int]:
-    """(b_q, b_k) TurboDiffusion uses at inference (SPEC §6.2, §13.12). A model trained at other sizes can ask
-    for its own (`ModelSpec.sla_blocks`, `--sla-blocks`); they then hold on every device."""
+    """(b_q, b_k) TurboDiffusion uses at inference (SPEC §6.2, §13.12). Fixed sizes (`--sla-blocks`,
+    speedups.set_sla_blocks) replace them on every device."""
     if quantized and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
         return 64, 128  # SpargeAttn's sm90 kernel tiles: CTA_Q 64, CTA_K 128
     return 128, 64

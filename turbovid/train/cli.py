@@ -118,8 +118,6 @@ def _recipe(args, world: int = 1):
     recipe = for_world(recipe, world, () if args.batch is not None else tuple(fields))
     if "teacher" in fields and (args.steps is not None or args.lr is not None):
         recipe = dataclasses.replace(recipe, teacher_rounds=())
-    if "ode" in fields and any(v is not None for v in (args.steps, args.batch, args.lr)):
-        recipe = dataclasses.replace(recipe, ode_rounds=())      # one round: the settings given, from sla/final
     for name in fields:
         cfg = getattr(recipe, name)
         run, optim = cfg.run, cfg.optim
@@ -180,8 +178,9 @@ def _recipe(args, world: int = 1):
     if sla:
         field = args.stage if args.stage in ("qat", "ode") else "sla"    # the settings of the stage being run
         recipe = dataclasses.replace(recipe, **{field: dataclasses.replace(getattr(recipe, field), **sla)})
-        if field == "ode":      # as --steps above: one round, the settings given
-            recipe = dataclasses.replace(recipe, ode_rounds=())
+    if "ode" in fields and (any(v is not None for v in (args.steps, args.batch, args.lr)) or
+                            (sla and args.stage == "ode")):
+        recipe = dataclasses.replace(recipe, ode_rounds=())      # one round: the settings given, from sla/final
     rcm = {}
     if args.sla_student:
         rcm["student_attention"] = "sla"

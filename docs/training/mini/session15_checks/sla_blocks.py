@@ -7,7 +7,6 @@ student_sagesla (the shipped student at its default top-k, 0.75) with both block
 import argparse
 import json
 from pathlib import Path
-from unittest import mock
 
 from turbovid import eval as ev
 from turbovid.train.data import sample_clip
@@ -29,9 +28,8 @@ def main() -> None:
     rows = []
     for config in ("student_sla", "student_sagesla"):
         for blocks in BLOCKS:
-            with mock.patch("turbovid.attention.sla.default_block_sizes", lambda quantized, device: blocks):
-                row = ev.evaluate_config(config, clips, model="mini", device=args.device, seed=FIRST, real=real,
-                                         log=lambda msg: None)
+            row = ev.evaluate_config(config, clips, model="mini", device=args.device, seed=FIRST, real=real,
+                                     log=lambda msg: None, sla_blocks=blocks)
             rows.append({"setting": f"{config}_{blocks[0]}x{blocks[1]}", "block_q": blocks[0], "block_k": blocks[1],
                          **row})
             print(" ".join([f"{rows[-1]['setting']:<24}"] + [f"{k} {row[k]:.3f}" for k in SCORES]), flush=True)
