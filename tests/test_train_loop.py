@@ -977,6 +977,76 @@ def test_ode_stage_on_policy_fits_the_teachers_completion_of_the_last_step(run, 
             dataclasses.replace(recipe, ode=dataclasses.replace(ode, on_policy_step=outside))
 
 
+def test_ode_stage_adversarial_term_at_one_call(run, tmp_path):
+    # recipe.ode.adv_weight: call on_policy_step keeps the frozen student's outputs as targets (no teacher completion),
+    # and the student's x0 there gets the generator loss of heads on frozen-teacher features (train/adversarial.py),
+    # the heads trained each step against the captions' own clips; checkpoints carry the heads and their optimizer.
+    from turbovid.config import MODELS
+    from turbovid.sampling import rcm_times
+    from turbovid.train.adversarial import FeatureDiscriminator, block_outputs
+    from turbovid.train.checkpoint import latest_checkpoint, load_checkpoint
+    from turbovid.train.recipe import ODEStage, Optim, Schedule
+    from turbovid.train.trajectory import ODETrainer
+
+    src, _ = run
+    teacher = load_weights(src / "teacher" / "final.safetensors")
+    student = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in teacher.items()}
+    ode = ODEStage(Schedule(steps=3, batch=4, log_every=1, ckpt_every=2), Optim(lr=1e-3, warmup=0), topk=0.6,
+                   on_policy=True, adv_weight=0.5, adv_layers=(0, 1), adv_optim=Optim(lr=1e-2, warmup=0))
+    recipe = dataclasses.replace(TINY, sla=dataclasses.replace(TINY.sla, base="rcm"), ode=ode, ship_student="sla")
+    trainer = ODETrainer(recipe, src, ENV, teacher, student, fixed_batch=True)
+    x, t_net, v_target, context = trainer._batch(0)
+    _, _, fv, _ = trainer._trajectory(0, trainer.frozen)
+    assert torch.equal(v_target, fv)                     # every call keeps its frozen outputs: nothing completed
+    # the generator term reaches the student's output at the last call's rows only, and not the heads
+    v = v_target.clone().requires_grad_()
+    (weight, term), = trainer._output_terms(0, x, t_net, v, context).values()
+    assert weight == 0.5 and term.requires_grad
+    term.backward()
+    clips = x.shape[0] // recipe.eval_rcm_steps
+    assert v.grad[-clips:].abs().sum() > 0 and v.grad[:-clips].abs().sum() == 0
+    assert all(p.grad is None for p in trainer.disc.parameters())
+    assert all(p.grad is None for p in trainer.teacher.parameters())
+    s = rcm_times(recipe.eval_rcm_steps, MODELS[recipe.name].sigma_max)[-2]
+    feats, caption, s_d, noise, _, n = trainer._fake
+    assert n == clips and ((s_d >= 0.05) & (s_d <= 0.6)).all()
+    want, _ = trainer.disc.features(trainer.teacher, x[-clips:] - s * v_target[-clips:], context[-clips:], s_d, noise,
+                                    ENV.autocast)
+    assert all(torch.allclose(a, b) for a, b in zip(feats, want))   # the features of its x0 = x - s v
+    assert not trainer.teacher.blocks[0]._forward_hooks              # the hooks are gone after each pass
+    # training: finite losses, the heads move, the frozen teacher does not; resumable with the heads
+    heads = {k: v.clone() for k, v in trainer.disc.state_dict().items()}
+    frozen = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+    logs = drive(trainer, tmp_path / "a", ENV, quiet=True, until=2)
+    assert all(math.isfinite(r[k]) for r in logs for k in ("loss_sla", "loss_adv", "loss_disc", "d_real", "d_fake"))
+    assert logs[0]["loss"] == pytest.approx(logs[0]["loss_sla"] + 0.5 * logs[0]["loss_adv"], rel=1e-5)
+    assert any(not torch.equal(heads[k], v) for k, v in trainer.disc.state_dict().items())
+    assert all(torch.equal(frozen[k], v) for k, v in trainer.teacher.state_dict().items())
+    ckpt = latest_checkpoint(tmp_path / "a" / "checkpoints")
+    assert (ckpt / "disc.safetensors").is_file()
+    resumed = ODETrainer(recipe, src, ENV, teacher, student, fixed_batch=True)
+    weights, state = load_checkpoint(ckpt)
+    resumed.load_weights(weights)
+    resumed.load_optimizer_states(state["optimizers"])
+    assert all(torch.equal(v, resumed.disc.state_dict()[k]) for k, v in trainer.disc.state_dict().items())
+    assert resumed.disc_optimizer.state_dict()["state"].keys() == trainer.disc_optimizer.state_dict()["state"].keys()
+    rest = drive(resumed, tmp_path / "a", ENV, quiet=True)
+    assert [r["step"] for r in rest] == [2] and (tmp_path / "a" / "final.safetensors").is_file()
+    # the heads read the named blocks, one logit per token of each
+    with block_outputs(trainer.teacher, (1,)) as found:
+        trainer.teacher(x[:1], t_net[:1], context[:1])
+    assert len(found) == 1 and found[0].shape[:2] == (1, TINY.latent_tokens)
+    assert trainer.disc(feats, caption).shape == (clips, 2 * TINY.latent_tokens)
+    with pytest.raises(ValueError, match="adversarial layers must be distinct block indices in 0..1"):
+        FeatureDiscriminator(TINY.dit.dim, TINY.dit.num_layers, (0, 2))
+    with pytest.raises(ValueError, match="adv_weight goes with the on-policy"):
+        dataclasses.replace(ode, on_policy=False)
+    with pytest.raises(ValueError, match="adv_weight must be >= 0"):
+        dataclasses.replace(ode, adv_weight=-1.0)
+    with pytest.raises(ValueError, match="adv_noise"):
+        dataclasses.replace(ode, adv_noise=(0.5, 0.2))
+
+
 def test_ode_rounds_continue_each_other(run, tmp_path):
     # recipe.ode_rounds: round 2 starts from round 1's exported student (its frozen sampler and its weights), the
     # histories and the logs chain, finished rounds are skipped, and `ship` reports every round.
@@ -1056,3 +1126,11 @@ def test_cli_overrides_reach_the_ode_stage():
             cmd_train(parser.parse_args(["train", "sla", flag]))
     with pytest.raises(ValueError, match="--trajectories must be >= 1"):
         _recipe(parser.parse_args(["train", "ode", "--trajectories", "0"]))
+    adv = _recipe(parser.parse_args(["train", "ode", "--on-policy-step", "-1", "--adv-weight", "0.1"]))
+    assert adv.ode.adv_weight == 0.1 and adv.ode.on_policy_step == -1 and adv.ode_rounds == ()
+    with pytest.raises(ValueError, match="--adv-weight goes with the on-policy ode stage"):
+        _recipe(parser.parse_args(["train", "ode", "--off-policy", "--adv-weight", "0.1"]))
+    with pytest.raises(ValueError, match="--adv-weight must be >= 0"):
+        _recipe(parser.parse_args(["train", "ode", "--adv-weight", "-1"]))
+    with pytest.raises(ValueError, match="--adv-weight applies to the ode stage only"):
+        cmd_train(parser.parse_args(["train", "sla", "--adv-weight", "0.1"]))

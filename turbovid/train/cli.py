@@ -82,6 +82,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--on-policy-step", type=int, metavar="K",
                    help="ode on policy: the sampler call (1..steps-1, or -1 the last) whose state the teacher "
                         "completes (recipe.ODEStage.on_policy_step)")
+    p.add_argument("--adv-weight", type=float, metavar="W",
+                   help="ode on policy: call --on-policy-step keeps the start student's outputs as targets and adds W "
+                        "times an adversarial loss on its x0, against the captions' clips (recipe.ODEStage.adv_weight)")
     p.add_argument("--no-eval", action="store_true", help="reproduce: skip the final evaluations")
     g = p.add_argument_group("merge of arbitrary files (all three given: TurboDiffusion's merge_models.py)")
     g.add_argument("--base", help="rCM student checkpoint")
@@ -175,6 +178,12 @@ def _recipe(args, world: int = 1):
             sla["on_policy_step"] = args.on_policy_step
         if args.fg_share is not None:      # the object read off each target
             sla["fg_share"] = args.fg_share
+        if args.adv_weight is not None:
+            if not args.adv_weight >= 0:
+                raise ValueError(f"--adv-weight must be >= 0, got {args.adv_weight}")
+            if not on_policy:
+                raise ValueError("--adv-weight goes with the on-policy ode stage (--on-policy)")
+            sla["adv_weight"] = args.adv_weight
     if sla:
         field = args.stage if args.stage in ("qat", "ode") else "sla"    # the settings of the stage being run
         recipe = dataclasses.replace(recipe, **{field: dataclasses.replace(getattr(recipe, field), **sla)})
@@ -247,6 +256,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 ("--on-policy", args.on_policy or None, ("ode",)),
                                 ("--off-policy", args.off_policy or None, ("ode",)),
                                 ("--on-policy-step", args.on_policy_step, ("ode",)),
+                                ("--adv-weight", args.adv_weight, ("ode",)),
                                 ("--sla-student", args.sla_student or None, ("rcm", "reproduce")),
                                 ("--tangent-warmup", args.tangent_warmup, ("rcm", "reproduce")),
                                 ("--no-dmd", args.no_dmd or None, ("rcm", "reproduce")),

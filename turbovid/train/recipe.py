@@ -156,11 +156,23 @@ class ODEStage:
     quant_weight: float = 0.0    # > 0: also fit its quantized output (SageSLA + W8A8, straight-through)
     fg_share: float = 0.0        # > 0: the object's latent cells, read off each target (data.latent_object_estimate),
                                  # carry this share of each sample's loss (data.object_weights)
+    adv_weight: float = 0.0      # > 0, on policy: call on_policy_step keeps the frozen student's outputs as targets
+                                 # (no teacher completion) and adds this weight times an adversarial loss on the
+                                 # student's x0 there, against the captions' training clips (train/adversarial.py)
+    adv_layers: tuple[int, ...] = (1, 3, 5)    # the frozen teacher's blocks the discriminator's heads read
+    adv_noise: tuple[float, float] = (0.05, 0.6)   # the discriminator sees x0 noised to s ~ U(lo, hi)
+    adv_optim: Optim = Optim(lr=1e-4, betas=(0.0, 0.99), weight_decay=0.0, warmup=0)   # the heads'
     ema_sigma_rel: float = 0.1
     compile: bool = False        # torch.compile the student's blocks (CUDA only)
 
     def __post_init__(self):
         check_object_weighting(0.0, self.fg_share)
+        if self.adv_weight < 0:
+            raise ValueError(f"ode.adv_weight must be >= 0, got {self.adv_weight}")
+        if self.adv_weight and not self.on_policy:
+            raise ValueError("ode.adv_weight goes with the on-policy ode stage (on_policy=True)")
+        if not 0 <= self.adv_noise[0] < self.adv_noise[1] <= 1:
+            raise ValueError(f"ode.adv_noise must be (lo, hi) with 0 <= lo < hi <= 1, got {self.adv_noise}")
         if self.trajectories < 1:
             raise ValueError(f"ode.trajectories must be >= 1, got {self.trajectories}")
         if not 0 < self.topk <= 1:

@@ -217,12 +217,19 @@ class SLATrainer(_VelocityStage):
         object's cells)."""
         return None
 
+    def _output_terms(self, step: int, x: torch.Tensor, t_net: torch.Tensor, v: torch.Tensor,
+                      context: torch.Tensor) -> dict[str, tuple[float, torch.Tensor]]:
+        """Further loss terms {name: (weight, term)} on the student's SLA output v (none here; the ode stage's
+        adversarial term)."""
+        return {}
+
     def train_step(self, step: int) -> dict[str, float]:
         x, t_net, v_target, context = self._batch(step)
         weight = self._loss_weight(x, t_net, v_target)
         with self.env.autocast():
-            loss = velocity_loss(self.model(x, t_net, context).float(), v_target, weight)
-        terms = {}
+            v = self.model(x, t_net, context).float()
+        loss = velocity_loss(v, v_target, weight)
+        terms = self._output_terms(step, x, t_net, v, context)
         if self.cfg.dense_weight:
             with swap_attention(self.net, SparseLinearAttention, lambda _: DenseAttention()), self.env.autocast():
                 terms["loss_dense"] = (self.cfg.dense_weight,

@@ -45,6 +45,12 @@ Object weighting (`recipe.ode.fg_share`): each row's object, read off its target
 carries that share of the row's loss. Measured at 0.5 from the release's student (session 22): at the last call it
 blurred the shapes as the unweighted run did (215 of 256 validation prompts against 225), and a third round at the
 third call was level with the release (672 against 673 on three sets of 256), so the mini recipe does not use it.
+
+Adversarial (`recipe.ode.adv_weight` > 0, on policy): call on_policy_step is not completed by the teacher; its rows
+keep the frozen student's outputs as targets (an anchor), and the student's x0 prediction there, x - s v of its SLA
+output, gets adv_weight times the hinge generator loss of a discriminator on frozen-teacher features
+(train/adversarial.py), whose heads train each step against the rendered training clips of the same captions. The
+aim is the last call (s = 0.61), where the regression blurs: a distribution-level signal instead of the mean.
 """
 from __future__ import annotations
 
@@ -55,12 +61,14 @@ import torch
 
 from turbovid.config import MODELS, SampleConfig
 from turbovid.sampling import flow_times, rcm_times
+from turbovid.train.adversarial import FeatureDiscriminator, hinge_d_loss, hinge_g_loss
 from turbovid.train.checkpoint import load_weights
 from turbovid.train.data import latent_object_estimate, object_weights
 from turbovid.train.distill import TeacherSamples
 from turbovid.train.evaluate import generate_latents
 from turbovid.train.inputs import LatentBatches
-from turbovid.train.loop import Env, drive_rounds, round_dirs, step_indices
+from turbovid.train.loop import (Env, drive_rounds, make_optimizer, optimizer_step, round_dirs, step_generator,
+                                 step_indices, wrap_ddp)
 from turbovid.train.recipe import Recipe
 from turbovid.train.teacher import SLATrainer, dit_from_weights, frozen_dit, teacher_file
 
@@ -108,6 +116,13 @@ class ODETrainer(SLATrainer):
         elif inputs is None:
             inputs = TeacherTrajectories(recipe, run_dir, env, self.teacher, cfg.trajectories)
         self._setup(recipe, run_dir, env, student, cfg, fixed_batch, inputs)
+        self.disc = None
+        if cfg.adv_weight:
+            dit = recipe.dit
+            self.disc = FeatureDiscriminator(dit.dim, dit.num_layers, cfg.adv_layers).to(env.device)
+            self.disc_model = wrap_ddp(self.disc, env)
+            self.disc_optimizer = make_optimizer(self.disc.parameters(), cfg.adv_optim, env)
+            self._fake = None      # the generator pass's detached features, for the heads' step
 
     def _batch(self, step: int):
         if self.cfg.on_policy:
@@ -127,11 +142,78 @@ class ODETrainer(SLATrainer):
         k = self.cfg.on_policy_step % steps        # the sampler call the teacher completes (the recipe checks its range)
         clips = context.shape[0] // steps                              # rows k clips .. (k + 1) clips: call k
         rows = slice(k * clips, (k + 1) * clips)
+        if self.cfg.adv_weight:          # that call keeps its frozen outputs; the adversarial term acts there
+            return x, t_net, v_target, context
         s = rcm_times(steps, MODELS[self.recipe.name].sigma_max)[k]
         x0 = generate_latents(self.teacher, context[rows], self.inputs.negative, tuple(x[rows].shape), self.env,
                               sampler="teacher", steps=self.recipe.eval_teacher_steps, seed=0, start=(x[rows], s))
         v_target[rows] = (x[rows] - x0) / s          # the frozen outputs' torch.cat is this step's own tensor
         return x, t_net, v_target, context
+
+    def _adv_rows(self, batch: int) -> tuple[slice, float, int]:
+        """(rows, RF time, clips) of the call on_policy_step in an on-policy batch of `batch` rows."""
+        steps = self.recipe.eval_rcm_steps
+        k = self.cfg.on_policy_step % steps
+        clips = batch // steps
+        return slice(k * clips, (k + 1) * clips), rcm_times(steps, MODELS[self.recipe.name].sigma_max)[k], clips
+
+    def _output_terms(self, step, x, t_net, v, context):
+        """adv_weight > 0: the generator's adversarial loss on the student's x0 at call on_policy_step, through the
+        frozen teacher's features (the heads frozen in this pass); the features, detached, are kept for `train_step`'s
+        heads step, which sees the same noise levels and noise for the real clips."""
+        if not self.cfg.adv_weight:
+            return {}
+        rows, s, clips = self._adv_rows(x.shape[0])
+        x0 = x[rows] - s * v[rows]
+        data_step = 0 if self.fixed_batch else step
+        g = step_generator(self.recipe.seed + 1, data_step, self.env.rank, self.env.device)   # not the batch's draws
+        lo, hi = self.cfg.adv_noise
+        s_d = lo + (hi - lo) * torch.rand(clips, generator=g, device=x.device)
+        noise = torch.randn(x0.shape, generator=g, device=x.device)
+        feats, caption = self.disc.features(self.teacher, x0, context[rows], s_d, noise, self.env.autocast)
+        self.disc.requires_grad_(False)
+        try:
+            fake = self.disc(feats, caption)
+        finally:
+            self.disc.requires_grad_(True)
+        self._fake = ([f.detach() for f in feats], caption, s_d, noise, data_step, clips)
+        return {"loss_adv": (self.cfg.adv_weight, hinge_g_loss(fake))}
+
+    def train_step(self, step: int) -> dict[str, float]:
+        logs = super().train_step(step)
+        if self.disc is None:
+            return logs
+        fake_feats, caption, s_d, noise, data_step, clips = self._fake
+        self._fake = None
+        real, context, _ = self.inputs.get(step_indices(data_step, self.env, clips))   # the captions' own clips
+        with torch.no_grad():
+            real_feats, real_caption = self.disc.features(self.teacher, real, context, s_d, noise, self.env.autocast)
+        logits = self.disc_model([torch.cat(pair) for pair in zip(real_feats, fake_feats)],
+                                 torch.cat([real_caption, caption]))      # one pass: DDP reduces once
+        d_real, d_fake = logits[:clips], logits[clips:]
+        loss = hinge_d_loss(d_real, d_fake)
+        loss.backward()
+        _, norm = optimizer_step(self.disc_optimizer, self.cfg.adv_optim, step, self.schedule.steps)
+        return {**logs, "loss_disc": loss.item(), "d_real": d_real.mean().item(), "d_fake": d_fake.mean().item(),
+                "disc_grad_norm": norm}
+
+    def weights(self):
+        out = super().weights()
+        return out if self.disc is None else {**out, "disc": self.disc.state_dict()}
+
+    def load_weights(self, weights):
+        super().load_weights(weights)
+        if self.disc is not None:
+            self.disc.load_state_dict(weights["disc"])
+
+    def optimizer_states(self):
+        out = super().optimizer_states()
+        return out if self.disc is None else {**out, "disc": self.disc_optimizer.state_dict()}
+
+    def load_optimizer_states(self, state):
+        super().load_optimizer_states(state)
+        if self.disc is not None:
+            self.disc_optimizer.load_state_dict(state["disc"])
 
     def _loss_weight(self, x, t_net, v_target):
         """fg_share > 0: the object's cells, read off each row's target x0 = x - s v* (data.latent_object_estimate:
