@@ -2,36 +2,44 @@
 # Session 24's device script. One GPU; the files as committed (turbovid/assets/mini = session 21's release).
 # The question: does a distribution-level loss at the sampler's last call (new: `train ode --adv-weight W`, a
 # discriminator on frozen-teacher features, train/adversarial.py) win back the clips that the regression there blurs?
-#   a1: three ode runs side by side on the one GPU, each from the release's student (bf16 as shipped), on policy at the
-#       last call (`--on-policy-step -1`, s = 0.61), its rows anchored to the start student's own outputs, plus the
-#       adversarial term at the weights in WEIGHTS (default 0.01 0.03 0.1), fitted to the command minus 150 s. Their
-#       students (bf16) and logs to $OUT.
-#   a2: on the still-warm machine (or with the bf16 students carried in runs/carry/s24), each student shipped
+#   a1: three ode runs side by side on the one GPU, each from the release's student (bf16 as shipped), on policy, the
+#       adversarial term at one sampler call, that call's rows anchored to the start student's own outputs, fitted to
+#       the command minus 150 s. VARIANTS lists CALL:WEIGHT (default -1:0.01 -1:0.03 -1:0.1: the last call, s = 0.61,
+#       at three weights; as run the second time: 1:0.1 2:0.1 -1:0.3). Their students (bf16) and logs to $OUT.
+#   a2: on the still-warm machine (or with the bf16 students carried in runs/carry/s24), each of VARIANTS' students shipped
 #       (ship_file) and its full stack graded on the validation prompts 1000..1255 (the release: 225 and 224 in session
 #       21, the teacher 233).
 #   a3: the student named FILE on the held-out sets in SETS (default 0 2000 3000) while 200 s are left.
 source "$(dirname "$0")/prelude.sh" "$1"
-WEIGHTS=${WEIGHTS:-0.01 0.03 0.1}
-student() {    # the bf16 student of weight $1: a1's run on this machine, else the carried copy
-  local f=runs/s24_w$1/ode/final.safetensors
-  [ -f "$f" ] && echo "$f" || echo "runs/carry/s24/s24_w$1_bf16.safetensors"
+VARIANTS=${VARIANTS:--1:0.01 -1:0.03 -1:0.1}
+name() {       # the run of variant CALL:WEIGHT: s24_wWEIGHT at the last call, else s24_kCALL_wWEIGHT
+  local k=${1%%:*} w=${1##*:}
+  [ "$k" = -1 ] && echo "s24_w$w" || echo "s24_k${k}_w$w"
+}
+student() {    # the bf16 student of variant $1: a1's run on this machine, else the carried copy
+  local n f
+  n=$(name "$1") && f=runs/$n/ode/final.safetensors
+  [ -f "$f" ] && echo "$f" || echo "runs/carry/s24/${n}_bf16.safetensors"
 }
 case "$1" in
-a1) for w in $WEIGHTS; do
-      fresh "runs/s24_w$w"
-      $T ode --run-dir "runs/s24_w$w" --on-policy --on-policy-step -1 --adv-weight "$w" --steps 100000 \
-        --fit-minutes "$(minutes_left 150)" --max-minutes "$(minutes_left 100)" > "$OUT/s24_w$w.log" 2>&1 &
+a1) for v in $VARIANTS; do
+      n=$(name "$v")
+      fresh "runs/$n"
+      $T ode --run-dir "runs/$n" --on-policy --on-policy-step "${v%%:*}" --adv-weight "${v##*:}" --steps 100000 \
+        --fit-minutes "$(minutes_left 150)" --max-minutes "$(minutes_left 100)" > "$OUT/$n.log" 2>&1 &
     done
     wait
-    for w in $WEIGHTS; do
-      tail -2 "$OUT/s24_w$w.log"
-      export_weights "runs/s24_w$w/ode/final.safetensors" "$OUT/s24_w${w}_bf16.safetensors" 1 \
-        "runs/s24_w$w/ode/final.safetensors" || echo "w$w: no final weights"
-      cp "runs/s24_w$w/ode/log.jsonl" "$OUT/s24_w${w}_log.jsonl" || true
+    for v in $VARIANTS; do
+      n=$(name "$v")
+      tail -2 "$OUT/$n.log"
+      export_weights "runs/$n/ode/final.safetensors" "$OUT/${n}_bf16.safetensors" 1 "runs/$n/ode/final.safetensors" \
+        || echo "$n: no final weights"
+      cp "runs/$n/ode/log.jsonl" "$OUT/${n}_log.jsonl" || true
     done ;;
 a2) keep_release
-    for w in $WEIGHTS; do
-      if [ "$(left)" -gt 150 ]; then ship_file "$(student "$w")" && turbo_eval "w${w}_turbo_start1000" 1000; fi
+    for v in $VARIANTS; do
+      n=$(name "$v")
+      if [ "$(left)" -gt 150 ]; then ship_file "$(student "$v")" && turbo_eval "${n#s24_}_turbo_start1000" 1000; fi
     done
     restore_release ;;
 a3) keep_release
