@@ -1128,6 +1128,10 @@ def test_cli_overrides_reach_the_ode_stage():
         _recipe(parser.parse_args(["train", "ode", "--trajectories", "0"]))
     adv = _recipe(parser.parse_args(["train", "ode", "--on-policy-step", "-1", "--adv-weight", "0.1"]))
     assert adv.ode.adv_weight == 0.1 and adv.ode.on_policy_step == -1 and adv.ode_rounds == ()
+    fast = _recipe(parser.parse_args(["train", "ode", "--adv-weight", "0.1", "--adv-lr", "1e-3"])).ode.adv_optim
+    assert fast == dataclasses.replace(RECIPES["mini"].ode.adv_optim, lr=1e-3)
+    with pytest.raises(ValueError, match="--adv-lr goes with the adversarial term"):
+        _recipe(parser.parse_args(["train", "ode", "--adv-lr", "1e-3"]))
     with pytest.raises(ValueError, match="--adv-weight goes with the on-policy ode stage"):
         _recipe(parser.parse_args(["train", "ode", "--off-policy", "--adv-weight", "0.1"]))
     with pytest.raises(ValueError, match="--adv-weight must be >= 0"):

@@ -85,6 +85,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--adv-weight", type=float, metavar="W",
                    help="ode on policy: call --on-policy-step keeps the start student's outputs as targets and adds W "
                         "times an adversarial loss on its x0, against the captions' clips (recipe.ODEStage.adv_weight)")
+    p.add_argument("--adv-lr", type=float, help="ode with --adv-weight: the discriminator heads' learning rate "
+                                                "(recipe.ODEStage.adv_optim)")
     p.add_argument("--no-eval", action="store_true", help="reproduce: skip the final evaluations")
     g = p.add_argument_group("merge of arbitrary files (all three given: TurboDiffusion's merge_models.py)")
     g.add_argument("--base", help="rCM student checkpoint")
@@ -184,6 +186,12 @@ def _recipe(args, world: int = 1):
             if not on_policy:
                 raise ValueError("--adv-weight goes with the on-policy ode stage (--on-policy)")
             sla["adv_weight"] = args.adv_weight
+        if args.adv_lr is not None:
+            if not args.adv_lr > 0:
+                raise ValueError(f"--adv-lr must be positive, got {args.adv_lr}")
+            if not sla.get("adv_weight", recipe.ode.adv_weight):
+                raise ValueError("--adv-lr goes with the adversarial term (--adv-weight)")
+            sla["adv_optim"] = dataclasses.replace(recipe.ode.adv_optim, lr=args.adv_lr)
     if sla:
         field = args.stage if args.stage in ("qat", "ode") else "sla"    # the settings of the stage being run
         recipe = dataclasses.replace(recipe, **{field: dataclasses.replace(getattr(recipe, field), **sla)})
@@ -257,6 +265,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 ("--off-policy", args.off_policy or None, ("ode",)),
                                 ("--on-policy-step", args.on_policy_step, ("ode",)),
                                 ("--adv-weight", args.adv_weight, ("ode",)),
+                                ("--adv-lr", args.adv_lr, ("ode",)),
                                 ("--sla-student", args.sla_student or None, ("rcm", "reproduce")),
                                 ("--tangent-warmup", args.tangent_warmup, ("rcm", "reproduce")),
                                 ("--no-dmd", args.no_dmd or None, ("rcm", "reproduce")),

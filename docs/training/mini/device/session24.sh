@@ -4,7 +4,7 @@
 # discriminator on frozen-teacher features, train/adversarial.py) win back the clips that the regression there blurs?
 #   a1: three ode runs side by side on the one GPU, each from the release's student (bf16 as shipped), on policy, the
 #       adversarial term at one sampler call, that call's rows anchored to the start student's own outputs, fitted to
-#       the command minus 150 s. VARIANTS lists CALL:WEIGHT (default -1:0.01 -1:0.03 -1:0.1: the last call, s = 0.61,
+#       the command minus 150 s. VARIANTS lists CALL:WEIGHT[:HEADS_LR] (default -1:0.01 -1:0.03 -1:0.1: the last call, s = 0.61,
 #       at three weights; as run the second time: 1:0.1 2:0.1 -1:0.3). Their students (bf16) and logs to $OUT.
 #   a2: on the still-warm machine (or with the bf16 students carried in runs/carry/s24), each of VARIANTS' students shipped
 #       (ship_file) and its full stack graded on the validation prompts 1000..1255 (the release: 225 and 224 in session
@@ -12,9 +12,10 @@
 #   a3: the student named FILE on the held-out sets in SETS (default 0 2000 3000) while 200 s are left.
 source "$(dirname "$0")/prelude.sh" "$1"
 VARIANTS=${VARIANTS:--1:0.01 -1:0.03 -1:0.1}
-name() {       # the run of variant CALL:WEIGHT: s24_wWEIGHT at the last call, else s24_kCALL_wWEIGHT
-  local k=${1%%:*} w=${1##*:}
-  [ "$k" = -1 ] && echo "s24_w$w" || echo "s24_k${k}_w$w"
+name() {       # the run of variant CALL:WEIGHT[:LR]: s24_wWEIGHT at the last call, else s24_kCALL_wWEIGHT, + _dLR
+  local k w lr
+  IFS=: read -r k w lr <<< "$1"
+  echo "s24_$([ "$k" = -1 ] || echo "k${k}_")w$w${lr:+_d$lr}"
 }
 student() {    # the bf16 student of variant $1: a1's run on this machine, else the carried copy
   local n f
@@ -25,7 +26,8 @@ case "$1" in
 a1) for v in $VARIANTS; do
       n=$(name "$v")
       fresh "runs/$n"
-      $T ode --run-dir "runs/$n" --on-policy --on-policy-step "${v%%:*}" --adv-weight "${v##*:}" --steps 100000 \
+      IFS=: read -r k w lr <<< "$v"
+      $T ode --run-dir "runs/$n" --on-policy --on-policy-step "$k" --adv-weight "$w" ${lr:+--adv-lr "$lr"} --steps 100000 \
         --fit-minutes "$(minutes_left 150)" --max-minutes "$(minutes_left 100)" > "$OUT/$n.log" 2>&1 &
     done
     wait
