@@ -5,11 +5,13 @@
 #   a1: three ode runs side by side on the one GPU, each from the release's student (bf16 as shipped), on policy, the
 #       adversarial term at one sampler call, that call's rows anchored to the start student's own outputs, fitted to
 #       the command minus 150 s. VARIANTS lists CALL:WEIGHT[:HEADS_LR] (default -1:0.01 -1:0.03 -1:0.1: the last call, s = 0.61,
-#       at three weights; as run the second time: 1:0.1 2:0.1 -1:0.3). Their students (bf16) and logs to $OUT.
+#       at three weights, heads lr 1e-4; as run the second time: 1:0.1:1e-3 2:0.1:1e-3 -1:0.3:1e-3). Their students (bf16)
+#       and logs to $OUT (one command returns 8 files: the third run's log.jsonl stays behind; its stdout comes back).
 #   a2: on the still-warm machine (or with the bf16 students carried in runs/carry/s24), each of VARIANTS' students shipped
 #       (ship_file) and its full stack graded on the validation prompts 1000..1255 (the release: 225 and 224 in session
 #       21, the teacher 233).
-#   a3: the student named FILE on the held-out sets in SETS (default 0 2000 3000) while 200 s are left.
+#   a3: the student named FILE on the held-out sets in SETS (default 0 2000 3000) while 200 s are left; as run:
+#       FILE=runs/carry/s24/s24_w0.1_bf16.safetensors (carried).
 source "$(dirname "$0")/prelude.sh" "$1"
 VARIANTS=${VARIANTS:--1:0.01 -1:0.03 -1:0.1}
 name() {       # the run of variant CALL:WEIGHT[:LR]: s24_wWEIGHT at the last call, else s24_kCALL_wWEIGHT, + _dLR
