@@ -360,7 +360,9 @@ def _mini() -> Recipe:
         # times (1500 x 32), 0.719 on the reported prompts (the shapes blur); the last call's completion (s = 0.61)
         # from the SLA-tuned student (701 x 32) 0.844 there, and as a third round (689 x 32) 217 of 256 on validation
         # 1000.. (shape 0.86: the last step's regression blurs small shapes); the third call's from the SLA-tuned
-        # student (349 x 32) 0.859 there; round 1 twice (373 more steps) no change.
+        # student (349 x 32) 0.859 there; round 1 twice (373 more steps) no change. Session 24: a third round at the
+        # last call with its rows anchored and an adversarial term on its x0 (adv_weight 0.1, ~511 x 32) was level on
+        # four sets of 256 (896 against 900) with the Frechet distance halved; stronger heads lost 4-6 clips.
         ode=ODEStage(Schedule(steps=416, batch=32, ckpt_every=250), Optim(lr=2e-5, warmup=100, cosine=True),
                      on_policy=True, on_policy_step=1),
         ode_rounds=(ODEStage(Schedule(steps=371, batch=32, ckpt_every=250), Optim(lr=2e-5, warmup=100, cosine=True),
