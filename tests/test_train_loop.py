@@ -1008,9 +1008,10 @@ def test_ode_stage_adversarial_term_at_one_call(run, tmp_path):
     assert all(p.grad is None for p in trainer.disc.parameters())
     assert all(p.grad is None for p in trainer.teacher.parameters())
     s = rcm_times(recipe.eval_rcm_steps, MODELS[recipe.name].sigma_max)[-2]
-    feats, caption, s_d, noise, _, n = trainer._fake
+    kept = trainer._fake
+    feats, caption, s_d, noise, n = kept["feats"], kept["caption"], kept["s"], kept["noise"], len(kept["indices"])
     assert n == clips and ((s_d >= 0.05) & (s_d <= 0.6)).all()
-    want, _ = trainer.disc.features(trainer.teacher, x[-clips:] - s * v_target[-clips:], context[-clips:], s_d, noise,
+    want = trainer.disc.features(trainer.teacher, x[-clips:] - s * v_target[-clips:], context[-clips:], s_d, noise,
                                     ENV.autocast)
     assert all(torch.allclose(a, b) for a, b in zip(feats, want))   # the features of its x0 = x - s v
     assert not trainer.teacher.blocks[0]._forward_hooks              # the hooks are gone after each pass

@@ -53,14 +53,18 @@ class FeatureDiscriminator(nn.Module):
         self.cond = nn.ModuleList(nn.Linear(dim, hidden) for _ in layers)
 
     def features(self, net: WanDiT, x0: torch.Tensor, context: torch.Tensor, s: torch.Tensor, noise: torch.Tensor,
-                 autocast) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """(block outputs at `layers`, caption vector [B, dim]) of the frozen `net` run on x0 noised to RF times s [B]
-        with `noise`. Differentiable in x0 (the caller decides what needs a gradient)."""
+                 autocast) -> list[torch.Tensor]:
+        """The block outputs at `layers` of the frozen `net` run on x0 noised to RF times s [B] with `noise`.
+        Differentiable in x0 (the caller decides what needs a gradient)."""
         sv = s.view(-1, *[1] * (x0.dim() - 1))
         with block_outputs(net, self.layers) as found, autocast():
             net((1 - sv) * x0 + sv * noise, 1000 * s, context)
-            caption = net.text_embedding(context.to(net.text_embedding[0].weight.dtype)).float().mean(1)
-        return [f.float() for f in found], caption
+        return [f.float() for f in found]
+
+    @staticmethod
+    def caption(net: WanDiT, context: torch.Tensor) -> torch.Tensor:
+        """The caption vector [B, dim]: the mean of `net`'s embedded caption tokens (fp32)."""
+        return net.text_embedding(context.to(net.text_embedding[0].weight.dtype)).float().mean(1)
 
     def forward(self, feats: list[torch.Tensor], caption: torch.Tensor) -> torch.Tensor:
         """Logits [B, len(layers) * L], one per token of each chosen block."""

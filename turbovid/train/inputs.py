@@ -119,10 +119,14 @@ class LatentBatches:
     def _pool_file(self, split: str, pool: int) -> Path:
         return self.run_dir / "pool" / f"{split}_{pool}_rank{self.env.rank}of{self.env.world}.safetensors"
 
+    def encode(self, indices: list[int]) -> tuple[torch.Tensor, list[Clip]]:
+        """(latents [n, 16, T, h, w] fp32, clips) of the clips at `indices`, rendered and VAE-encoded now."""
+        videos, clips = self.data.batch(indices, self.env.device)
+        return encode_videos(self.vae, videos), clips
+
     def _pool_chunk(self, indices: list[int]) -> torch.Tensor:
         """The pooled latents [n, 16, T, h, w] of the clips at `indices`: their encodings."""
-        videos, _ = self.data.batch(indices, self.env.device)
-        return encode_videos(self.vae, videos)
+        return self.encode(indices)[0]
 
     def _load_or_build_pool(self, split: str, pool: int) -> None:
         from safetensors.torch import load_file
@@ -164,7 +168,6 @@ class LatentBatches:
             clips = [self.data.clip(self.pool_indices[s]) for s in slots]
             latents = self.pool_latents[slots].float()
         else:
-            videos, clips = self.data.batch(indices, self.env.device)
-            latents = encode_videos(self.vae, videos)
+            latents, clips = self.encode(indices)
         context = self.text.encode([c.caption for c in clips]).float()
         return latents, context, clips

@@ -93,6 +93,7 @@ class _VelocityStage:
         self.model = wrap_ddp(self.net, env)
         self.ema = PowerEMA(self.net, stage_cfg.ema_sigma_rel)
         self.optimizer = make_optimizer(self.net.parameters(), stage_cfg.optim, env)
+        self.trained = {"model": (self.model, self.optimizer)}   # name -> (network, its optimizer), checkpointed
 
     def _draws(self, step: int):
         """(latents, context, generator, clips) of this step's batch."""
@@ -107,17 +108,20 @@ class _VelocityStage:
         return {"loss": loss.item(), "lr": lr, "grad_norm": norm}
 
     def weights(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {"model": unwrap(self.model).state_dict(), "ema": self.ema.state_dict()}
+        return {**{name: unwrap(net).state_dict() for name, (net, _) in self.trained.items()},
+                "ema": self.ema.state_dict()}
 
     def load_weights(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
-        self.net.load_state_dict(weights["model"])
+        for name, (net, _) in self.trained.items():
+            unwrap(net).load_state_dict(weights[name])
         self.ema.load_state_dict(weights["ema"])
 
     def optimizer_states(self) -> dict:
-        return {"model": self.optimizer.state_dict()}
+        return {name: opt.state_dict() for name, (_, opt) in self.trained.items()}
 
     def load_optimizer_states(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["model"])
+        for name, (_, opt) in self.trained.items():
+            opt.load_state_dict(state[name])
 
     def export(self) -> dict[str, torch.Tensor]:
         return self.ema.state_dict()

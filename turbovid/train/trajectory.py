@@ -122,11 +122,12 @@ class ODETrainer(SLATrainer):
         self._setup(recipe, run_dir, env, student, cfg, fixed_batch, inputs)
         self.disc = None
         if cfg.adv_weight:
-            dit = recipe.dit
-            self.disc = FeatureDiscriminator(dit.dim, dit.num_layers, cfg.adv_layers).to(env.device)
-            self.disc_model = wrap_ddp(self.disc, env)
+            with torch.random.fork_rng(devices=[]):      # seeded as the DiTs are (teacher.new_dit)
+                torch.manual_seed(recipe.seed + 1)
+                self.disc = FeatureDiscriminator(recipe.dit.dim, recipe.dit.num_layers, cfg.adv_layers).to(env.device)
             self.disc_optimizer = make_optimizer(self.disc.parameters(), cfg.adv_optim, env)
-            self._fake = None      # the generator pass's detached features, for the heads' step
+            self.trained["disc"] = (wrap_ddp(self.disc, env), self.disc_optimizer)
+            self._fake = None      # what the generator pass leaves for the heads' step (_output_terms)
 
     def _batch(self, step: int):
         if self.cfg.on_policy:
@@ -140,84 +141,67 @@ class ODETrainer(SLATrainer):
         v_target = (x - x0) / s.view(-1, *[1] * (x.dim() - 1))
         return x, 1000 * s, v_target, context.repeat_interleave(n, dim=0)
 
+    def _call_rows(self, batch: int) -> tuple[slice, float]:
+        """(rows, RF time) of sampler call on_policy_step (the recipe checks its range) in an on-policy batch of `batch`
+        rows: the calls' rows follow each other, `batch / steps` clips each."""
+        steps = self.recipe.eval_rcm_steps
+        k, clips = self.cfg.on_policy_step % steps, batch // steps
+        return slice(k * clips, (k + 1) * clips), rcm_times(steps, MODELS[self.recipe.name].sigma_max)[k]
+
     def _on_policy_batch(self, step: int):
         x, t_net, v_target, context = self._trajectory(step, self.frozen)
-        steps = self.recipe.eval_rcm_steps
-        k = self.cfg.on_policy_step % steps        # the sampler call the teacher completes (the recipe checks its range)
-        clips = context.shape[0] // steps                              # rows k clips .. (k + 1) clips: call k
-        rows = slice(k * clips, (k + 1) * clips)
         if self.cfg.adv_weight:          # that call keeps its frozen outputs; the adversarial term acts there
             return x, t_net, v_target, context
-        s = rcm_times(steps, MODELS[self.recipe.name].sigma_max)[k]
+        rows, s = self._call_rows(x.shape[0])              # the call the teacher completes
         x0 = generate_latents(self.teacher, context[rows], self.inputs.negative, tuple(x[rows].shape), self.env,
                               sampler="teacher", steps=self.recipe.eval_teacher_steps, seed=0, start=(x[rows], s))
         v_target[rows] = (x[rows] - x0) / s          # the frozen outputs' torch.cat is this step's own tensor
         return x, t_net, v_target, context
 
-    def _adv_rows(self, batch: int) -> tuple[slice, float, int]:
-        """(rows, RF time, clips) of the call on_policy_step in an on-policy batch of `batch` rows."""
-        steps = self.recipe.eval_rcm_steps
-        k = self.cfg.on_policy_step % steps
-        clips = batch // steps
-        return slice(k * clips, (k + 1) * clips), rcm_times(steps, MODELS[self.recipe.name].sigma_max)[k], clips
-
     def _output_terms(self, step, x, t_net, v, context):
         """adv_weight > 0: the generator's adversarial loss on the student's x0 at call on_policy_step, through the
-        frozen teacher's features (the heads frozen in this pass); the features, detached, are kept for `train_step`'s
-        heads step, which sees the same noise levels and noise for the real clips."""
+        frozen teacher's features (the heads frozen in this pass). What the heads' step in `train_step` needs is kept
+        in self._fake: the features detached, the caption vector (the real clips share the captions), the context, the
+        noise levels and noise (the real clips get the same), and the clips' indices (the trajectory's captions)."""
         if not self.cfg.adv_weight:
             return {}
-        rows, s, clips = self._adv_rows(x.shape[0])
+        rows, s = self._call_rows(x.shape[0])
         x0 = x[rows] - s * v[rows]
         data_step = 0 if self.fixed_batch else step
         g = step_generator(self.recipe.seed + 1, data_step, self.env.rank, self.env.device)   # not the batch's draws
         lo, hi = self.cfg.adv_noise
-        s_d = lo + (hi - lo) * torch.rand(clips, generator=g, device=x.device)
+        s_d = lo + (hi - lo) * torch.rand(x0.shape[0], generator=g, device=x.device)
         noise = torch.randn(x0.shape, generator=g, device=x.device)
-        feats, caption = self.disc.features(self.teacher, x0, context[rows], s_d, noise, self.env.autocast)
+        feats = self.disc.features(self.teacher, x0, context[rows], s_d, noise, self.env.autocast)
+        with self.env.autocast():
+            caption = self.disc.caption(self.teacher, context[rows])
         self.disc.requires_grad_(False)
         try:
             fake = self.disc(feats, caption)
         finally:
             self.disc.requires_grad_(True)
-        self._fake = ([f.detach() for f in feats], caption, s_d, noise, data_step, clips)
+        self._fake = {"feats": [f.detach() for f in feats], "caption": caption, "context": context[rows],
+                      "s": s_d, "noise": noise, "indices": step_indices(data_step, self.env, x0.shape[0])}
         return {"loss_adv": (self.cfg.adv_weight, hinge_g_loss(fake))}
 
     def train_step(self, step: int) -> dict[str, float]:
         logs = super().train_step(step)
         if self.disc is None:
             return logs
-        fake_feats, caption, s_d, noise, data_step, clips = self._fake
-        self._fake = None
-        real, context, _ = self.inputs.get(step_indices(data_step, self.env, clips))   # the captions' own clips
+        fake, self._fake = self._fake, None
+        real, _ = self.inputs.encode(fake["indices"])                      # the captions' own clips
         with torch.no_grad():
-            real_feats, real_caption = self.disc.features(self.teacher, real, context, s_d, noise, self.env.autocast)
-        logits = self.disc_model([torch.cat(pair) for pair in zip(real_feats, fake_feats)],
-                                 torch.cat([real_caption, caption]))      # one pass: DDP reduces once
+            real_feats = self.disc.features(self.teacher, real, fake["context"], fake["s"], fake["noise"],
+                                            self.env.autocast)
+        clips = real.shape[0]
+        logits = self.trained["disc"][0]([torch.cat(pair) for pair in zip(real_feats, fake["feats"])],
+                                         fake["caption"].repeat(2, 1))     # one pass: DDP reduces once
         d_real, d_fake = logits[:clips], logits[clips:]
         loss = hinge_d_loss(d_real, d_fake)
         loss.backward()
         _, norm = optimizer_step(self.disc_optimizer, self.cfg.adv_optim, step, self.schedule.steps)
         return {**logs, "loss_disc": loss.item(), "d_real": d_real.mean().item(), "d_fake": d_fake.mean().item(),
                 "disc_grad_norm": norm}
-
-    def weights(self):
-        out = super().weights()
-        return out if self.disc is None else {**out, "disc": self.disc.state_dict()}
-
-    def load_weights(self, weights):
-        super().load_weights(weights)
-        if self.disc is not None:
-            self.disc.load_state_dict(weights["disc"])
-
-    def optimizer_states(self):
-        out = super().optimizer_states()
-        return out if self.disc is None else {**out, "disc": self.disc_optimizer.state_dict()}
-
-    def load_optimizer_states(self, state):
-        super().load_optimizer_states(state)
-        if self.disc is not None:
-            self.disc_optimizer.load_state_dict(state["disc"])
 
     def _loss_weight(self, x, t_net, v_target):
         """fg_share > 0: the object's cells, read off each row's target x0 = x - s v* (data.latent_object_estimate:
