@@ -385,6 +385,46 @@ def test_rcm_without_dmd_is_scm_alone_every_step(run, tmp_path):
         drive(RCMTrainer(recipe, run_dir, ENV, teacher, inputs=inputs), tmp_path / "c", ENV, quiet=True)
 
 
+def test_rcm_dmd_alone_from_an_init_student(run, tmp_path):
+    # RCMStage.scm off (--no-scm): the warm-up's steps train the fake score alone on the start student's samples (the
+    # student does not move), then one student step every student_update_freq whose loss is the DMD term alone (no
+    # sCM term); the teacher never moves and a resumed run repeats the same steps.
+    run_dir, inputs = run
+    teacher = load_weights(run_dir / "teacher" / "final.safetensors")
+    start = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in teacher.items()}
+    recipe = _stage(TINY, "rcm", steps=6, ckpt_every=3)
+    alone = dataclasses.replace(recipe, rcm=dataclasses.replace(recipe.rcm, scm=False))
+    trainer = RCMTrainer(alone, run_dir, ENV, teacher, inputs=inputs, student_weights=start)
+    before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+    fake_before = trainer.fake.state_dict()["head.head.weight"].clone()
+    # tiny: warm-up 2, student every 2nd step -> steps 0, 1 critic; 2 student; 3 critic; 4 student; 5 critic
+    logs = drive(trainer, tmp_path / "a", ENV, until=2, quiet=True)
+    assert [r["student"] for r in logs] == [0.0, 0.0]
+    assert all(torch.equal(v, before[k]) for k, v in trainer.student.state_dict().items())    # only the critic
+    assert not torch.equal(trainer.fake.state_dict()["head.head.weight"], fake_before)
+    logs += drive(trainer, tmp_path / "a", ENV, quiet=True)
+    assert [r["student"] for r in logs] == [0.0, 0.0, 1.0, 0.0, 1.0, 0.0]
+    students = [r for r in logs if r["student"]]
+    assert all("loss_scm" not in r and r["loss"] == pytest.approx(r["loss_dmd"]) for r in students)
+    assert all(math.isfinite(v) for r in logs for v in r.values() if isinstance(v, float))
+    assert not torch.equal(trainer.student.state_dict()["head.head.weight"], before["head.head.weight"])
+    assert all(torch.equal(v, teacher[k].to(v.dtype)) for k, v in trainer.teacher.state_dict().items())
+    _resume_copy(tmp_path / "a", tmp_path / "b", 3)
+    resumed = drive(RCMTrainer(alone, run_dir, ENV, teacher, inputs=inputs, student_weights=start), tmp_path / "b",
+                    ENV, quiet=True)
+    assert [r["step"] for r in resumed] == [3, 4, 5]
+    assert resumed[1]["loss_dmd"] == logs[4]["loss_dmd"] and resumed[0]["loss_fake"] == logs[3]["loss_fake"]
+    with pytest.raises(ValueError, match="rcm needs sCM or DMD"):
+        dataclasses.replace(alone.rcm, dmd=False)
+    with pytest.raises(ValueError, match="does not have"):
+        dataclasses.replace(alone.rcm, fg_share=0.5)
+    from turbovid.train.cli import _recipe
+    parser = _parser()
+    assert not _recipe(parser.parse_args(["train", "rcm", "--no-scm"])).rcm.scm
+    with pytest.raises(ValueError, match="--no-scm applies to the rcm stage only"):
+        cmd_train(parser.parse_args(["train", "sla", "--no-scm", "--run-dir", str(tmp_path)]))
+
+
 def test_rcm_on_the_teachers_samples(run, tmp_path):
     # RCMStage.teacher_data: x0 are the frozen teacher's own samples of the pooled training captions (its eval
     # sampler, seeded per chunk), generated once and cached beside the stage's checkpoints; the captions of a batch
@@ -1097,8 +1137,10 @@ def test_cli_overrides_reach_the_ode_stage():
     mini = RECIPES["mini"].ode                                  # the shipped student's stage: on policy, call 1
     assert mini.on_policy and mini.on_policy_step == 1 and RECIPES["mini"].ship_student == "ode"
     assert _recipe(parser.parse_args(["train", "ode"])).ode == mini
-    # its rounds walk down the sampler: the second call, then the third from that student
-    assert [(o.on_policy_step, o.run.steps) for o in RECIPES["mini"].ode_stages] == [(1, 416), (2, 371)]
+    # its rounds walk down the sampler: the second call, then the third from that student, then the last one
+    # anchored, with the adversarial term
+    assert [(o.on_policy_step, o.run.steps) for o in RECIPES["mini"].ode_stages] == [(1, 416), (2, 371), (-1, 511)]
+    assert [o.adv_weight for o in RECIPES["mini"].ode_stages] == [0.0, 0.0, 0.1]
     assert _recipe(parser.parse_args(["train", "ode"])).ode_rounds == RECIPES["mini"].ode_rounds
     assert _recipe(parser.parse_args(["train", "sla", "--steps", "5"])).ode_rounds == RECIPES["mini"].ode_rounds
     assert all(o.compile for o in _recipe(parser.parse_args(["train", "ode", "--compile"])).ode_stages)
@@ -1107,7 +1149,7 @@ def test_cli_overrides_reach_the_ode_stage():
     for flags in (["--steps", "9"], ["--batch", "8"], ["--lr", "1e-5"], ["--topk", "0.5"]):
         assert _recipe(parser.parse_args(["train", "ode", *flags])).ode_rounds == (), flags
     halved = _recipe(parser.parse_args(["train", "ode"]), world=2)      # the global batch of every round kept
-    assert [(o.run.batch, o.run.gpus) for o in halved.ode_stages] == [(16, 2), (16, 2)]
+    assert [(o.run.batch, o.run.gpus) for o in halved.ode_stages] == [(16, 2)] * 3
     on = _recipe(parser.parse_args(["train", "ode", "--on-policy", "--on-policy-step", "-1"])).ode
     assert on.on_policy and on.on_policy_step == -1
     shared = _recipe(parser.parse_args(["train", "ode", "--fg-share", "0.5"]))    # the ode stage's, not the teacher's

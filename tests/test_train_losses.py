@@ -230,6 +230,12 @@ def test_fake_score_loss_and_rcm_schedule():
     phases = [rcm_phase(n, 5, 5) for n in range(12)]
     assert phases == [("student", 0), ("student", 1), ("student", 2), ("student", 3), ("student", 4), ("student", 5),
                       ("critic", 0), ("critic", 1), ("critic", 2), ("critic", 3), ("student", 6), ("critic", 4)]
+    # DMD alone (critic_first): the warm-up's 3 steps are critic steps 0..2, then a student step every 5 steps and
+    # the critic's count goes on where the warm-up left it
+    phases = [rcm_phase(n, 3, 5, critic_first=True) for n in range(14)]
+    assert phases == [("critic", 0), ("critic", 1), ("critic", 2), ("student", 0), ("critic", 3), ("critic", 4),
+                      ("critic", 5), ("critic", 6), ("student", 1), ("critic", 7), ("critic", 8), ("critic", 9),
+                      ("critic", 10), ("student", 2)]
 
 
 def test_vae_foreground_weights():

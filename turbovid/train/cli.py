@@ -67,6 +67,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                                                       "that is distilled already)")
     p.add_argument("--no-dmd", action="store_true", help="rcm: sCM alone for the whole run, no DMD after the "
                                                          "tangent warm-up (recipe.RCMStage.dmd)")
+    p.add_argument("--no-scm", action="store_true",
+                   help="rcm: DMD alone, for an --init student distilled already: the --tangent-warmup steps train "
+                        "the fake score only, then a student step every 5th step (recipe.RCMStage.scm)")
     p.add_argument("--teacher-data", type=int, metavar="N",
                    help="rcm: distil on N samples the teacher draws for training captions (50 steps, CFG), as rCM "
                         "does, instead of the encoded clips (recipe.RCMStage.teacher_data)")
@@ -207,6 +210,8 @@ def _recipe(args, world: int = 1):
         rcm["tangent_warmup"] = args.tangent_warmup
     if args.no_dmd:
         rcm["dmd"] = False
+    if args.no_scm:
+        rcm["scm"] = False
     if args.teacher_data is not None:
         if args.teacher_data < 1:
             raise ValueError(f"--teacher-data must be >= 1, got {args.teacher_data}")
@@ -269,6 +274,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 ("--sla-student", args.sla_student or None, ("rcm", "reproduce")),
                                 ("--tangent-warmup", args.tangent_warmup, ("rcm", "reproduce")),
                                 ("--no-dmd", args.no_dmd or None, ("rcm", "reproduce")),
+                                ("--no-scm", args.no_scm or None, ("rcm", "reproduce")),
                                 ("--teacher-data", args.teacher_data, ("rcm", "reproduce")),
                                 ("--guidance", args.guidance, ("rcm", "eval", "reproduce"))):
         if value is not None and args.stage not in stages:

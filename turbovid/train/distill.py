@@ -8,7 +8,9 @@ gradient are then those of the sparse network that ships, while teacher and fake
 Step n is a student step during the tangent warm-up and then every `student_update_freq`-th step; the
 others are fake-score (critic) steps (`losses.rcm_phase`). With `RCMStage.dmd` off (ours) every step is a
 student step and the stage is sCM alone, its tangent at full weight after the warm-up; the fake-score network is
-then not built.
+then not built. With `RCMStage.scm` off (ours) the stage is DMD alone, for a student distilled already (`--init`):
+the warm-up's steps are critic steps (the fake score, which starts as the teacher, learns the start student's
+samples), then one student step every `student_update_freq`, whose loss is step 4's sample's DMD term alone.
 
 Student step, batch of data latents x0 with captions (with `RCMStage.teacher_data`, as in rCM: latents the
 teacher sampled for those captions, `TeacherSamples`):
@@ -133,7 +135,37 @@ class RCMTrainer:
 
     # -- steps -------------------------------------------------------------------------------------
 
+    def _dmd_term(self, G_x0: torch.Tensor, context: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Per-sample DMD loss of the student's sample G_x0 (with grad) at x_D = cos t_D G_x0 + sin t_D eps,
+        t_D ~ p_D, from the fake score and the guided teacher."""
+        cfg = self.cfg
+        t_D = sample_p_d(G_x0.shape[0], g, cfg.shift_d, G_x0.device)
+        x_D = _renoise(G_x0.float(), t_D, g)
+        with torch.no_grad(), self.env.autocast():
+            x0_fake = denoise(self.fake, x_D.detach(), t_D, context)
+        x0_real = self._guided_teacher(x_D.detach(), t_D, context)
+        return dmd_loss(G_x0.float(), x0_fake.float(), x0_real.float(), cfg.loss_scale_dmd)
+
     def _student_step(self, step: int, n_eff: int, x0, context, g, clips) -> dict[str, float]:
+        cfg = self.cfg
+        loss, logs = self._dmd_alone_loss(n_eff, x0, context, g) if not cfg.scm else \
+            self._scm_loss(step, n_eff, x0, context, g, clips)
+        loss = loss.mean()
+        loss.backward()
+        lr, norm = optimizer_step(self.opt_student, cfg.optim, n_eff, self.schedule.steps)
+        self.ema.update(self.student, n_eff)
+        return {"loss": loss.item(), **logs, "lr": lr, "grad_norm": norm}
+
+    def _dmd_alone_loss(self, n_eff: int, x0, context, g) -> tuple[torch.Tensor, dict[str, float]]:
+        """RCMStage.scm off: the DMD term of a backward simulation's sample alone."""
+        G_x, G_t = self._simulate(x0, context, n_eff % self.cfg.max_simulation_steps, g)
+        with self.env.autocast():
+            G_x0 = denoise(self.student_ddp, G_x, G_t, context)
+        loss_dmd = self._dmd_term(G_x0, context, g)
+        return loss_dmd, {"loss_dmd": loss_dmd.mean().item()}
+
+    def _scm_loss(self, step: int, n_eff: int, x0, context, g, clips) -> tuple[torch.Tensor, dict[str, float]]:
+        """The sCM loss, plus the DMD term after the warm-up (rCM)."""
         cfg, B, dev = self.cfg, x0.shape[0], x0.device
         t = sample_p_g(B, g, cfg.p_mean, cfg.p_std, self.noise_multiplier, dev)
         x_t = _renoise(x0, t, g)
@@ -158,23 +190,13 @@ class RCMTrainer:
         if cfg.fg_share > 0:     # the object's cells carry fg_share of each sample's loss, [B, 1, T, h, w]
             mask = latent_object_mask(clips, self.recipe.frames, tuple(x0.shape[2:]), self.recipe.vae.temporal_factor)
             weight = object_weights(mask, fg_share=cfg.fg_share).unsqueeze(1).to(dev)
-        loss_scm = scm_loss(F_theta, g_dir, cfg.loss_scale, weight)
-        loss = loss_scm
-        logs = {"loss_scm": loss_scm.mean().item()}
+        loss = scm_loss(F_theta, g_dir, cfg.loss_scale, weight)
+        logs = {"loss_scm": loss.mean().item(), "warmup_ratio": r}
         if dmd:
-            t_D = sample_p_d(B, g, cfg.shift_d, dev)
-            x_D = _renoise(G_x0.float(), t_D, g)
-            with torch.no_grad(), self.env.autocast():
-                x0_fake = denoise(self.fake, x_D.detach(), t_D, context)
-            x0_real = self._guided_teacher(x_D.detach(), t_D, context)
-            loss_dmd = dmd_loss(G_x0.float(), x0_fake.float(), x0_real.float(), cfg.loss_scale_dmd)
+            loss_dmd = self._dmd_term(G_x0, context, g)
             loss = loss + loss_dmd
             logs["loss_dmd"] = loss_dmd.mean().item()
-        loss = loss.mean()
-        loss.backward()
-        lr, norm = optimizer_step(self.opt_student, cfg.optim, n_eff, self.schedule.steps)
-        self.ema.update(self.student, n_eff)
-        return {"loss": loss.item(), **logs, "lr": lr, "grad_norm": norm, "warmup_ratio": r}
+        return loss, logs
 
     def _critic_step(self, n_fake: int, x0, context, g) -> dict[str, float]:
         cfg, B, dev = self.cfg, x0.shape[0], x0.device
@@ -196,7 +218,8 @@ class RCMTrainer:
         x0, context, clips = self.inputs.get(step_indices(data_step, self.env, self.schedule.batch))
         g = step_generator(self.recipe.seed, data_step, self.env.rank, self.env.device)
         # without DMD there is no critic: a student step every step (update frequency 1)
-        phase, n = rcm_phase(step, self.cfg.tangent_warmup, self.cfg.student_update_freq if self.cfg.dmd else 1)
+        phase, n = rcm_phase(step, self.cfg.tangent_warmup, self.cfg.student_update_freq if self.cfg.dmd else 1,
+                             critic_first=not self.cfg.scm)
         if phase == "student":
             return {"student": 1.0, **self._student_step(step, n, x0, context, g, clips)}
         return {"student": 0.0, **self._critic_step(n, x0, context, g)}

@@ -147,9 +147,16 @@ def fake_score_loss(G_x0: torch.Tensor, x0_fake: torch.Tensor, t: torch.Tensor) 
     return ((G_x0.double() - x0_fake.double()).pow(2) / _b(torch.sin(t), G_x0).pow(2)).flatten(1).sum(1)
 
 
-def rcm_phase(step: int, tangent_warmup: int, freq: int) -> tuple[str, int]:
+def rcm_phase(step: int, tangent_warmup: int, freq: int, critic_first: bool = False) -> tuple[str, int]:
     """("student" | "critic", effective iteration of that network) at 0-based training `step` (rCM):
-    student only during the tangent warm-up, afterwards one student update every `freq` steps."""
+    student only during the tangent warm-up, afterwards one student update every `freq` steps.
+    `critic_first` (ours, DMD alone): the warm-up's steps are critic steps instead, then a student step every
+    `freq` steps from the first step after it."""
+    if critic_first:
+        if step < tangent_warmup:
+            return "critic", step
+        k = step - tangent_warmup
+        return ("student", k // freq) if k % freq == 0 else ("critic", tangent_warmup + k - k // freq - 1)
     if step < tangent_warmup or step % freq == 0:
         return "student", step if step < tangent_warmup else tangent_warmup + (step - tangent_warmup) // freq
     student = tangent_warmup + (step - tangent_warmup) // freq

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Session 25's device script. One GPU; the files as committed, turbovid/assets/mini = the release candidate: session
+# 24's last-call adversarial round (W 0.1, 511 x 32) shipped as the student on CPU by `ship_file` (prelude).
+#   e1: `turbovid eval` of that release, every row, 128 held-out prompts, the teacher in the same run
+#       (prelude release_eval_gpu), as the README's table.
+#   e2: its full stack on the reported prompts 0..255 with other noise draws (`--seed 1`), beside session 23's run of
+#       the previous release with the same seed (teacher 237, full stack 224).
+#   d1: DMD alone from the release's student (new: `train rcm --no-scm`, RCMStage.scm; --init the release's student,
+#       SLA student at top-k 0.75, the teacher at CFG 5 as its graded sampler, the fake score's warm-up 200 steps),
+#       the runs in VARIANTS side by side on the one GPU, each NAME:STUDENT_LR (default a:2e-5 b:5e-6), fitted to the
+#       command minus 150 s. Their EMA students (bf16) and logs to $OUT.
+#   d2: each of VARIANTS' students (this machine's run, else runs/carry/s25/NAME_bf16.safetensors) shipped
+#       (ship_file) and its full stack graded on the validation prompts 1000..1255 (the release 225, the teacher 233).
+#   d3: the student FILE on the sets in SETS (default 0 2000 3000) while 200 s are left.
+source "$(dirname "$0")/prelude.sh" "$1"
+VARIANTS=${VARIANTS:-a:2e-5 b:5e-6}
+student() {    # the bf16 student of variant NAME: d1's run on this machine, else the carried copy
+  local f=runs/s25_$1/rcm/final.safetensors
+  [ -f "$f" ] && echo "runs/s25_$1_bf16.safetensors" || echo "runs/carry/s25/s25_$1_bf16.safetensors"
+}
+case "$1" in
+d1) for v in $VARIANTS; do
+      IFS=: read -r n lr <<< "$v"
+      fresh "runs/s25_$n"
+      $T rcm --run-dir "runs/s25_$n" --init "runs/s25_$n/sla/final.safetensors" --sla-student --topk 0.75 --no-scm \
+        --guidance 5 --tangent-warmup 200 --lr "$lr" --steps 100000 --fit-minutes "$(minutes_left 150)" \
+        --max-minutes "$(minutes_left 100)" > "$OUT/s25_$n.log" 2>&1 &
+      # the first run encodes the shared latent pool (~2.5 min); the next start once it is written, and read it
+      while [ ! -f runs/pool/train_24000_rank0of1.safetensors ] && kill -0 $! 2>/dev/null; do sleep 5; done
+    done
+    wait
+    for v in $VARIANTS; do
+      n=${v%%:*}
+      tail -2 "$OUT/s25_$n.log"
+      export_weights "runs/s25_$n/rcm/final.safetensors" "runs/s25_${n}_bf16.safetensors" 1 \
+        "runs/s25_$n/rcm/final.safetensors" && cp "runs/s25_${n}_bf16.safetensors" "$OUT/" || echo "$n: no final weights"
+      cp "runs/s25_$n/rcm/log.jsonl" "$OUT/s25_${n}_log.jsonl" || true
+    done ;;
+d2) keep_release
+    for v in $VARIANTS; do
+      n=${v%%:*}
+      if [ "$(left)" -gt 150 ]; then ship_file "$(student "$n")" && turbo_eval "s25_${n}_turbo_start1000" 1000; fi
+    done
+    restore_release ;;
+d3) keep_release
+    ship_file "$FILE"
+    for start in ${SETS:-0 2000 3000}; do
+      if [ "$(left)" -gt 200 ]; then turbo_eval "$(basename "$FILE" .safetensors)_turbo_start$start" "$start"; fi
+    done
+    restore_release ;;
+e1) release_eval_gpu ;;
+e2) python3 -m turbovid.cli eval --device cuda --configs turbo --start 0 --count 256 --seed 1 \
+      --out "$OUT/turbo_seed1_start0.json" 2> /tmp/progress.log | tee "$OUT/eval.log" ;;
+*)  echo "usage: session25.sh e1 | e2 | d1 | d2 | d3"
+    exit 2 ;;
+esac
