@@ -137,3 +137,26 @@ beside_release() {
     restore_release && turbo_eval release_turbo_start2000 2000
   fi
 }
+# `on_validation LABEL=FILE ...`: the release kept, each FILE shipped as its student (ship_file) and its full stack
+# graded on the validation prompts 1000..1255 ($OUT/LABEL_turbo_start1000.json) while 150 s are left; the release put
+# back.
+on_validation() {
+  local lf
+  keep_release
+  for lf in "$@"; do
+    if [ "$(left)" -gt 150 ]; then ship_file "${lf#*=}" && turbo_eval "${lf%%=*}_turbo_start1000" 1000; fi
+  done
+  restore_release
+}
+# `on_sets FILE START...`: the release kept, FILE shipped as its student and its full stack graded on the held-out
+# prompts START..START+255 of each START ($OUT/<FILE's name>_turbo_startSTART.json) while 200 s are left; the release
+# put back.
+on_sets() {
+  local file=$1 start; shift
+  keep_release
+  ship_file "$file"
+  for start in "$@"; do
+    if [ "$(left)" -gt 200 ]; then turbo_eval "$(basename "$file" .safetensors)_turbo_start$start" "$start"; fi
+  done
+  restore_release
+}

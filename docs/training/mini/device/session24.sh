@@ -40,18 +40,8 @@ a1) for v in $VARIANTS; do
         || echo "$n: no final weights"
       cp "runs/$n/ode/log.jsonl" "$OUT/${n}_log.jsonl" || true
     done ;;
-a2) keep_release
-    for v in $VARIANTS; do
-      n=$(name "$v")
-      if [ "$(left)" -gt 150 ]; then ship_file "$(student "$v")" && turbo_eval "${n#s24_}_turbo_start1000" 1000; fi
-    done
-    restore_release ;;
-a3) keep_release
-    ship_file "$FILE"
-    for start in ${SETS:-0 2000 3000}; do
-      if [ "$(left)" -gt 200 ]; then turbo_eval "$(basename "$FILE" .safetensors)_turbo_start$start" "$start"; fi
-    done
-    restore_release ;;
+a2) on_validation $(for v in $VARIANTS; do n=$(name "$v"); echo "${n#s24_}=$(student "$v")"; done) ;;
+a3) on_sets "$FILE" ${SETS:-0 2000 3000} ;;
 *)  echo "usage: session24.sh a1 | a2 | a3"
     exit 2 ;;
 esac

@@ -11,7 +11,6 @@
 #       command minus 150 s. Their EMA students (bf16) and logs to $OUT.
 #   d2: each of VARIANTS' students (this machine's run, else runs/carry/s25/NAME_bf16.safetensors) shipped
 #       (ship_file) and its full stack graded on the validation prompts 1000..1255 (the release 225, the teacher 233).
-#   d3: the student FILE on the sets in SETS (default 0 2000 3000) while 200 s are left.
 source "$(dirname "$0")/prelude.sh" "$1"
 VARIANTS=${VARIANTS:-a:2e-5 b:5e-6}
 student() {    # the bf16 student of variant NAME: d1's run on this machine, else the carried copy
@@ -36,21 +35,10 @@ d1) for v in $VARIANTS; do
         "runs/s25_$n/rcm/final.safetensors" && cp "runs/s25_${n}_bf16.safetensors" "$OUT/" || echo "$n: no final weights"
       cp "runs/s25_$n/rcm/log.jsonl" "$OUT/s25_${n}_log.jsonl" || true
     done ;;
-d2) keep_release
-    for v in $VARIANTS; do
-      n=${v%%:*}
-      if [ "$(left)" -gt 150 ]; then ship_file "$(student "$n")" && turbo_eval "s25_${n}_turbo_start1000" 1000; fi
-    done
-    restore_release ;;
-d3) keep_release
-    ship_file "$FILE"
-    for start in ${SETS:-0 2000 3000}; do
-      if [ "$(left)" -gt 200 ]; then turbo_eval "$(basename "$FILE" .safetensors)_turbo_start$start" "$start"; fi
-    done
-    restore_release ;;
+d2) on_validation $(for v in $VARIANTS; do n=${v%%:*}; echo "s25_$n=$(student "$n")"; done) ;;
 e1) release_eval_gpu ;;
 e2) python3 -m turbovid.cli eval --device cuda --configs turbo --start 0 --count 256 --seed 1 \
       --out "$OUT/turbo_seed1_start0.json" 2> /tmp/progress.log | tee "$OUT/eval.log" ;;
-*)  echo "usage: session25.sh e1 | e2 | d1 | d2 | d3"
+*)  echo "usage: session25.sh e1 | e2 | d1 | d2"
     exit 2 ;;
 esac
