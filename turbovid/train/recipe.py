@@ -129,7 +129,9 @@ class RCMStage:
                                  # training captions (distill.TeacherSamples) instead of the encoded clips
     scm: bool = True             # False (ours): DMD alone, for a student distilled already (--init): the warm-up's
                                  # steps train the fake score on the start student's samples, then one student step
-                                 # every student_update_freq, its loss the DMD term alone (no teacher JVP)
+                                 # every student_update_freq, its loss the DMD term alone (no teacher JVP).
+                                 # Session 25, from the mini release's student: shapes up to the teacher's, colours
+                                 # turned over the frames (CFG 5: 183-202 of 256; CFG 2: level with the release)
 
     def __post_init__(self):
         check_object_weighting(0.0, self.fg_share)

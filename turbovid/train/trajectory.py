@@ -39,7 +39,9 @@ fitted outputs as targets. Measured (full stack, `turbovid eval`, H100, 256 prom
 SLA-tuned student 225 / 217 / 222 right on the first three, round 1 226 / 224 / 222 / 217, round 2 228 / 225 / 227 /
 220, the teacher 235 / 233 / 232 / 233; Frechet distance lower after each round on every set. Completing the last
 call blurs small shapes, from the SLA-tuned student (0.844 against 0.879 on the reported prompts) and as a third
-round (217 of 256 against 225 on validation), so the ladder stops at the third call.
+round (217 of 256 against 225 on validation), so the ladder stops at the third call. Round 3 (session 24, shipped in
+session 25) is the last call again, its rows anchored to round 2's own outputs, with the adversarial term below
+(adv_weight 0.1): 225 / 225 / 227 / 219 on the four sets, Frechet distance halved on each.
 
 Object weighting (`recipe.ode.fg_share`): each row's object, read off its target x0 (data.latent_object_estimate),
 carries that share of the row's loss. Measured at 0.5 from the release's student (session 22): at the last call it

@@ -6,11 +6,15 @@
 #   e2: its full stack on the reported prompts 0..255 with other noise draws (`--seed 1`), beside session 23's run of
 #       the previous release with the same seed (teacher 237, full stack 224).
 #   d1: DMD alone from the release's student (new: `train rcm --no-scm`, RCMStage.scm; --init the release's student,
-#       SLA student at top-k 0.75, the teacher at CFG 5 as its graded sampler, the fake score's warm-up 200 steps),
-#       the runs in VARIANTS side by side on the one GPU, each NAME:STUDENT_LR (default a:2e-5 b:5e-6), fitted to the
-#       command minus 150 s. Their EMA students (bf16) and logs to $OUT.
+#       SLA student at top-k 0.75, the fake score's warm-up 200 steps), the runs in VARIANTS side by side on the one
+#       GPU, each NAME:STUDENT_LR[:CFG] (the teacher's CFG scale, default 5, its graded sampler's; VARIANTS default
+#       a:2e-5 b:5e-6; as run the second time: c:5e-6:2 d:5e-6:3 e:2e-5:2), fitted to the command minus 150 s. Their
+#       EMA students (bf16) and logs to $OUT, their stdout in one file, d1_stdout.log (as run the first time: s25_NAME.log).
 #   d2: each of VARIANTS' students (this machine's run, else runs/carry/s25/NAME_bf16.safetensors) shipped
-#       (ship_file) and its full stack graded on the validation prompts 1000..1255 (the release 225, the teacher 233).
+#       (ship_file) and its full stack graded on the validation prompts 1000..1255 (the release 225, the teacher 233);
+#       as run the second time: VARIANTS="e:2e-5:2 d:5e-6:3" (c left no final weights).
+#   x:  the student FILE's full stack on the held-out sets in SETS (prelude on_sets; as run, typed out with LIMIT=560:
+#       FILE = the second d1's e, SETS = 0 3000).
 source "$(dirname "$0")/prelude.sh" "$1"
 VARIANTS=${VARIANTS:-a:2e-5 b:5e-6}
 student() {    # the bf16 student of variant NAME: d1's run on this machine, else the carried copy
@@ -19,10 +23,10 @@ student() {    # the bf16 student of variant NAME: d1's run on this machine, els
 }
 case "$1" in
 d1) for v in $VARIANTS; do
-      IFS=: read -r n lr <<< "$v"
+      IFS=: read -r n lr cfg <<< "$v"
       fresh "runs/s25_$n"
       $T rcm --run-dir "runs/s25_$n" --init "runs/s25_$n/sla/final.safetensors" --sla-student --topk 0.75 --no-scm \
-        --guidance 5 --tangent-warmup 200 --lr "$lr" --steps 100000 --fit-minutes "$(minutes_left 150)" \
+        --guidance "${cfg:-5}" --tangent-warmup 200 --lr "$lr" --steps 100000 --fit-minutes "$(minutes_left 150)" \
         --max-minutes "$(minutes_left 100)" > "$OUT/s25_$n.log" 2>&1 &
       # the first run encodes the shared latent pool (~2.5 min); the next start once it is written, and read it
       while [ ! -f runs/pool/train_24000_rank0of1.safetensors ] && kill -0 $! 2>/dev/null; do sleep 5; done
@@ -34,11 +38,13 @@ d1) for v in $VARIANTS; do
       export_weights "runs/s25_$n/rcm/final.safetensors" "runs/s25_${n}_bf16.safetensors" 1 \
         "runs/s25_$n/rcm/final.safetensors" && cp "runs/s25_${n}_bf16.safetensors" "$OUT/" || echo "$n: no final weights"
       cp "runs/s25_$n/rcm/log.jsonl" "$OUT/s25_${n}_log.jsonl" || true
+      cat "$OUT/s25_$n.log" >> "$OUT/d1_stdout.log" && rm "$OUT/s25_$n.log"   # one file: a command returns 8
     done ;;
 d2) on_validation $(for v in $VARIANTS; do n=${v%%:*}; echo "s25_$n=$(student "$n")"; done) ;;
+x)  on_sets "$FILE" ${SETS:-0 3000} ;;
 e1) release_eval_gpu ;;
 e2) python3 -m turbovid.cli eval --device cuda --configs turbo --start 0 --count 256 --seed 1 \
       --out "$OUT/turbo_seed1_start0.json" 2> /tmp/progress.log | tee "$OUT/eval.log" ;;
-*)  echo "usage: session25.sh e1 | e2 | d1 | d2"
+*)  echo "usage: session25.sh e1 | e2 | d1 | d2 | x"
     exit 2 ;;
 esac
