@@ -388,7 +388,7 @@ def test_rcm_without_dmd_is_scm_alone_every_step(run, tmp_path):
 def test_rcm_dmd_alone_from_an_init_student(run, tmp_path):
     # RCMStage.scm off (--no-scm): the warm-up's steps train the fake score alone on the start student's samples (the
     # student does not move), then one student step every student_update_freq whose loss is the DMD term alone (no
-    # sCM term); the teacher never moves and a resumed run repeats the same steps.
+    # sCM term), plus an anchor term when asked; the teacher never moves and a resumed run repeats the same steps.
     run_dir, inputs = run
     teacher = load_weights(run_dir / "teacher" / "final.safetensors")
     start = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in teacher.items()}
@@ -416,11 +416,28 @@ def test_rcm_dmd_alone_from_an_init_student(run, tmp_path):
     assert resumed[1]["loss_dmd"] == logs[4]["loss_dmd"] and resumed[0]["loss_fake"] == logs[3]["loss_fake"]
     with pytest.raises(ValueError, match="rcm needs sCM or DMD"):
         dataclasses.replace(alone.rcm, dmd=False)
+    # the anchor (anchor_weight): the frozen start student's x0 from the same states; zero while the student is still
+    # its start (the first student step, after the critic's warm-up), then it pulls back what DMD moved
+    anchored = dataclasses.replace(alone, rcm=dataclasses.replace(alone.rcm, anchor_weight=2.0))
+    trainer = RCMTrainer(anchored, run_dir, ENV, teacher, inputs=inputs, student_weights=start)
+    assert not any(p.requires_grad for p in trainer.anchor.parameters())
+    held = drive(trainer, tmp_path / "anchored", ENV, quiet=True)
+    first, second = [r for r in held if r["student"]]
+    assert first["loss_anchor"] == 0.0 and first["loss_dmd"] == logs[2]["loss_dmd"]
+    assert second["loss_anchor"] > 0 and second["loss"] == pytest.approx(second["loss_dmd"] + 2 * second["loss_anchor"])
+    assert all(torch.equal(v, start[k].to(v.dtype)) for k, v in trainer.anchor.state_dict().items())
+    with pytest.raises(ValueError, match="anchor_weight goes with DMD alone"):
+        dataclasses.replace(recipe.rcm, anchor_weight=1.0)
+    with pytest.raises(ValueError, match="anchor_weight must be >= 0"):
+        dataclasses.replace(alone.rcm, anchor_weight=-1.0)
     with pytest.raises(ValueError, match="does not have"):
         dataclasses.replace(alone.rcm, fg_share=0.5)
     from turbovid.train.cli import _recipe
     parser = _parser()
     assert not _recipe(parser.parse_args(["train", "rcm", "--no-scm"])).rcm.scm
+    assert _recipe(parser.parse_args(["train", "rcm", "--no-scm", "--anchor-weight", "3"])).rcm.anchor_weight == 3.0
+    with pytest.raises(ValueError, match="anchor_weight goes with DMD alone"):    # sCM still on
+        _recipe(parser.parse_args(["train", "rcm", "--anchor-weight", "1"]))
     with pytest.raises(ValueError, match="--no-scm applies to the rcm stage only"):
         cmd_train(parser.parse_args(["train", "sla", "--no-scm", "--run-dir", str(tmp_path)]))
 

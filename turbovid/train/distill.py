@@ -10,7 +10,9 @@ others are fake-score (critic) steps (`losses.rcm_phase`). With `RCMStage.dmd` o
 student step and the stage is sCM alone, its tangent at full weight after the warm-up; the fake-score network is
 then not built. With `RCMStage.scm` off (ours) the stage is DMD alone, for a student distilled already (`--init`):
 the warm-up's steps are critic steps (the fake score, which starts as the teacher, learns the start student's
-samples), then one student step every `student_update_freq`, whose loss is step 4's sample's DMD term alone.
+samples), then one student step every `student_update_freq`, whose loss is step 4's sample's DMD term alone, plus
+with `RCMStage.anchor_weight` that weight times the sample's summed squared distance to the frozen start student's x0
+from the same state (an anchor against the colour drift DMD brought in session 25).
 
 Student step, batch of data latents x0 with captions (with `RCMStage.teacher_data`, as in rCM: latents the
 teacher sampled for those captions, `TeacherSamples`):
@@ -112,6 +114,11 @@ class RCMTrainer:
             self.fake_ddp = wrap_ddp(self.fake, env)
             self.opt_fake = make_optimizer(self.fake.parameters(), self.cfg.fake_optim, env)
             self.trained["fake"] = (self.fake_ddp, self.opt_fake)
+        self.anchor = None       # DMD alone with an anchor: the frozen start student
+        if self.cfg.anchor_weight:
+            self.anchor = dit_from_weights(recipe, teacher_weights if student_weights is None else student_weights,
+                                           self.cfg.student_attention, recipe.sla.topk, new_proj_l=True)
+            self.anchor.to(env.device).eval().requires_grad_(False)
         self.noise_multiplier = math.sqrt(recipe.latent_shape[1])   # rCM's adjust_video_noise: sigma * sqrt(state_t)
 
     # -- pieces ------------------------------------------------------------------------------------
@@ -157,12 +164,20 @@ class RCMTrainer:
         return {"loss": loss.item(), **logs, "lr": lr, "grad_norm": norm}
 
     def _dmd_alone_loss(self, n_eff: int, x0, context, g) -> tuple[torch.Tensor, dict[str, float]]:
-        """RCMStage.scm off: the DMD term of a backward simulation's sample alone."""
+        """RCMStage.scm off: the DMD term of a backward simulation's sample, plus with `anchor_weight` its summed
+        squared distance to the frozen start student's x0 from the same state."""
         G_x, G_t = self._simulate(x0, context, n_eff % self.cfg.max_simulation_steps, g)
         with self.env.autocast():
             G_x0 = denoise(self.student_ddp, G_x, G_t, context)
         loss_dmd = self._dmd_term(G_x0, context, g)
-        return loss_dmd, {"loss_dmd": loss_dmd.mean().item()}
+        logs = {"loss_dmd": loss_dmd.mean().item()}
+        if self.anchor is None:
+            return loss_dmd, logs
+        with torch.no_grad(), self.env.autocast():
+            x0_start = denoise(self.anchor, G_x, G_t, context)
+        loss_anchor = (G_x0.float() - x0_start.float()).pow(2).flatten(1).sum(1)
+        logs["loss_anchor"] = loss_anchor.mean().item()
+        return loss_dmd + self.cfg.anchor_weight * loss_anchor, logs
 
     def _scm_loss(self, step: int, n_eff: int, x0, context, g, clips) -> tuple[torch.Tensor, dict[str, float]]:
         """The sCM loss, plus the DMD term after the warm-up (rCM)."""

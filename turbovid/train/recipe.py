@@ -132,11 +132,18 @@ class RCMStage:
                                  # every student_update_freq, its loss the DMD term alone (no teacher JVP).
                                  # Session 25, from the mini release's student: shapes up to the teacher's, colours
                                  # turned over the frames (CFG 5: 183-202 of 256; CFG 2: level with the release)
+    anchor_weight: float = 0.0   # > 0 (ours, scm off): plus this weight times the summed squared distance of the
+                                 # student's sample G_x0 to the frozen start student's x0 from the same state, an anchor
+                                 # against the drift DMD brings (prepared in session 25, not yet run)
 
     def __post_init__(self):
         check_object_weighting(0.0, self.fg_share)
         if not (self.scm or self.dmd):
             raise ValueError("rcm needs sCM or DMD: scm and dmd are both off")
+        if self.anchor_weight < 0:
+            raise ValueError(f"rcm.anchor_weight must be >= 0, got {self.anchor_weight}")
+        if self.anchor_weight and self.scm:
+            raise ValueError("rcm.anchor_weight goes with DMD alone (scm off)")
         if not self.scm and self.fg_share:
             raise ValueError("rcm.fg_share weighs the sCM loss, which a DMD-alone run (scm off) does not have")
         if self.teacher_data < 0:

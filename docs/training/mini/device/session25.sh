@@ -7,9 +7,12 @@
 #       the previous release with the same seed (teacher 237, full stack 224).
 #   d1: DMD alone from the release's student (new: `train rcm --no-scm`, RCMStage.scm; --init the release's student,
 #       SLA student at top-k 0.75, the fake score's warm-up 200 steps), the runs in VARIANTS side by side on the one
-#       GPU, each NAME:STUDENT_LR[:CFG] (the teacher's CFG scale, default 5, its graded sampler's; VARIANTS default
-#       a:2e-5 b:5e-6; as run the second time: c:5e-6:2 d:5e-6:3 e:2e-5:2), fitted to the command minus 150 s. Their
-#       EMA students (bf16) and logs to $OUT, their stdout in one file, d1_stdout.log (as run the first time: s25_NAME.log).
+#       GPU, each NAME:STUDENT_LR[:CFG[:ANCHOR]] (the teacher's CFG scale, default 5, its graded sampler's; ANCHOR:
+#       --anchor-weight, none by default; VARIANTS default a:2e-5 b:5e-6; as run the second time: c:5e-6:2 d:5e-6:3
+#       e:2e-5:2; prepared for the next session, not run: f:2e-5:2:1 g:2e-5:2:3 h:2e-5:2:10), fitted to the command
+#       minus FIT s (default 150; three runs need more: the first measures its speed before the others start, and c
+#       overshot). Their EMA students (bf16) and logs to $OUT, their stdout in one file, d1_stdout.log (as run the
+#       first time: s25_NAME.log).
 #   d2: each of VARIANTS' students (this machine's run, else runs/carry/s25/NAME_bf16.safetensors) shipped
 #       (ship_file) and its full stack graded on the validation prompts 1000..1255 (the release 225, the teacher 233);
 #       as run the second time: VARIANTS="e:2e-5:2 d:5e-6:3" (c left no final weights).
@@ -23,10 +26,10 @@ student() {    # the bf16 student of variant NAME: d1's run on this machine, els
 }
 case "$1" in
 d1) for v in $VARIANTS; do
-      IFS=: read -r n lr cfg <<< "$v"
+      IFS=: read -r n lr cfg anchor <<< "$v"
       fresh "runs/s25_$n"
       $T rcm --run-dir "runs/s25_$n" --init "runs/s25_$n/sla/final.safetensors" --sla-student --topk 0.75 --no-scm \
-        --guidance "${cfg:-5}" --tangent-warmup 200 --lr "$lr" --steps 100000 --fit-minutes "$(minutes_left 150)" \
+        --guidance "${cfg:-5}" ${anchor:+--anchor-weight "$anchor"} --tangent-warmup 200 --lr "$lr" --steps 100000 --fit-minutes "$(minutes_left "${FIT:-150}")" \
         --max-minutes "$(minutes_left 100)" > "$OUT/s25_$n.log" 2>&1 &
       # the first run encodes the shared latent pool (~2.5 min); the next start once it is written, and read it
       while [ ! -f runs/pool/train_24000_rank0of1.safetensors ] && kill -0 $! 2>/dev/null; do sleep 5; done
