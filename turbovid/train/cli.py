@@ -69,7 +69,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                                                          "tangent warm-up (recipe.RCMStage.dmd)")
     p.add_argument("--no-scm", action="store_true",
                    help="rcm: DMD alone, for an --init student distilled already: the --tangent-warmup steps train "
-                        "the fake score only, then a student step every student_update_freq-th (5 for mini; recipe.RCMStage.scm)")
+                        "the fake score only, then a student step every student_update_freq-th (5 for mini; "
+                        "recipe.RCMStage.scm)")
     p.add_argument("--anchor-weight", type=float, metavar="W",
                    help="rcm --no-scm: plus W times the summed squared distance of the student's samples to the "
                         "frozen start student's, from the same states (recipe.RCMStage.anchor_weight)")

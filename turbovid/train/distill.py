@@ -42,7 +42,8 @@ from turbovid.train.checkpoint import load_weights
 from turbovid.train.data import latent_object_mask, object_weights
 from turbovid.train.ema import PowerEMA
 from turbovid.train.inputs import LatentBatches
-from turbovid.train.loop import Env, drive, make_optimizer, optimizer_step, step_generator, step_indices, unwrap, wrap_ddp
+from turbovid.train.loop import (Env, TrainedNetworks, drive, make_optimizer, optimizer_step, step_generator,
+                                 step_indices, wrap_ddp)
 from turbovid.train.losses import (_b, dmd_loss, fake_score_loss, rcm_phase, sample_p_d, sample_p_g, scm_loss,
                                    scm_target, trigflow_velocity)
 from turbovid.train.recipe import Recipe
@@ -87,7 +88,7 @@ class TeacherSamples(LatentBatches):
                                 seed=self.recipe.seed * 1_000_003 + indices[0], record=record)
 
 
-class RCMTrainer:
+class RCMTrainer(TrainedNetworks):
     name = "rcm"
 
     def __init__(self, recipe: Recipe, run_dir: Path, env: Env, teacher_weights: dict[str, torch.Tensor],
@@ -116,9 +117,8 @@ class RCMTrainer:
             self.trained["fake"] = (self.fake_ddp, self.opt_fake)
         self.anchor = None       # DMD alone with an anchor: the frozen start student
         if self.cfg.anchor_weight:
-            self.anchor = dit_from_weights(recipe, teacher_weights if student_weights is None else student_weights,
-                                           self.cfg.student_attention, recipe.sla.topk, new_proj_l=True)
-            self.anchor.to(env.device).eval().requires_grad_(False)
+            self.anchor = frozen_dit(recipe, teacher_weights if student_weights is None else student_weights, env,
+                                     self.cfg.student_attention, recipe.sla.topk, new_proj_l=True)
         self.noise_multiplier = math.sqrt(recipe.latent_shape[1])   # rCM's adjust_video_noise: sigma * sqrt(state_t)
 
     # -- pieces ------------------------------------------------------------------------------------
@@ -241,26 +241,10 @@ class RCMTrainer:
 
     # -- checkpoint interface ----------------------------------------------------------------------
 
-    def weights(self) -> dict[str, dict[str, torch.Tensor]]:
-        nets = {name: unwrap(net).state_dict() for name, (net, _) in self.trained.items()}
-        return {**nets, "ema": self.ema.state_dict()}
-
     def load_weights(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
         if "fake" in self.trained and "fake" not in weights:
             raise ValueError("this rcm checkpoint has no fake-score network (a --no-dmd run): resume it with --no-dmd")
-        self.ema.load_state_dict(weights["ema"])
-        for name, (net, _) in self.trained.items():
-            unwrap(net).load_state_dict(weights[name])
-
-    def optimizer_states(self) -> dict:
-        return {name: opt.state_dict() for name, (_, opt) in self.trained.items()}
-
-    def load_optimizer_states(self, state: dict) -> None:
-        for name, (_, opt) in self.trained.items():
-            opt.load_state_dict(state[name])
-
-    def export(self) -> dict[str, torch.Tensor]:
-        return self.ema.state_dict()
+        super().load_weights(weights)
 
 
 def run_rcm(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None,

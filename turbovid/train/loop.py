@@ -181,6 +181,31 @@ class Stage(Protocol):
     def export(self) -> dict[str, torch.Tensor]: ...
 
 
+class TrainedNetworks:
+    """The checkpoint side of a `Stage` whose networks sit in `self.trained` (name -> (network, possibly DDP-wrapped,
+    its optimizer)) and whose export is the power EMA `self.ema` of its main network."""
+    trained: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]
+
+    def weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {**{name: unwrap(net).state_dict() for name, (net, _) in self.trained.items()},
+                "ema": self.ema.state_dict()}
+
+    def load_weights(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+        for name, (net, _) in self.trained.items():
+            unwrap(net).load_state_dict(weights[name])
+        self.ema.load_state_dict(weights["ema"])
+
+    def optimizer_states(self) -> dict:
+        return {name: opt.state_dict() for name, (_, opt) in self.trained.items()}
+
+    def load_optimizer_states(self, state: dict) -> None:
+        for name, (_, opt) in self.trained.items():
+            opt.load_state_dict(state[name])
+
+    def export(self) -> dict[str, torch.Tensor]:
+        return self.ema.state_dict()
+
+
 def drive(stage: Stage, out_dir: str | Path, env: Env, until: int | None = None, resume: bool = True,
           quiet: bool = False, init: str | Path | None = None) -> list[dict]:
     """Run `stage` from its newest checkpoint (if any) up to `until` (default: schedule.steps) steps,

@@ -41,8 +41,8 @@ from turbovid.train.checkpoint import load_weights
 from turbovid.train.data import latent_object_mask, object_weights
 from turbovid.train.ema import PowerEMA
 from turbovid.train.inputs import LatentBatches
-from turbovid.train.loop import (Env, drive, drive_rounds, make_optimizer, optimizer_step, round_dirs, step_generator,
-                                 step_indices, unwrap, wrap_ddp)
+from turbovid.train.loop import (Env, TrainedNetworks, drive, drive_rounds, make_optimizer, optimizer_step, round_dirs,
+                                 step_generator, step_indices, wrap_ddp)
 from turbovid.train.losses import flow_matching_pair, lognormal_rf, shifted_logit_normal, velocity_loss
 from turbovid.train.recipe import Recipe, TeacherStage
 from turbovid.train.trigflow import rf_velocity, swap_attention
@@ -74,11 +74,11 @@ def dit_from_weights(recipe: Recipe, weights: dict[str, torch.Tensor], attention
 
 
 def frozen_dit(recipe: Recipe, weights: dict[str, torch.Tensor], env: Env, attention: str = "dense",
-               topk: float = 0.1) -> WanDiT:
-    return dit_from_weights(recipe, weights, attention, topk).to(env.device).eval().requires_grad_(False)
+               topk: float = 0.1, new_proj_l: bool = False) -> WanDiT:
+    return dit_from_weights(recipe, weights, attention, topk, new_proj_l).to(env.device).eval().requires_grad_(False)
 
 
-class _VelocityStage:
+class _VelocityStage(TrainedNetworks):
     """Shared body: one DiT trained by velocity regression, with power EMA and DDP."""
     name: str
 
@@ -107,24 +107,6 @@ class _VelocityStage:
         self.ema.update(self.net, step)
         return {"loss": loss.item(), "lr": lr, "grad_norm": norm}
 
-    def weights(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {**{name: unwrap(net).state_dict() for name, (net, _) in self.trained.items()},
-                "ema": self.ema.state_dict()}
-
-    def load_weights(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
-        for name, (net, _) in self.trained.items():
-            unwrap(net).load_state_dict(weights[name])
-        self.ema.load_state_dict(weights["ema"])
-
-    def optimizer_states(self) -> dict:
-        return {name: opt.state_dict() for name, (_, opt) in self.trained.items()}
-
-    def load_optimizer_states(self, state: dict) -> None:
-        for name, (_, opt) in self.trained.items():
-            opt.load_state_dict(state[name])
-
-    def export(self) -> dict[str, torch.Tensor]:
-        return self.ema.state_dict()
 
 
 class TeacherTrainer(_VelocityStage):

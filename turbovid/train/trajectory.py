@@ -56,7 +56,7 @@ aim is the last call (s = 0.61), where the regression blurs: a distribution-leve
 Measured from the release's student (session 24, full stack, 256 validation prompts, H100): at the last call, weights
 0.01 / 0.03 / 0.1 read 225 of 256 as the release did, with the Frechet distance to real clips 0.030 / 0.023 / 0.014
 against 0.037 (at 0.1 on four sets: 896 against 900, the distance halved on each); heads at lr 1e-3 lost 4-6 clips at
-the last call (weight 0.3), the second and the third. So the mini recipe does not use it.
+the last call (weight 0.3), the second and the third. The mini recipe's round 3 is the last call at 0.1 (above).
 """
 from __future__ import annotations
 

@@ -46,8 +46,7 @@ d1) for v in $VARIANTS; do
 d2) on_validation $(for v in $VARIANTS; do n=${v%%:*}; echo "s25_$n=$(student "$n")"; done) ;;
 x)  on_sets "$FILE" ${SETS:-0 3000} ;;
 e1) release_eval_gpu ;;
-e2) python3 -m turbovid.cli eval --device cuda --configs turbo --start 0 --count 256 --seed 1 \
-      --out "$OUT/turbo_seed1_start0.json" 2> /tmp/progress.log | tee "$OUT/eval.log" ;;
+e2) release_eval turbo_seed1_start0.json --configs turbo --start 0 --count 256 --seed 1 ;;
 *)  echo "usage: session25.sh e1 | e2 | d1 | d2 | x"
     exit 2 ;;
 esac
