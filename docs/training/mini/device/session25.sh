@@ -18,35 +18,40 @@
 #       as run the second time: VARIANTS="e:2e-5:2 d:5e-6:3" (c left no final weights).
 #   x:  the student FILE's full stack on the held-out sets in SETS (prelude on_sets; as run, typed out with LIMIT=560:
 #       FILE = the second d1's e, SETS = 0 3000).
+#   e3: the student FILE shipped (ship_file) and graded as the README's table (release_eval_gpu), the release put back.
+# Session 26 ran d1 again with f g h (as prepared above) and i j, d2 and x on them, and e3; PREFIX names the runs and
+# files (default s25; session 26's i and j: s26).
 source "$(dirname "$0")/prelude.sh" "$1"
 VARIANTS=${VARIANTS:-a:2e-5 b:5e-6}
+P=${PREFIX:-s25}
 student() {    # the bf16 student of variant NAME: d1's run on this machine, else the carried copy
-  local f=runs/s25_$1/rcm/final.safetensors
-  [ -f "$f" ] && echo "runs/s25_$1_bf16.safetensors" || echo "runs/carry/s25/s25_$1_bf16.safetensors"
+  local f=runs/${P}_$1/rcm/final.safetensors
+  [ -f "$f" ] && echo "runs/${P}_$1_bf16.safetensors" || echo "runs/carry/$P/${P}_$1_bf16.safetensors"
 }
 case "$1" in
 d1) for v in $VARIANTS; do
       IFS=: read -r n lr cfg anchor <<< "$v"
-      fresh "runs/s25_$n"
-      $T rcm --run-dir "runs/s25_$n" --init "runs/s25_$n/sla/final.safetensors" --sla-student --topk 0.75 --no-scm \
+      fresh "runs/${P}_$n"
+      $T rcm --run-dir "runs/${P}_$n" --init "runs/${P}_$n/sla/final.safetensors" --sla-student --topk 0.75 --no-scm \
         --guidance "${cfg:-5}" ${anchor:+--anchor-weight "$anchor"} --tangent-warmup 200 --lr "$lr" --steps 100000 --fit-minutes "$(minutes_left "${FIT:-150}")" \
-        --max-minutes "$(minutes_left 100)" > "$OUT/s25_$n.log" 2>&1 &
+        --max-minutes "$(minutes_left 100)" > "$OUT/${P}_$n.log" 2>&1 &
       # the first run encodes the shared latent pool (~2.5 min); the next start once it is written, and read it
       while [ ! -f runs/pool/train_24000_rank0of1.safetensors ] && kill -0 $! 2>/dev/null; do sleep 5; done
     done
     wait
     for v in $VARIANTS; do
       n=${v%%:*}
-      tail -2 "$OUT/s25_$n.log"
-      export_weights "runs/s25_$n/rcm/final.safetensors" "runs/s25_${n}_bf16.safetensors" 1 \
-        "runs/s25_$n/rcm/final.safetensors" && cp "runs/s25_${n}_bf16.safetensors" "$OUT/" || echo "$n: no final weights"
-      cp "runs/s25_$n/rcm/log.jsonl" "$OUT/s25_${n}_log.jsonl" || true
-      cat "$OUT/s25_$n.log" >> "$OUT/d1_stdout.log" && rm "$OUT/s25_$n.log"   # one file: a command returns 8
+      tail -2 "$OUT/${P}_$n.log"
+      export_weights "runs/${P}_$n/rcm/final.safetensors" "runs/${P}_${n}_bf16.safetensors" 1 \
+        "runs/${P}_$n/rcm/final.safetensors" && cp "runs/${P}_${n}_bf16.safetensors" "$OUT/" || echo "$n: no final weights"
+      cp "runs/${P}_$n/rcm/log.jsonl" "$OUT/${P}_${n}_log.jsonl" || true
+      cat "$OUT/${P}_$n.log" >> "$OUT/d1_stdout.log" && rm "$OUT/${P}_$n.log"   # one file: a command returns 8
     done ;;
-d2) on_validation $(for v in $VARIANTS; do n=${v%%:*}; echo "s25_$n=$(student "$n")"; done) ;;
+d2) on_validation $(for v in $VARIANTS; do n=${v%%:*}; echo "${P}_$n=$(student "$n")"; done) ;;
 x)  on_sets "$FILE" ${SETS:-0 3000} ;;
 e1) release_eval_gpu ;;
 e2) release_eval turbo_seed1_start0.json --configs turbo --start 0 --count 256 --seed 1 ;;
-*)  echo "usage: session25.sh e1 | e2 | d1 | d2 | x"
+e3) keep_release && ship_file "$FILE" && release_eval_gpu && restore_release ;;
+*)  echo "usage: session25.sh e1 | e2 | e3 | d1 | d2 | x"
     exit 2 ;;
 esac
