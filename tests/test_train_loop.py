@@ -794,8 +794,11 @@ def test_ship_from_a_run_assembled_from_a_release_counts_every_stage_behind_it(r
     assert weights_history(run_dir / "rcm" / "final.safetensors") == [*rounds, {"stage": "rcm", "steps": 2}]
     assert _cli("sla", *common, "--steps", "1") == 0 and _cli("merge", *common) == 0
     assert _cli("ship", *common, "--output", str(run_dir / "release")) == 0
-    stages = json.loads((run_dir / "release" / "config.json").read_text())["stages"]
+    config = json.loads((run_dir / "release" / "config.json").read_text())
+    stages = config["stages"]
     assert stages["teacher"] == {"steps": 16, "rounds": [11, 5]}
+    assert config["student_history"] == [*rounds, {"stage": "rcm", "steps": 2}, {"stage": "sla", "steps": 1},
+                                         {"stage": "merge", "weight": 1.0}]
     assert (stages["rcm"]["steps"], stages["sla"]["steps"]) == (2, 1)
     assert (stages["vae"]["steps"], stages["vae_decoder"]["steps"]) == (TINY.vae_stage.run.steps,
                                                                          TINY.vae_decoder.run.steps)

@@ -119,7 +119,9 @@ def ship(recipe: Recipe, run_dir: Path, dest: Path, summary: dict | None = None)
 
     What each stage ran is read from the shipped files' histories (checkpoint.weights_history, which the shipped
     files keep), so a run assembled from an earlier release's files counts every stage behind them; a stage no
-    history records falls back to the step count of run_dir/<stage>/final.safetensors."""
+    history records falls back to the step count of run_dir/<stage>/final.safetensors. `stages` keeps one entry per
+    stage name; `student_history` is the shipped student's whole history in order (a stage run twice, e.g. rcm again
+    after the ode rounds, appears twice there)."""
     import torch
     from safetensors.torch import load_file
 
@@ -168,7 +170,7 @@ def ship(recipe: Recipe, run_dir: Path, dest: Path, summary: dict | None = None)
               "vae_latent_stats": json.loads((run_dir / "vae" / "latent_stats.json").read_text()),
               "student": recipe.ship_student, "sla_topk": recipe.ship_topk or recipe.sla.topk,
               "sla_topk_tuned": recipe.ode.topk if recipe.ship_student == "ode" else recipe.sla.topk,
-              "merge_weight": recipe.merge_weight}
+              "merge_weight": recipe.merge_weight, "student_history": histories["dit"]}
     recon = trained_vae_file(recipe, run_dir).parent / "reconstruction.json"
     if recon.is_file():
         config["vae_reconstruction"] = json.loads(recon.read_text())
