@@ -134,7 +134,9 @@ class RCMStage:
                                  # turned over the frames (CFG 5: 183-202 of 256; CFG 2: level with the release)
     anchor_weight: float = 0.0   # > 0 (ours, scm off): plus this weight times the summed squared distance of the
                                  # student's sample G_x0 to the frozen start student's x0 from the same state, an anchor
-                                 # against the drift DMD brings (prepared in session 25, not yet run)
+                                 # against the drift DMD brings. Session 26, CFG 2: from W 10 the colour holds but
+                                 # the shape gain shrinks; W 10 230 / 226 / 221 on three sets of 256, the release's
+                                 # 225 / 225 / 219 (not shipped)
 
     def __post_init__(self):
         check_object_weighting(0.0, self.fg_share)

@@ -108,7 +108,6 @@ class _VelocityStage(TrainedNetworks):
         return {"loss": loss.item(), "lr": lr, "grad_norm": norm}
 
 
-
 class TeacherTrainer(_VelocityStage):
     name = "teacher"
 
