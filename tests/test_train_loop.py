@@ -426,6 +426,17 @@ def test_rcm_dmd_alone_from_an_init_student(run, tmp_path):
     assert first["loss_anchor"] == 0.0 and first["loss_dmd"] == logs[2]["loss_dmd"]
     assert second["loss_anchor"] > 0 and second["loss"] == pytest.approx(second["loss_dmd"] + 2 * second["loss_anchor"])
     assert all(torch.equal(v, start[k].to(v.dtype)) for k, v in trainer.anchor.state_dict().items())
+    # pooled (anchor_pool): the same steps (the first student step's anchor is zero, so is its gradient), the anchor
+    # now the block averages' part of the same distance: less, not nothing
+    pooled = dataclasses.replace(alone, rcm=dataclasses.replace(alone.rcm, anchor_weight=2.0, anchor_pool=3))
+    trainer = RCMTrainer(pooled, run_dir, ENV, teacher, inputs=inputs, student_weights=start)
+    first_p, second_p = [r for r in drive(trainer, tmp_path / "pooled", ENV, quiet=True) if r["student"]]
+    assert first_p["loss_anchor"] == 0.0 and second_p["loss_dmd"] == pytest.approx(second["loss_dmd"], rel=1e-5)
+    assert 0 < second_p["loss_anchor"] < second["loss_anchor"]
+    with pytest.raises(ValueError, match="needs anchor_weight > 0"):
+        dataclasses.replace(alone.rcm, anchor_pool=2)
+    with pytest.raises(ValueError, match="anchor_pool must be >= 1"):
+        dataclasses.replace(alone.rcm, anchor_weight=1.0, anchor_pool=0)
     with pytest.raises(ValueError, match="anchor_weight goes with DMD alone"):
         dataclasses.replace(recipe.rcm, anchor_weight=1.0)
     with pytest.raises(ValueError, match="anchor_weight must be >= 0"):
@@ -436,6 +447,8 @@ def test_rcm_dmd_alone_from_an_init_student(run, tmp_path):
     parser = _parser()
     assert not _recipe(parser.parse_args(["train", "rcm", "--no-scm"])).rcm.scm
     assert _recipe(parser.parse_args(["train", "rcm", "--no-scm", "--anchor-weight", "3"])).rcm.anchor_weight == 3.0
+    assert _recipe(parser.parse_args(["train", "rcm", "--no-scm", "--anchor-weight", "3", "--anchor-pool", "5"])
+                   ).rcm.anchor_pool == 5
     with pytest.raises(ValueError, match="anchor_weight goes with DMD alone"):    # sCM still on
         _recipe(parser.parse_args(["train", "rcm", "--anchor-weight", "1"]))
     with pytest.raises(ValueError, match="--no-scm applies to the rcm stage only"):

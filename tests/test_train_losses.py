@@ -11,10 +11,10 @@ from turbovid.attention.sla import SparseLinearAttention
 from turbovid.config import TINY_DIT
 from turbovid.models.dit import WanDiT
 from turbovid.train.ema import PowerEMA, power_ema_beta, power_ema_gamma
-from turbovid.train.losses import (dmd_loss, fake_score_loss, flow_matching_pair, lognormal_rf, rcm_phase, rf_to_trig,
-                                   sample_p_d, sample_p_g, scm_loss, scm_target, shifted_logit_normal, trig_to_rf,
-                                   trigflow_coefficients, trigflow_velocity, velocity_loss, x0_from_trigflow_velocity,
-                                   x0_from_velocity)
+from turbovid.train.losses import (anchor_distance, dmd_loss, fake_score_loss, flow_matching_pair, lognormal_rf,
+                                   rcm_phase, rf_to_trig, sample_p_d, sample_p_g, scm_loss, scm_target,
+                                   shifted_logit_normal, trig_to_rf, trigflow_coefficients, trigflow_velocity,
+                                   velocity_loss, x0_from_trigflow_velocity, x0_from_velocity)
 from turbovid.train.merge import merge_state_dicts
 from turbovid.train.recipe import Optim, lr_at
 from turbovid.train.trigflow import MathAttention, denoise, math_attention, student_F_jvp, swap_attention
@@ -220,6 +220,34 @@ def test_dmd_gradient_moves_generator_toward_real():
     G2 = theta2 * torch.ones(1, 4, 1, 2, 2, dtype=torch.float64)
     (g2,) = torch.autograd.grad(dmd_loss(G2, G2.detach(), torch.ones_like(G2)).sum(), theta2)
     assert g2.item() > 0
+
+
+def test_anchor_distance_pools_block_averages():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 3, 2, 7, 5, generator=g), torch.randn(2, 3, 2, 7, 5, generator=g)
+    plain = (a - b).pow(2).flatten(1).sum(1)
+    assert torch.allclose(anchor_distance(a, b), plain)
+    # by hand, pool 3 on 7 x 5 cells: blocks of rows 0-2, 3-5, 6 and columns 0-2, 3-4 (partial at the edges)
+    d = a - b
+    hand = torch.zeros(2)
+    for rows in (slice(0, 3), slice(3, 6), slice(6, 7)):
+        for cols in (slice(0, 3), slice(3, 5)):
+            block = d[..., rows, cols]
+            hand += (block.sum((-2, -1)).pow(2) / (block.shape[-2] * block.shape[-1])).flatten(1).sum(1)
+    pooled = anchor_distance(a, b, 3)
+    assert torch.allclose(pooled, hand, rtol=1e-5)
+    assert (pooled < plain).all()                            # a projection: never more than the whole distance
+    # a difference constant over each frame is all low frequency: every pool reads it whole
+    shift = torch.randn(2, 3, 2, 1, 1, generator=g).expand(2, 3, 2, 7, 5)
+    for k in (1, 2, 3, 4, 7):
+        assert torch.allclose(anchor_distance(b + shift, b, k), shift.pow(2).flatten(1).sum(1), rtol=1e-5)
+    # a checkerboard within 2 x 2 blocks averages out: pool 2 does not see it, an edge's partial block aside
+    checker = (torch.arange(6)[:, None] + torch.arange(4)[None, :]) % 2 * 2.0 - 1
+    assert anchor_distance(b[..., :6, :4] + checker, b[..., :6, :4], 2).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="pool must be >= 1"):
+        anchor_distance(a, b, 0)
+    with pytest.raises(ValueError, match="one shape"):
+        anchor_distance(a, b[..., :4], 2)
 
 
 def test_fake_score_loss_and_rcm_schedule():

@@ -74,6 +74,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--anchor-weight", type=float, metavar="W",
                    help="rcm --no-scm: plus W times the summed squared distance of the student's samples to the "
                         "frozen start student's, from the same states (recipe.RCMStage.anchor_weight)")
+    p.add_argument("--anchor-pool", type=int, metavar="K",
+                   help="rcm --anchor-weight: the anchor counts only the distance's averages over K x K latent cells "
+                        "of each frame, fine detail left free (recipe.RCMStage.anchor_pool; 1, the default: every cell)")
     p.add_argument("--teacher-data", type=int, metavar="N",
                    help="rcm: distil on N samples the teacher draws for training captions (50 steps, CFG), as rCM "
                         "does, instead of the encoded clips (recipe.RCMStage.teacher_data)")
@@ -218,6 +221,8 @@ def _recipe(args, world: int = 1):
         rcm["scm"] = False
     if args.anchor_weight is not None:
         rcm["anchor_weight"] = args.anchor_weight
+    if args.anchor_pool is not None:
+        rcm["anchor_pool"] = args.anchor_pool
     if args.teacher_data is not None:
         if args.teacher_data < 1:
             raise ValueError(f"--teacher-data must be >= 1, got {args.teacher_data}")
@@ -282,6 +287,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 ("--no-dmd", args.no_dmd or None, ("rcm", "reproduce")),
                                 ("--no-scm", args.no_scm or None, ("rcm", "reproduce")),
                                 ("--anchor-weight", args.anchor_weight, ("rcm", "reproduce")),
+                                ("--anchor-pool", args.anchor_pool, ("rcm", "reproduce")),
                                 ("--teacher-data", args.teacher_data, ("rcm", "reproduce")),
                                 ("--guidance", args.guidance, ("rcm", "eval", "reproduce"))):
         if value is not None and args.stage not in stages:

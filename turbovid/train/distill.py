@@ -12,7 +12,8 @@ then not built. With `RCMStage.scm` off (ours) the stage is DMD alone, for a stu
 the warm-up's steps are critic steps (the fake score, which starts as the teacher, learns the start student's
 samples), then one student step every `student_update_freq`, whose loss is step 4's sample's DMD term alone, plus
 with `RCMStage.anchor_weight` that weight times the sample's summed squared distance to the frozen start student's x0
-from the same state (an anchor against the colour drift DMD brought in session 25).
+from the same state (an anchor against the colour drift DMD brought in session 25); with `RCMStage.anchor_pool` k > 1
+only the distance's k x k spatial block averages count (`losses.anchor_distance`), the outlines left to DMD.
 
 Student step, batch of data latents x0 with captions (with `RCMStage.teacher_data`, as in rCM: latents the
 teacher sampled for those captions, `TeacherSamples`):
@@ -44,8 +45,8 @@ from turbovid.train.ema import PowerEMA
 from turbovid.train.inputs import LatentBatches
 from turbovid.train.loop import (Env, TrainedNetworks, drive, make_optimizer, optimizer_step, step_generator,
                                  step_indices, wrap_ddp)
-from turbovid.train.losses import (_b, dmd_loss, fake_score_loss, rcm_phase, sample_p_d, sample_p_g, scm_loss,
-                                   scm_target, trigflow_velocity)
+from turbovid.train.losses import (_b, anchor_distance, dmd_loss, fake_score_loss, rcm_phase, sample_p_d, sample_p_g,
+                                   scm_loss, scm_target, trigflow_velocity)
 from turbovid.train.recipe import Recipe
 from turbovid.train.teacher import dit_from_weights, frozen_dit, teacher_file
 from turbovid.train.trigflow import denoise, guided_denoise, student_F_jvp
@@ -175,7 +176,7 @@ class RCMTrainer(TrainedNetworks):
             return loss_dmd, logs
         with torch.no_grad(), self.env.autocast():
             x0_start = denoise(self.anchor, G_x, G_t, context)
-        loss_anchor = (G_x0.float() - x0_start.float()).pow(2).flatten(1).sum(1)
+        loss_anchor = anchor_distance(G_x0, x0_start, self.cfg.anchor_pool)
         logs["loss_anchor"] = loss_anchor.mean().item()
         return loss_dmd + self.cfg.anchor_weight * loss_anchor, logs
 

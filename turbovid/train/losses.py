@@ -142,6 +142,31 @@ def dmd_loss(G_x0: torch.Tensor, x0_fake: torch.Tensor, x0_real: torch.Tensor, s
     return scale * torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
 
 
+def anchor_distance(x0: torch.Tensor, x0_ref: torch.Tensor, pool: int = 1) -> torch.Tensor:
+    """Per-sample anchor distance [B] of latents [B, C, T, H, W]: the summed squared difference, or with pool = k > 1
+    the squared norm of the difference's projection onto latents constant on k x k spatial blocks of each frame
+    (sum over blocks of block_sum^2 / cells, partial blocks at the right and bottom edges). Pooling leaves the
+    difference's fine spatial detail (an object's outline) free and keeps its block averages (the colours of a
+    region, frame by frame); k = 1 is the plain sum, and a difference constant over the frame reads the same for
+    every k."""
+    if x0.dim() != 5 or x0.shape != x0_ref.shape:
+        raise ValueError(f"anchor_distance takes two [B, C, T, H, W] latents of one shape, got {tuple(x0.shape)} "
+                         f"and {tuple(x0_ref.shape)}")
+    if pool < 1:
+        raise ValueError(f"anchor pool must be >= 1, got {pool}")
+    d = x0.float() - x0_ref.float()
+    if pool == 1:
+        return d.pow(2).flatten(1).sum(1)
+    B, C, T, H, W = d.shape
+    ph, pw = -H % pool, -W % pool
+    d = torch.nn.functional.pad(d, (0, pw, 0, ph))
+    cells = torch.nn.functional.pad(torch.ones(H, W, device=d.device), (0, pw, 0, ph))
+    Hb, Wb = (H + ph) // pool, (W + pw) // pool
+    sums = d.reshape(B, C, T, Hb, pool, Wb, pool).sum((4, 6))
+    counts = cells.reshape(Hb, pool, Wb, pool).sum((1, 3))
+    return (sums.pow(2) / counts).flatten(1).sum(1)
+
+
 def fake_score_loss(G_x0: torch.Tensor, x0_fake: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Per-sample denoising loss of the fake-score net on generated samples [B]: sum (G_x0 - x0_fake)^2 / sin^2 t."""
     return ((G_x0.double() - x0_fake.double()).pow(2) / _b(torch.sin(t), G_x0).pow(2)).flatten(1).sum(1)

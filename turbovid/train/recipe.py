@@ -137,6 +137,8 @@ class RCMStage:
                                  # against the drift DMD brings. Session 26, CFG 2: from W 10 the colour holds but
                                  # the shape gain shrinks; W 10 230 / 226 / 221 on three sets of 256, the release's
                                  # 225 / 225 / 219 (not shipped)
+    anchor_pool: int = 1         # > 1 (ours): the anchor counts only the distance's block averages over k x k latent
+                                 # cells of each frame (losses.anchor_distance): colours held, outlines left to DMD
 
     def __post_init__(self):
         check_object_weighting(0.0, self.fg_share)
@@ -144,6 +146,10 @@ class RCMStage:
             raise ValueError("rcm needs sCM or DMD: scm and dmd are both off")
         if self.anchor_weight < 0:
             raise ValueError(f"rcm.anchor_weight must be >= 0, got {self.anchor_weight}")
+        if self.anchor_pool < 1:
+            raise ValueError(f"rcm.anchor_pool must be >= 1, got {self.anchor_pool}")
+        if self.anchor_pool > 1 and not self.anchor_weight:
+            raise ValueError("rcm.anchor_pool pools the anchor: it needs anchor_weight > 0")
         if self.anchor_weight and self.scm:
             raise ValueError("rcm.anchor_weight goes with DMD alone (scm off)")
         if not self.scm and self.fg_share:
