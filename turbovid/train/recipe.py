@@ -138,7 +138,9 @@ class RCMStage:
                                  # the shape gain shrinks; W 10 230 / 226 / 221 on three sets of 256, the release's
                                  # 225 / 225 / 219 (not shipped)
     anchor_pool: int = 1         # > 1 (ours): the anchor counts only the distance's block averages over k x k latent
-                                 # cells of each frame (losses.anchor_distance): colours held, outlines left to DMD
+                                 # cells of each frame (losses.anchor_distance): colours held, outlines left to DMD.
+                                 # Session 27, CFG 2, W 10, k 3: 232 / 225 / 218 on the three sets, level with
+                                 # k 1's 677 (not shipped); W 30 with k 5 or 3: 228 and 227 on the first
 
     def __post_init__(self):
         check_object_weighting(0.0, self.fg_share)
