@@ -433,8 +433,23 @@ def test_rcm_dmd_alone_from_an_init_student(run, tmp_path):
     first_p, second_p = [r for r in drive(trainer, tmp_path / "pooled", ENV, quiet=True) if r["student"]]
     assert first_p["loss_anchor"] == 0.0 and second_p["loss_dmd"] == pytest.approx(second["loss_dmd"], rel=1e-5)
     assert 0 < second_p["loss_anchor"] < second["loss_anchor"]
+    # per size (anchor_size_scale): each sample's anchor times its caption's size factor; the factors 0 and 1 split
+    # the same batch's anchor (the steps are the same as above: the first student step's anchor is zero)
+    parts = {}
+    for size in ("small", "medium", "large"):
+        scale = tuple(float(s == size) for s in ("small", "medium", "large"))
+        scaled = dataclasses.replace(alone, rcm=dataclasses.replace(alone.rcm, anchor_weight=2.0,
+                                                                    anchor_size_scale=scale))
+        trainer = RCMTrainer(scaled, run_dir, ENV, teacher, inputs=inputs, student_weights=start)
+        parts[size] = [r for r in drive(trainer, tmp_path / f"sized_{size}", ENV, quiet=True) if r["student"]][1]
+    assert sum(r["loss_anchor"] for r in parts.values()) == pytest.approx(second["loss_anchor"], rel=1e-4)
+    assert parts["small"]["loss_anchor"] > 0 and parts["medium"]["loss_anchor"] > 0   # that batch: small and medium
     with pytest.raises(ValueError, match="needs anchor_weight > 0"):
         dataclasses.replace(alone.rcm, anchor_pool=2)
+    with pytest.raises(ValueError, match="anchor_size_scale scales the anchor"):
+        dataclasses.replace(alone.rcm, anchor_size_scale=(0.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="three factors >= 0"):
+        dataclasses.replace(alone.rcm, anchor_weight=1.0, anchor_size_scale=(-1.0, 1.0, 1.0))
     with pytest.raises(ValueError, match="anchor_pool must be >= 1"):
         dataclasses.replace(alone.rcm, anchor_weight=1.0, anchor_pool=0)
     with pytest.raises(ValueError, match="anchor_weight goes with DMD alone"):
@@ -449,6 +464,10 @@ def test_rcm_dmd_alone_from_an_init_student(run, tmp_path):
     assert _recipe(parser.parse_args(["train", "rcm", "--no-scm", "--anchor-weight", "3"])).rcm.anchor_weight == 3.0
     assert _recipe(parser.parse_args(["train", "rcm", "--no-scm", "--anchor-weight", "3", "--anchor-pool", "5"])
                    ).rcm.anchor_pool == 5
+    assert _recipe(parser.parse_args(["train", "rcm", "--no-scm", "--anchor-weight", "3", "--anchor-size-scale",
+                                      "0,1,3"])).rcm.anchor_size_scale == (0.0, 1.0, 3.0)
+    with pytest.raises(ValueError, match="--anchor-size-scale takes 3 comma-separated numbers"):
+        _recipe(parser.parse_args(["train", "rcm", "--no-scm", "--anchor-weight", "3", "--anchor-size-scale", "0,x,3"]))
     with pytest.raises(ValueError, match="anchor_weight goes with DMD alone"):    # sCM still on
         _recipe(parser.parse_args(["train", "rcm", "--anchor-weight", "1"]))
     with pytest.raises(ValueError, match="--no-scm applies to the rcm stage only"):

@@ -77,6 +77,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--anchor-pool", type=int, metavar="K",
                    help="rcm --anchor-weight: the anchor counts only the distance's averages over K x K latent cells "
                         "of each frame, fine detail left free (recipe.RCMStage.anchor_pool; 1, the default: every cell)")
+    p.add_argument("--anchor-size-scale", metavar="S,M,L",
+                   help="rcm --anchor-weight: the anchor's weight times S, M or L for a sample whose caption states a "
+                        "small, medium or large object (recipe.RCMStage.anchor_size_scale; 1,1,1 by default)")
     p.add_argument("--teacher-data", type=int, metavar="N",
                    help="rcm: distil on N samples the teacher draws for training captions (50 steps, CFG), as rCM "
                         "does, instead of the encoded clips (recipe.RCMStage.teacher_data)")
@@ -117,6 +120,17 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--shift", type=float, default=SampleConfig.shift,
                    help=f"teacher sampler: flow shift (default {SampleConfig.shift:g})")
     return p
+
+
+def _floats(text: str, flag: str, n: int) -> tuple[float, ...]:
+    """A comma-separated list of n numbers, e.g. "0,1,3", as floats."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != n:
+        raise ValueError(f"{flag} takes {n} comma-separated numbers, got {text!r}")
+    return values
 
 
 def _recipe(args, world: int = 1):
@@ -223,6 +237,8 @@ def _recipe(args, world: int = 1):
         rcm["anchor_weight"] = args.anchor_weight
     if args.anchor_pool is not None:
         rcm["anchor_pool"] = args.anchor_pool
+    if args.anchor_size_scale is not None:
+        rcm["anchor_size_scale"] = _floats(args.anchor_size_scale, "--anchor-size-scale", 3)
     if args.teacher_data is not None:
         if args.teacher_data < 1:
             raise ValueError(f"--teacher-data must be >= 1, got {args.teacher_data}")
@@ -288,6 +304,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 ("--no-scm", args.no_scm or None, ("rcm", "reproduce")),
                                 ("--anchor-weight", args.anchor_weight, ("rcm", "reproduce")),
                                 ("--anchor-pool", args.anchor_pool, ("rcm", "reproduce")),
+                                ("--anchor-size-scale", args.anchor_size_scale, ("rcm", "reproduce")),
                                 ("--teacher-data", args.teacher_data, ("rcm", "reproduce")),
                                 ("--guidance", args.guidance, ("rcm", "eval", "reproduce"))):
         if value is not None and args.stage not in stages:

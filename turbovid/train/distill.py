@@ -13,7 +13,8 @@ the warm-up's steps are critic steps (the fake score, which starts as the teache
 samples), then one student step every `student_update_freq`, whose loss is step 4's sample's DMD term alone, plus
 with `RCMStage.anchor_weight` that weight times the sample's summed squared distance to the frozen start student's x0
 from the same state (an anchor against the colour drift DMD brought in session 25); with `RCMStage.anchor_pool` k > 1
-only the distance's k x k spatial block averages count (`losses.anchor_distance`), the outlines left to DMD.
+only the distance's k x k spatial block averages count (`losses.anchor_distance`), the outlines left to DMD, and
+`RCMStage.anchor_size_scale` scales it per sample by the object size its caption states.
 
 Student step, batch of data latents x0 with captions (with `RCMStage.teacher_data`, as in rCM: latents the
 teacher sampled for those captions, `TeacherSamples`):
@@ -40,7 +41,7 @@ from pathlib import Path
 import torch
 
 from turbovid.train.checkpoint import load_weights
-from turbovid.train.data import latent_object_mask, object_weights
+from turbovid.train.data import SIZES, latent_object_mask, object_weights
 from turbovid.train.ema import PowerEMA
 from turbovid.train.inputs import LatentBatches
 from turbovid.train.loop import (Env, TrainedNetworks, drive, make_optimizer, optimizer_step, step_generator,
@@ -156,7 +157,7 @@ class RCMTrainer(TrainedNetworks):
 
     def _student_step(self, step: int, n_eff: int, x0, context, g, clips) -> dict[str, float]:
         cfg = self.cfg
-        loss, logs = self._dmd_alone_loss(n_eff, x0, context, g) if not cfg.scm else \
+        loss, logs = self._dmd_alone_loss(n_eff, x0, context, g, clips) if not cfg.scm else \
             self._scm_loss(step, n_eff, x0, context, g, clips)
         loss = loss.mean()
         loss.backward()
@@ -164,9 +165,10 @@ class RCMTrainer(TrainedNetworks):
         self.ema.update(self.student, n_eff)
         return {"loss": loss.item(), **logs, "lr": lr, "grad_norm": norm}
 
-    def _dmd_alone_loss(self, n_eff: int, x0, context, g) -> tuple[torch.Tensor, dict[str, float]]:
+    def _dmd_alone_loss(self, n_eff: int, x0, context, g, clips) -> tuple[torch.Tensor, dict[str, float]]:
         """RCMStage.scm off: the DMD term of a backward simulation's sample, plus with `anchor_weight` its summed
-        squared distance to the frozen start student's x0 from the same state."""
+        squared distance to the frozen start student's x0 from the same state (`anchor_pool`: of the block averages),
+        times `anchor_size_scale`'s factor for the object size each sample's caption states."""
         G_x, G_t = self._simulate(x0, context, n_eff % self.cfg.max_simulation_steps, g)
         with self.env.autocast():
             G_x0 = denoise(self.student_ddp, G_x, G_t, context)
@@ -177,6 +179,9 @@ class RCMTrainer(TrainedNetworks):
         with torch.no_grad(), self.env.autocast():
             x0_start = denoise(self.anchor, G_x, G_t, context)
         loss_anchor = anchor_distance(G_x0, x0_start, self.cfg.anchor_pool)
+        if tuple(self.cfg.anchor_size_scale) != (1.0, 1.0, 1.0):
+            factor = dict(zip(SIZES, self.cfg.anchor_size_scale))
+            loss_anchor = loss_anchor * torch.tensor([factor[c.size] for c in clips], device=loss_anchor.device)
         logs["loss_anchor"] = loss_anchor.mean().item()
         return loss_dmd + self.cfg.anchor_weight * loss_anchor, logs
 

@@ -141,6 +141,10 @@ class RCMStage:
                                  # cells of each frame (losses.anchor_distance): colours held, outlines left to DMD.
                                  # Session 27, CFG 2, W 10, k 3: 232 / 225 / 218 on the three sets, level with
                                  # k 1's 677 (not shipped); W 30 with k 5 or 3: 228 and 227 on the first
+    anchor_size_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)  # (ours) the anchor's weight per sample times
+                                 # this factor for the (small, medium, large) object its caption states
+                                 # (data.SIZES): session 27 found DMD's gain in small objects' outlines and its loss in
+                                 # large crosses' colour (docs/training/mini/session27_checks/by_attribute.txt)
 
     def __post_init__(self):
         check_object_weighting(0.0, self.fg_share)
@@ -152,6 +156,11 @@ class RCMStage:
             raise ValueError(f"rcm.anchor_pool must be >= 1, got {self.anchor_pool}")
         if self.anchor_pool > 1 and not self.anchor_weight:
             raise ValueError("rcm.anchor_pool pools the anchor: it needs anchor_weight > 0")
+        if len(self.anchor_size_scale) != 3 or min(self.anchor_size_scale) < 0:
+            raise ValueError(f"rcm.anchor_size_scale is three factors >= 0 (small, medium, large), got "
+                             f"{self.anchor_size_scale}")
+        if tuple(self.anchor_size_scale) != (1.0, 1.0, 1.0) and not self.anchor_weight:
+            raise ValueError("rcm.anchor_size_scale scales the anchor: it needs anchor_weight > 0")
         if self.anchor_weight and self.scm:
             raise ValueError("rcm.anchor_weight goes with DMD alone (scm off)")
         if not self.scm and self.fg_share:

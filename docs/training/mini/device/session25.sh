@@ -7,8 +7,9 @@
 #       the previous release with the same seed (teacher 237, full stack 224).
 #   d1: DMD alone from the release's student (new: `train rcm --no-scm`, RCMStage.scm; --init the release's student,
 #       SLA student at top-k 0.75, the fake score's warm-up 200 steps), the runs in VARIANTS side by side on the one
-#       GPU, each NAME:STUDENT_LR[:CFG[:ANCHOR[:POOL]]] (the teacher's CFG scale, default 5, its graded sampler's;
-#       ANCHOR: --anchor-weight, none by default; POOL: --anchor-pool, 1 by default; VARIANTS default a:2e-5
+#       GPU, each NAME:STUDENT_LR[:CFG[:ANCHOR[:POOL[:SCALE]]]] (the teacher's CFG scale, default 5, its graded
+#       sampler's; ANCHOR: --anchor-weight, none by default; POOL: --anchor-pool, 1 by default; SCALE:
+#       --anchor-size-scale S,M,L, 1,1,1 by default; VARIANTS default a:2e-5
 #       b:5e-6; as run the second time: c:5e-6:2 d:5e-6:3 e:2e-5:2; prepared for the next session, not run:
 #       f:2e-5:2:1 g:2e-5:2:3 h:2e-5:2:10), fitted to the command
 #       minus FIT s (default 150; three runs need more: the first measures its speed before the others start, and c
@@ -23,7 +24,9 @@
 # Session 26 ran d1 again with f g h (as prepared above) and i j, d2 and x on them, and e3; PREFIX names the runs and
 # files (default s25; session 26's i and j: s26). Session 27: e3 of h and of the weight average
 # (runs/carry/s26/soup_release_e_bf16.safetensors), x of the average, then the pooled anchor, PREFIX=s27
-# VARIANTS="p:2e-5:2:10:3 q:2e-5:2:30:5 r:2e-5:2:30:3" FIT=200 d1, then d2 and x on them.
+# VARIANTS="p:2e-5:2:10:3 q:2e-5:2:30:5 r:2e-5:2:30:3" FIT=200 d1, then d2 on them and x on p. Prepared for session
+# 28, not run: the anchor per caption size, PREFIX=s28 VARIANTS="s:2e-5:2:10:1:0,1,3 t:2e-5:2:10:1:0,0.3,3
+# u:2e-5:2:10:1:0.1,1,3" FIT=200 d1, then d2 (~580 s for three), then x on the best.
 source "$(dirname "$0")/prelude.sh" "$1"
 VARIANTS=${VARIANTS:-a:2e-5 b:5e-6}
 P=${PREFIX:-s25}
@@ -33,10 +36,11 @@ student() {    # the bf16 student of variant NAME: d1's run on this machine, els
 }
 case "$1" in
 d1) for v in $VARIANTS; do
-      IFS=: read -r n lr cfg anchor pool <<< "$v"
+      IFS=: read -r n lr cfg anchor pool scale <<< "$v"
       fresh "runs/${P}_$n"
       $T rcm --run-dir "runs/${P}_$n" --init "runs/${P}_$n/sla/final.safetensors" --sla-student --topk 0.75 --no-scm \
-        --guidance "${cfg:-5}" ${anchor:+--anchor-weight "$anchor"} ${pool:+--anchor-pool "$pool"} --tangent-warmup 200 --lr "$lr" --steps 100000 --fit-minutes "$(minutes_left "${FIT:-150}")" \
+        --guidance "${cfg:-5}" ${anchor:+--anchor-weight "$anchor"} ${pool:+--anchor-pool "$pool"} \
+        ${scale:+--anchor-size-scale "$scale"} --tangent-warmup 200 --lr "$lr" --steps 100000 --fit-minutes "$(minutes_left "${FIT:-150}")" \
         --max-minutes "$(minutes_left 100)" > "$OUT/${P}_$n.log" 2>&1 &
       # the first run encodes the shared latent pool (~2.5 min); the next start once it is written, and read it
       while [ ! -f runs/pool/train_24000_rank0of1.safetensors ] && kill -0 $! 2>/dev/null; do sleep 5; done
