@@ -1233,3 +1233,35 @@ def test_cli_overrides_reach_the_ode_stage():
         _recipe(parser.parse_args(["train", "ode", "--adv-weight", "-1"]))
     with pytest.raises(ValueError, match="--adv-weight applies to the ode stage only"):
         cmd_train(parser.parse_args(["train", "sla", "--adv-weight", "0.1"]))
+
+
+def test_device_scripts_parse_and_the_current_ones_use_known_flags():
+    # docs/training/mini/device/*.sh are what a session runs on the GPU, where a typo costs a command of its budget:
+    # every script is valid bash, and the ones still in use (prelude.sh and the latest session script, which carries
+    # the next session's plan) pass only options that `turbovid` knows, besides pip's and nvidia-smi's.
+    import re
+    import subprocess
+    from pathlib import Path
+
+    from turbovid.cli import build_parser
+
+    device = Path(__file__).resolve().parents[1] / "docs" / "training" / "mini" / "device"
+    scripts = sorted(device.glob("*.sh"))
+    assert scripts
+    for script in scripts:
+        result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert result.returncode == 0, f"{script.name}: {result.stderr}"
+    known = set()
+
+    def walk(parser):
+        for action in parser._actions:
+            known.update(action.option_strings)
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    walk(sub)
+
+    walk(build_parser())
+    latest = max((s for s in scripts if re.fullmatch(r"session\d+\.sh", s.name)), key=lambda s: int(s.stem[7:]))
+    for script in (device / "prelude.sh", latest):
+        flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", script.read_text()))
+        assert flags - known <= {"--no-deps", "--query-gpu", "--format"}, (script.name, flags - known)
