@@ -167,6 +167,18 @@ X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium"
 DEFAULT_PRESET = "veryfast"   # the mp4's x264 preset (turbovid.video.VideoWriter measures it against "medium")
 
 
+def parse_floats(text: str, flag: str, count: int | None = None, example: str = "1.5,1.4,1.0") -> tuple[float, ...]:
+    """A command line's comma-separated numbers ("1.3, 1.0,0.6" -> (1.3, 1.0, 0.6)); `count`, when given, how many."""
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or (count is not None and len(values) != count):
+        raise ValueError(f"{flag} takes {'' if count is None else f'{count} '}comma-separated numbers such as "
+                         f"{example}, got {text!r}")
+    return values
+
+
 @dataclass(frozen=True)
 class SampleConfig:
     """What one generate() call does. Model-side accelerations (attention kind, top-k, W8A8) are

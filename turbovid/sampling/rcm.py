@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from turbovid.config import parse_floats
+
 # Intermediate TrigFlow angles shared by rCM training (`backward_timesteps`) and TurboDiffusion inference.
 MID_ANGLES = (1.5, 1.4, 1.0)
 
@@ -33,10 +35,7 @@ def parse_mid_angles(text: str | None) -> tuple[float, ...] | None:
     """`--mid-angles 1.5,1.4,1.0` -> (1.5, 1.4, 1.0), checked; None stays None (rCM's angles)."""
     if text is None:
         return None
-    try:
-        angles = tuple(float(x) for x in text.split(","))
-    except ValueError:
-        raise ValueError(f"--mid-angles takes comma-separated numbers such as 1.5,1.4,1.0, got {text!r}") from None
+    angles = parse_floats(text, "--mid-angles")
     check_mid_angles(angles)
     return angles
 

@@ -122,21 +122,11 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _floats(text: str, flag: str, n: int) -> tuple[float, ...]:
-    """A comma-separated list of n numbers, e.g. "0,1,3", as floats."""
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != n:
-        raise ValueError(f"{flag} takes {n} comma-separated numbers, got {text!r}")
-    return values
-
-
 def _recipe(args, world: int = 1):
     """The named recipe for `world` GPUs (recipe.for_world) with the command line's overrides. An explicit
     --steps or --lr for the teacher replaces its recorded rounds by one round, and so does any setting of the ode
     stage (--steps, --batch, --lr and its own flags) for the ode rounds; --compile applies to all."""
+    from turbovid.config import parse_floats
     from turbovid.train.recipe import RECIPES, STAGE_FIELDS, for_world
 
     stage_field = STAGE_FIELDS.get(args.stage)
@@ -238,7 +228,8 @@ def _recipe(args, world: int = 1):
     if args.anchor_pool is not None:
         rcm["anchor_pool"] = args.anchor_pool
     if args.anchor_size_scale is not None:
-        rcm["anchor_size_scale"] = _floats(args.anchor_size_scale, "--anchor-size-scale", 3)
+        rcm["anchor_size_scale"] = parse_floats(args.anchor_size_scale, "--anchor-size-scale", 3,
+                                                  example="0,1,3")
     if args.teacher_data is not None:
         if args.teacher_data < 1:
             raise ValueError(f"--teacher-data must be >= 1, got {args.teacher_data}")

@@ -178,10 +178,9 @@ class RCMTrainer(TrainedNetworks):
             return loss_dmd, logs
         with torch.no_grad(), self.env.autocast():
             x0_start = denoise(self.anchor, G_x, G_t, context)
-        loss_anchor = anchor_distance(G_x0, x0_start, self.cfg.anchor_pool)
-        if tuple(self.cfg.anchor_size_scale) != (1.0, 1.0, 1.0):
-            factor = dict(zip(SIZES, self.cfg.anchor_size_scale))
-            loss_anchor = loss_anchor * torch.tensor([factor[c.size] for c in clips], device=loss_anchor.device)
+        factor = dict(zip(SIZES, self.cfg.anchor_size_scale))
+        scale = torch.tensor([factor[c.size] for c in clips], device=G_x0.device)
+        loss_anchor = scale * anchor_distance(G_x0, x0_start, self.cfg.anchor_pool)
         logs["loss_anchor"] = loss_anchor.mean().item()
         return loss_dmd + self.cfg.anchor_weight * loss_anchor, logs
 

@@ -40,8 +40,8 @@ d1) for v in $VARIANTS; do
       fresh "runs/${P}_$n"
       $T rcm --run-dir "runs/${P}_$n" --init "runs/${P}_$n/sla/final.safetensors" --sla-student --topk 0.75 --no-scm \
         --guidance "${cfg:-5}" ${anchor:+--anchor-weight "$anchor"} ${pool:+--anchor-pool "$pool"} \
-        ${scale:+--anchor-size-scale "$scale"} --tangent-warmup 200 --lr "$lr" --steps 100000 --fit-minutes "$(minutes_left "${FIT:-150}")" \
-        --max-minutes "$(minutes_left 100)" > "$OUT/${P}_$n.log" 2>&1 &
+        ${scale:+--anchor-size-scale "$scale"} --tangent-warmup 200 --lr "$lr" --steps 100000 \
+        --fit-minutes "$(minutes_left "${FIT:-150}")" --max-minutes "$(minutes_left 100)" > "$OUT/${P}_$n.log" 2>&1 &
       # the first run encodes the shared latent pool (~2.5 min); the next start once it is written, and read it
       while [ ! -f runs/pool/train_24000_rank0of1.safetensors ] && kill -0 $! 2>/dev/null; do sleep 5; done
     done
