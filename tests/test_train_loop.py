@@ -550,7 +550,7 @@ def test_rcm_with_an_sla_student_from_init_weights(run, tmp_path):
     assert key in out and not torch.allclose(out[key], start[key])
     with pytest.raises(ValueError, match="rcm.student_attention must be dense or sla"):
         dataclasses.replace(TINY.rcm, student_attention="sparse")
-    with pytest.raises(ValueError, match="--sla-student applies to the rcm stage only"):
+    with pytest.raises(ValueError, match="--sla-student applies to the rcm, dmd stages only"):
         cmd_train(parser.parse_args(["train", "sla", "--sla-student", "--run-dir", str(tmp_path)]))
 
 
@@ -742,7 +742,7 @@ def test_cli_overrides_reach_the_stage_recipe():
     with pytest.raises(ValueError, match="--guidance must be >= 1"):
         _recipe(parser.parse_args(["train", "rcm", "--guidance", "0.5"]))
     from turbovid.train.cli import cmd_train
-    with pytest.raises(ValueError, match="--guidance applies to the rcm, eval stages only"):
+    with pytest.raises(ValueError, match="--guidance applies to the rcm, dmd, eval stages only"):
         cmd_train(parser.parse_args(["train", "teacher", "--guidance", "5"]))
     # rcm --fg-share weighs the sCM loss, and leaves the teacher's settings alone
     rcm = _recipe(parser.parse_args(["train", "rcm", "--fg-share", "0.5"]))
@@ -1179,6 +1179,79 @@ def test_ode_rounds_continue_each_other(run, tmp_path):
         dataclasses.replace(recipe, ode_rounds=(dataclasses.replace(still, on_policy_step=2),))
 
 
+def test_dmd_round_continues_the_ode_student(run, tmp_path, monkeypatch):
+    # recipe.dmd_round (ship_student "dmd"): `reproduce` runs DMD alone from ode/final.safetensors into dmd/, the
+    # student and its anchor at the last ode round's top-k; the history continues the ode student's; `ship` reports
+    # the round as "dmd" and the rCM stage's own steps as "rcm", though both records read "rcm".
+    from turbovid.train import distill
+    from turbovid.train.recipe import ODEStage, Optim, Schedule
+    from turbovid.train.reproduce import reproduce
+
+    src, _ = run
+    for entry in src.iterdir():
+        if entry.name not in ("rcm", "sla", "eval", "export") and not entry.name.startswith(("ode", "dmd")):
+            (tmp_path / entry.name).symlink_to(entry)
+    teacher = load_weights(src / "teacher" / "final.safetensors")
+    start = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in teacher.items()}
+    history = [{"stage": "rcm", "steps": 3}, {"stage": "sla", "steps": 5}, {"stage": "ode", "steps": 2}]
+    for name, n in (("rcm", 1), ("sla", 2), ("ode", 3)):
+        save_weights(tmp_path / name / "final.safetensors", start, history_metadata(history[:n]))
+    ode = ODEStage(Schedule(steps=2, batch=4), Optim(lr=1e-3, warmup=0), topk=0.6, on_policy=True)
+    dmd = dataclasses.replace(TINY.rcm, run=Schedule(steps=4, batch=2, log_every=1, ckpt_every=4), scm=False,
+                              anchor_weight=1.0, student_attention="sla")
+    recipe = dataclasses.replace(TINY, sla=dataclasses.replace(TINY.sla, base="rcm", topk=0.3), ode=ode,
+                                 dmd_round=dmd, ship_student="dmd")
+    seen = []
+
+    class Spy(RCMTrainer):
+        def __init__(self, recipe, *args, **kwargs):
+            seen.append((recipe.rcm, recipe.sla.topk))
+            super().__init__(recipe, *args, **kwargs)
+            assert all(torch.equal(v, start[k].to(v.dtype)) for k, v in self.anchor.state_dict().items() if k in start)
+
+    monkeypatch.setattr(distill, "RCMTrainer", Spy)
+    export = reproduce(recipe, tmp_path, ENV, evaluate_models=False)
+    assert seen == [(dmd, 0.6)]
+    out = tmp_path / "dmd" / "final.safetensors"
+    assert weights_history(out) == [*history, {"stage": "rcm", "steps": 4}]
+    assert not torch.allclose(load_weights(out)["head.head.weight"], start["head.head.weight"], atol=1e-6)
+    logs = [json.loads(line) for line in (tmp_path / "dmd" / "log.jsonl").read_text().splitlines()]
+    assert [r["student"] for r in logs] == [0.0, 0.0, 1.0, 0.0] and "loss_anchor" in logs[2] and "loss_scm" not in logs[2]
+    config = json.loads((export / "config.json").read_text())
+    assert config["student"] == "dmd" and config["stages"]["rcm"] == {"steps": 3}
+    assert config["stages"]["dmd"] == {"steps": 4} and config["stages"]["ode"] == {"steps": 2, "rounds": [2]}
+    assert config["student_history"][-1] == {"stage": "rcm", "steps": 4} and config["sla_topk_tuned"] == 0.6
+    with pytest.raises(ValueError, match="ship_student='dmd' needs a dmd_round stage"):
+        dataclasses.replace(recipe, dmd_round=None)
+    with pytest.raises(ValueError, match="continues the ode stage's student: the recipe has no ode stage"):
+        dataclasses.replace(TINY, dmd_round=dmd)
+    with pytest.raises(ValueError, match="dmd_round is DMD alone"):
+        dataclasses.replace(recipe, dmd_round=TINY.rcm)
+    (tmp_path / "ode" / "final.safetensors").unlink()
+    with pytest.raises(ValueError, match="continues the ode stage's student; missing"):
+        distill.run_dmd(recipe, tmp_path, ENV)
+    with pytest.raises(ValueError, match="has no DMD round"):
+        distill.run_dmd(TINY, tmp_path, ENV)
+
+
+def test_cli_overrides_reach_the_dmd_round():
+    from turbovid.train.cli import _recipe
+
+    parser = _parser()
+    mini = RECIPES["mini"]
+    dmd = _recipe(parser.parse_args(["train", "dmd", "--steps", "9", "--lr", "1e-5", "--anchor-weight", "5",
+                                     "--anchor-size-scale", "0,2,4", "--guidance", "3"]))
+    assert dmd.dmd_round.run.steps == 9 and dmd.dmd_round.optim.lr == 1e-5 and dmd.dmd_round.guidance == 3
+    assert dmd.dmd_round.anchor_weight == 5 and dmd.dmd_round.anchor_size_scale == (0, 2, 4)
+    assert dmd.rcm == mini.rcm and dmd.ode_stages == mini.ode_stages
+    rcm = _recipe(parser.parse_args(["train", "rcm", "--no-scm", "--anchor-weight", "5"]))
+    assert rcm.rcm.anchor_weight == 5 and rcm.dmd_round == mini.dmd_round
+    with pytest.raises(ValueError, match="has no dmd stage"):
+        _cli("dmd", "--recipe", "tiny", "--device", "cpu")
+    with pytest.raises(ValueError, match="--topk applies to"):
+        _cli("dmd", "--topk", "0.5", "--device", "cpu")
+
+
 def test_cli_overrides_reach_the_ode_stage():
     from turbovid.train.cli import _recipe
     parser = _parser()
@@ -1186,8 +1259,8 @@ def test_cli_overrides_reach_the_ode_stage():
                                      "--off-policy", "--trajectories", "64"]))
     assert (ode.ode.run.steps, ode.ode.optim.lr, ode.ode.topk, ode.ode.trajectories) == (9, 1e-5, 0.6, 64)
     assert ode.sla == RECIPES["mini"].sla and not ode.ode.on_policy
-    mini = RECIPES["mini"].ode                                  # the shipped student's stage: on policy, call 1
-    assert mini.on_policy and mini.on_policy_step == 1 and RECIPES["mini"].ship_student == "ode"
+    mini = RECIPES["mini"].ode                  # the shipped student's first ode stage: on policy, call 1
+    assert mini.on_policy and mini.on_policy_step == 1 and RECIPES["mini"].ship_student == "dmd"
     assert _recipe(parser.parse_args(["train", "ode"])).ode == mini
     # its rounds walk down the sampler: the second call, then the third from that student, then the last one
     # anchored, with the adversarial term

@@ -1,4 +1,4 @@
-"""`turbovid train <stage>`: vae | vae_decoder | teacher | sla | qat | rcm | ode | merge | eval | reproduce |
+"""`turbovid train <stage>`: vae | vae_decoder | teacher | sla | qat | rcm | ode | dmd | merge | eval | reproduce |
 tokenizer | ship | plot.
 
 Single process (CPU or one GPU):   turbovid train reproduce --run-dir runs/mini
@@ -14,8 +14,8 @@ import dataclasses
 import os
 from pathlib import Path
 
-STAGES = ("vae", "vae_decoder", "teacher", "sla", "qat", "rcm", "ode", "merge", "eval", "reproduce", "tokenizer",
-          "ship", "plot")
+STAGES = ("vae", "vae_decoder", "teacher", "sla", "qat", "rcm", "ode", "dmd", "merge", "eval", "reproduce",
+          "tokenizer", "ship", "plot")
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
@@ -61,10 +61,12 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="sla / qat / ode: weight of the loss of the student run quantized (SageSLA + W8A8, "
                         "straight-through; recipe.SLAStage.quant_weight)")
     p.add_argument("--sla-student", action="store_true",
-                   help="rcm: the student distils with SLA attention at the top-k (recipe.RCMStage.student_attention)")
-    p.add_argument("--tangent-warmup", type=int, help="rcm: steps of sCM alone, its tangent ramped in, before DMD "
-                                                      "(recipe.RCMStage.tangent_warmup; 0 for an --init student "
-                                                      "that is distilled already)")
+                   help="rcm / dmd: the student distils with SLA attention at the top-k "
+                        "(recipe.RCMStage.student_attention)")
+    p.add_argument("--tangent-warmup", type=int,
+                   help="rcm: steps of sCM alone, its tangent ramped in, before DMD (recipe.RCMStage.tangent_warmup; "
+                        "0 for an --init student that is distilled already); dmd and rcm --no-scm: the fake score's "
+                        "warm-up steps")
     p.add_argument("--no-dmd", action="store_true", help="rcm: sCM alone for the whole run, no DMD after the "
                                                          "tangent warm-up (recipe.RCMStage.dmd)")
     p.add_argument("--no-scm", action="store_true",
@@ -72,14 +74,16 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                         "the fake score only, then a student step every student_update_freq-th (5 for mini; "
                         "recipe.RCMStage.scm)")
     p.add_argument("--anchor-weight", type=float, metavar="W",
-                   help="rcm --no-scm: plus W times the summed squared distance of the student's samples to the "
+                   help="rcm --no-scm / dmd: plus W times the summed squared distance of the student's samples to the "
                         "frozen start student's, from the same states (recipe.RCMStage.anchor_weight)")
     p.add_argument("--anchor-pool", type=int, metavar="K",
-                   help="rcm --anchor-weight: the anchor counts only the distance's averages over K x K latent cells "
-                        "of each frame, fine detail left free (recipe.RCMStage.anchor_pool; 1, the default: every cell)")
+                   help="rcm / dmd --anchor-weight: the anchor counts only the distance's averages over K x K latent "
+                        "cells of each frame, fine detail left free (recipe.RCMStage.anchor_pool; 1, the default: "
+                        "every cell)")
     p.add_argument("--anchor-size-scale", metavar="S,M,L",
-                   help="rcm --anchor-weight: the anchor's weight times S, M or L for a sample whose caption states a "
-                        "small, medium or large object (recipe.RCMStage.anchor_size_scale; 1,1,1 by default)")
+                   help="rcm / dmd --anchor-weight: the anchor's weight times S, M or L for a sample whose caption "
+                        "states a small, medium or large object (recipe.RCMStage.anchor_size_scale; 1,1,1 by "
+                        "default)")
     p.add_argument("--teacher-data", type=int, metavar="N",
                    help="rcm: distil on N samples the teacher draws for training captions (50 steps, CFG), as rCM "
                         "does, instead of the encoded clips (recipe.RCMStage.teacher_data)")
@@ -131,7 +135,7 @@ def _recipe(args, world: int = 1):
 
     stage_field = STAGE_FIELDS.get(args.stage)
     recipe = RECIPES[args.recipe]
-    if args.stage in ("vae_decoder", "qat", "ode") and getattr(recipe, args.stage) is None:
+    if args.stage in ("vae_decoder", "qat", "ode", "dmd") and getattr(recipe, stage_field) is None:
         raise ValueError(f"recipe {recipe.name!r} has no {args.stage} stage")
     fields = [stage_field] if stage_field else [f for f in STAGE_FIELDS.values() if getattr(recipe, f) is not None]
     recipe = for_world(recipe, world, () if args.batch is not None else tuple(fields))
@@ -234,14 +238,15 @@ def _recipe(args, world: int = 1):
         if args.teacher_data < 1:
             raise ValueError(f"--teacher-data must be >= 1, got {args.teacher_data}")
         rcm["teacher_data"] = args.teacher_data
-    if args.guidance is not None and args.stage in ("rcm", "reproduce"):
+    if args.guidance is not None and args.stage in ("rcm", "dmd", "reproduce"):
         if not args.guidance >= 1:
             raise ValueError(f"--guidance must be >= 1 (1: no CFG), got {args.guidance}")
         rcm["guidance"] = args.guidance
     if args.fg_share is not None and args.stage == "rcm":   # the sCM loss's object weighting
         rcm["fg_share"] = args.fg_share
-    if rcm:
-        recipe = dataclasses.replace(recipe, rcm=dataclasses.replace(recipe.rcm, **rcm))
+    if rcm:   # the stage's settings: the DMD round's for `train dmd`
+        field = "dmd_round" if args.stage == "dmd" else "rcm"
+        recipe = dataclasses.replace(recipe, **{field: dataclasses.replace(getattr(recipe, field), **rcm)})
     if (args.fg_weight is not None or args.fg_share is not None) and args.stage not in ("rcm", "ode"):   # teacher
         weighted = lambda cfg: dataclasses.replace(cfg, fg_weight=args.fg_weight or 0.0,  # noqa: E731
                                                    fg_share=args.fg_share or 0.0)
@@ -289,15 +294,15 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 ("--on-policy-step", args.on_policy_step, ("ode",)),
                                 ("--adv-weight", args.adv_weight, ("ode",)),
                                 ("--adv-lr", args.adv_lr, ("ode",)),
-                                ("--sla-student", args.sla_student or None, ("rcm", "reproduce")),
-                                ("--tangent-warmup", args.tangent_warmup, ("rcm", "reproduce")),
+                                ("--sla-student", args.sla_student or None, ("rcm", "dmd", "reproduce")),
+                                ("--tangent-warmup", args.tangent_warmup, ("rcm", "dmd", "reproduce")),
                                 ("--no-dmd", args.no_dmd or None, ("rcm", "reproduce")),
                                 ("--no-scm", args.no_scm or None, ("rcm", "reproduce")),
-                                ("--anchor-weight", args.anchor_weight, ("rcm", "reproduce")),
-                                ("--anchor-pool", args.anchor_pool, ("rcm", "reproduce")),
-                                ("--anchor-size-scale", args.anchor_size_scale, ("rcm", "reproduce")),
+                                ("--anchor-weight", args.anchor_weight, ("rcm", "dmd", "reproduce")),
+                                ("--anchor-pool", args.anchor_pool, ("rcm", "dmd", "reproduce")),
+                                ("--anchor-size-scale", args.anchor_size_scale, ("rcm", "dmd", "reproduce")),
                                 ("--teacher-data", args.teacher_data, ("rcm", "reproduce")),
-                                ("--guidance", args.guidance, ("rcm", "eval", "reproduce"))):
+                                ("--guidance", args.guidance, ("rcm", "dmd", "eval", "reproduce"))):
         if value is not None and args.stage not in stages:
             named = [st for st in stages if st != "reproduce"]   # reproduce passes the flag on to its stage
             raise ValueError(f"{flag} applies to the {', '.join(named)} stage{'s' * (len(named) > 1)} only")
@@ -333,6 +338,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         elif args.stage == "rcm":
             from turbovid.train.distill import run_rcm
             out = run_rcm(recipe, run_dir, env, until=args.until, init=args.init)
+        elif args.stage == "dmd":
+            from turbovid.train.distill import run_dmd
+            out = run_dmd(recipe, run_dir, env, until=args.until)
         elif args.stage == "merge":
             from turbovid.train.reproduce import run_merge
             out = run_merge(recipe, run_dir, env)

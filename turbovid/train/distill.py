@@ -14,7 +14,8 @@ samples), then one student step every `student_update_freq`, whose loss is step 
 with `RCMStage.anchor_weight` that weight times the sample's summed squared distance to the frozen start student's x0
 from the same state (an anchor against the colour drift DMD brought in session 25); with `RCMStage.anchor_pool` k > 1
 only the distance's k x k spatial block averages count (`losses.anchor_distance`), the outlines left to DMD, and
-`RCMStage.anchor_size_scale` scales it per sample by the object size its caption states.
+`RCMStage.anchor_size_scale` scales it per sample by the object size its caption states. `run_dmd` runs a recipe's
+`dmd_round` (such a stage) from the ode stage's student, the mini release's last stage.
 
 Student step, batch of data latents x0 with captions (with `RCMStage.teacher_data`, as in rCM: latents the
 teacher sampled for those captions, `TeacherSamples`):
@@ -35,6 +36,7 @@ exported model.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -263,4 +265,21 @@ def run_rcm(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None,
         student = load_weights(init)
     drive(RCMTrainer(recipe, run_dir, env, load_weights(teacher, env.device), student_weights=student), out, env,
           until=until, init=teacher if init is None else init)
+    return out / "final.safetensors"
+
+
+def run_dmd(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None) -> Path:
+    """recipe.dmd_round into run_dir/dmd: DMD alone (an rCM stage with sCM off, its record in the weights history
+    "rcm") from the ode stage's last round's student, that student and its anchor with SLA at the top-k the round
+    trained at."""
+    if recipe.dmd_round is None:
+        raise ValueError(f"recipe {recipe.name!r} has no DMD round")
+    init = Path(run_dir) / "ode" / "final.safetensors"     # the last round's folder (loop.round_dirs)
+    if not init.is_file():
+        raise ValueError(f"the DMD round continues the ode stage's student; missing {init}")
+    stage = dataclasses.replace(recipe, rcm=recipe.dmd_round,
+                                sla=dataclasses.replace(recipe.sla, topk=recipe.ode_stages[-1].topk))
+    out = Path(run_dir) / "dmd"
+    drive(RCMTrainer(stage, run_dir, env, load_weights(teacher_file(run_dir), env.device),
+                     student_weights=load_weights(init)), out, env, until=until, init=init)
     return out / "final.safetensors"

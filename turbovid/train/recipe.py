@@ -144,7 +144,8 @@ class RCMStage:
     anchor_size_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)  # (ours) the anchor's weight per sample times
                                  # this factor for the (small, medium, large) object its caption states
                                  # (data.SIZES): session 27 found DMD's gain in small objects' outlines and its loss in
-                                 # large crosses' colour (docs/training/mini/session27_checks/by_attribute.txt)
+                                 # large crosses' colour (docs/training/mini/session27_checks/by_attribute.txt);
+                                 # 0 / 1 / 3 at W 10 is the mini release's DMD round (session 28)
 
     def __post_init__(self):
         check_object_weighting(0.0, self.fg_share)
@@ -241,12 +242,17 @@ class Recipe:
                                  # round's EMA weights with a fresh optimizer and its own schedule (teacher.py)
     ode_rounds: tuple[ODEStage, ...] = ()   # further ode rounds, each continuing the previous round's student
                                  # (on policy: its sampling states and its other calls' targets are that student's)
+    dmd_round: RCMStage | None = None   # optional DMD-alone round (ours; an RCMStage with scm off) of the ode stage's
+                                 # student, the last DiT stage, in run_dir/dmd (distill.run_dmd): its student and
+                                 # anchor run SLA at the top-k the last ode round trained at; part of `reproduce`
+                                 # and of the release when ship_student is "dmd"
     merge_weight: float = 1.0    # merged = rCM + w (SLA - teacher)  (TD)
     ship_topk: float | None = None  # the top-k the release runs SLA at by default (config.json sla_topk); None:
                                  # sla.topk, the one it was tuned at (config.json sla_topk_tuned either way)
     ship_student: str = "merged"  # the 4-step student `ship` releases: "merged" (TD), "rcm" (the rCM student
                                  # alone), "sla" (the SLA-tuned rCM student, with sla.base = "rcm"), "qat" (that
-                                 # student after the qat stage) or "ode" (after the ode stage)
+                                 # student after the qat stage), "ode" (after the ode stage) or "dmd" (after the
+                                 # ode stage and the DMD round)
     data_seed: int = 0
     pool_clips: int = 0          # > 0: DiT stages train on this many pre-encoded clips (inputs.LatentBatches)
     text_seed: int = 1234        # the frozen text encoder is this seeded random umT5
@@ -258,9 +264,9 @@ class Recipe:
     def __post_init__(self):
         if self.sla.base not in ("teacher", "rcm"):
             raise ValueError(f"sla.base must be teacher or rcm, got {self.sla.base!r}")
-        wanted = {"merged": "teacher", "sla": "rcm", "qat": "rcm", "ode": "rcm"}.get(self.ship_student)
-        if self.ship_student not in ("merged", "rcm", "sla", "qat", "ode"):
-            raise ValueError(f"ship_student must be merged, rcm, sla, qat or ode, got {self.ship_student!r}")
+        wanted = {"merged": "teacher", "sla": "rcm", "qat": "rcm", "ode": "rcm", "dmd": "rcm"}.get(self.ship_student)
+        if self.ship_student not in ("merged", "rcm", "sla", "qat", "ode", "dmd"):
+            raise ValueError(f"ship_student must be merged, rcm, sla, qat, ode or dmd, got {self.ship_student!r}")
         if wanted and self.sla.base != wanted:
             raise ValueError(f"ship_student={self.ship_student!r} needs sla.base={wanted!r}, got {self.sla.base!r}")
         if self.qat is not None and (self.sla.base != "rcm" or self.qat.base != "rcm" or not self.qat.quant_weight > 0):
@@ -270,6 +276,12 @@ class Recipe:
             raise ValueError("ship_student='qat' needs a qat stage")
         if self.ship_student == "ode" and self.ode is None:
             raise ValueError("ship_student='ode' needs an ode stage")
+        if self.ship_student == "dmd" and self.dmd_round is None:
+            raise ValueError("ship_student='dmd' needs a dmd_round stage")
+        if self.dmd_round is not None and self.ode is None:
+            raise ValueError("the DMD round continues the ode stage's student: the recipe has no ode stage")
+        if self.dmd_round is not None and self.dmd_round.scm:
+            raise ValueError("dmd_round is DMD alone: it needs scm off")
         if self.ode is not None and self.sla.base != "rcm":
             raise ValueError("the ode stage continues the SLA-tuned rCM student: it needs sla.base 'rcm'")
         if self.ode_rounds and self.ode is None:
@@ -316,6 +328,11 @@ def _mini() -> Recipe:
     # number of GPUs, so `turbovid train reproduce` on one GPU runs the same optimisation (round 1 and the VAE
     # then take batch 128 / 64 on that GPU). An earlier VAE sweep on one GPU (batch 16, 1475 steps,
     # lr 2e-4 / 4e-4 / 8e-4) put 4e-4 lowest.
+    rcm = RCMStage(Schedule(steps=500, batch=8, ckpt_every=1000),
+                   # rCM: betas (0, 0.999), no gradient clipping (NaN/inf entries are still zeroed)
+                   Optim(lr=2e-5, betas=(0.0, 0.999), warmup=0, grad_clip=0.0),
+                   Optim(lr=4e-6, betas=(0.0, 0.999), warmup=0, grad_clip=0.0),
+                   tangent_warmup=500, student_update_freq=5)
     return Recipe(
         name="mini", dit=MINI_DIT, vae=MINI_VAE_UNIT, text=MINI_TEXT, size=240, frames=33,
         vae_stage=VAEStage(Schedule(steps=2316, batch=16, gpus=4, ckpt_every=1000),
@@ -417,17 +434,26 @@ def _mini() -> Recipe:
         # colour 0.91), 0.844 at CFG 5 (colour 0.93, hue drift 7.7 degrees) and 0.852 with sCM alone at CFG 6
         # (colour 0.97, drift 6.2).
         # DMD's mode-seeking turned large crosses' hue over the frames (docs/training/mini/session13_checks).
-        rcm=RCMStage(Schedule(steps=500, batch=8, ckpt_every=1000),
-                     # rCM: betas (0, 0.999), no gradient clipping (NaN/inf entries are still zeroed)
-                     Optim(lr=2e-5, betas=(0.0, 0.999), warmup=0, grad_clip=0.0),
-                     Optim(lr=4e-6, betas=(0.0, 0.999), warmup=0, grad_clip=0.0),
-                     tangent_warmup=500, student_update_freq=5),
+        rcm=rcm,
+        # The last stage (session 28, one H100 beside two other runs, fitted to 1455 steps at 6.9 steps/s): DMD alone
+        # from round 3's student, the teacher's CFG 2, its fake score warmed up 200 steps, the anchor to round 3's own
+        # samples at weight 10 times 0 / 1 / 3 for a caption's small / medium / large object (small shapes free,
+        # large crosses' colour held). Full stack, 256 prompts per set (0.., 1000.., 3000..): 230 / 230 / 224
+        # against round 3's 225 / 225 / 219 (24 clips gained, 9 lost, exact McNemar p = 0.014; the teacher 701 of
+        # 768); small objects 189 of 250 (round 3 174, the teacher 199), large 244 of 256 (246, 246). Beside it
+        # (sessions 25-28, from round 3): unanchored 189 / 235 small / large, every cell anchored at W 10 184 / 241,
+        # block averages only (anchor_pool 3) 185 / 237; the anchor 0 / 0.3 / 3 and 0.1 / 1 / 3 228 and 226 on
+        # 1000.. (session28_checks).
+        dmd_round=dataclasses.replace(rcm, run=Schedule(steps=1455, batch=8, ckpt_every=1000), guidance=2.0,
+                                      tangent_warmup=200, student_attention="sla", scm=False, anchor_weight=10.0,
+                                      anchor_size_scale=(0.0, 1.0, 3.0)),
         pool_clips=24000,
         # The merge hurt the session-4 run (SLA fine-tune of the teacher, 478 steps; `turbovid eval`, 24 held-out
         # prompts, CPU): merged student 0.21 adherence with dense attention and 0.08 with SLA, vs 0.42 for the rCM
         # student alone (= the teacher's 0.42); the rCM student with SLA and a zero proj_l scored 0.04. So the
-        # release ships the rCM student SLA-tuned on its own sampling states, then fitted on policy (ode, above).
-        ship_student="ode",
+        # release ships the rCM student SLA-tuned on its own sampling states, fitted on policy (ode, above), then
+        # trained by DMD alone (dmd_round).
+        ship_student="dmd",
     )
 
 
@@ -450,7 +476,7 @@ RECIPES: dict[str, Recipe] = {"mini": _mini(), "tiny": _tiny()}
 
 # `turbovid train <stage>` -> the Recipe field holding that stage's settings (run, optim, ...).
 STAGE_FIELDS = {"vae": "vae_stage", "vae_decoder": "vae_decoder", "teacher": "teacher", "sla": "sla", "qat": "qat",
-                "rcm": "rcm", "ode": "ode"}
+                "rcm": "rcm", "ode": "ode", "dmd": "dmd_round"}
 
 
 def for_world(recipe: Recipe, world: int, stages: tuple[str, ...] = tuple(STAGE_FIELDS.values())) -> Recipe:

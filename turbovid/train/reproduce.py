@@ -2,17 +2,20 @@
 an interrupted one continues from its newest checkpoint):
 
     tokenizer + frozen text encoder -> VAE (-> VAE decoder fine-tune) -> teacher -> rCM distillation -> SLA fine-tune
-    (-> quantization-aware fine-tune) -> merge -> evaluation of teacher / rCM / merged -> export/
+    (-> quantization-aware fine-tune | -> ode (-> DMD round)) -> merge -> evaluation of teacher / rCM / merged
+    -> export/
 (SLA tunes the teacher and the merge adds its change to the rCM student, SPEC §10.1; with recipe.sla.base =
 "rcm" SLA tunes the rCM student itself and there is no merge, and a recipe that ships the qat stage's student
 continues that student quantization-aware, teacher.QATTrainer; one that ships the ode stage's student fits that
-student to the teacher's own samples last, trajectory.ODETrainer.)
+student to the teacher's own samples last, trajectory.ODETrainer, and one that ships the DMD round's student then
+trains that student by DMD alone, distill.run_dmd.)
 
 Each stage writes run_dir/<stage>/{log.jsonl, checkpoints/, final.safetensors}. Evaluations run on rank 0
 (held-out prompts, `turbovid.train.evaluate`) and land in run_dir/eval/*.json (+ an mp4 of 8 samples).
 export/ holds the release files `ship` writes (what `turbovid train ship` copies into turbovid/assets/):
     dit.safetensors          the 4-step student, bf16 (recipe.ship_student: merged rCM + SLA, the rCM student, the
-                             SLA-tuned rCM student, or that student after the qat or the ode stage)
+                             SLA-tuned rCM student, or that student after the qat or the ode stage, or after the
+                             ode stage and the DMD round)
     dit_int8.safetensors     the same, W8A8 INT8 (fast format)
     dit_teacher.safetensors  the teacher, bf16 (50 steps with CFG)
     vae.safetensors, text_encoder.safetensors (bf16), spiece.model
@@ -28,7 +31,7 @@ import json
 import shutil
 from pathlib import Path
 
-from turbovid.train.distill import run_rcm
+from turbovid.train.distill import run_dmd, run_rcm
 from turbovid.train.evaluate import evaluate
 from turbovid.train.inputs import build_text_encoder, trained_vae_file
 from turbovid.train.loop import Env
@@ -66,7 +69,7 @@ def _evaluate_all(recipe: Recipe, run_dir: Path, env: Env) -> dict:
         jobs["merged_sla"] = (run_dir / "merged" / "model.safetensors", "sla", "rcm", recipe.eval_rcm_steps)
     else:
         jobs["rcm_sla"] = (run_dir / "sla" / "final.safetensors", "sla", "rcm", recipe.eval_rcm_steps)
-    if recipe.ship_student in ("qat", "ode"):
+    if recipe.ship_student in ("qat", "ode", "dmd"):
         jobs[f"{recipe.ship_student}_sagesla"] = (run_dir / recipe.ship_student / "final.safetensors", "sagesla", "rcm",
                                                   recipe.eval_rcm_steps)
     summary = {}
@@ -93,8 +96,10 @@ def reproduce(recipe: Recipe, run_dir: Path, env: Env, evaluate_models: bool = T
         stages.insert(1, (functools.partial(run_vae, decoder=True), "vae_decoder"))
     if recipe.ship_student == "qat":
         stages.append((run_qat, "qat"))
-    if recipe.ship_student == "ode":
+    if recipe.ship_student in ("ode", "dmd"):
         stages.append((run_ode, "ode"))
+    if recipe.ship_student == "dmd":
+        stages.append((run_dmd, "dmd"))
     for stage, name in stages:
         if not (run_dir / name / "final.safetensors").is_file():
             stage(recipe, run_dir, env)
@@ -120,7 +125,8 @@ def ship(recipe: Recipe, run_dir: Path, dest: Path, summary: dict | None = None)
     What each stage ran is read from the shipped files' histories (checkpoint.weights_history, which the shipped
     files keep), so a run assembled from an earlier release's files counts every stage behind them; a stage no
     history records falls back to the step count of run_dir/<stage>/final.safetensors. `stages` keeps one entry per
-    stage name; `student_history` is the shipped student's whole history in order (a stage run twice, e.g. rcm again
+    stage name (the DMD round's is "dmd", though its record in the history reads "rcm": it trains with the rCM
+    trainer); `student_history` is the shipped student's whole history in order (a stage run twice, e.g. rcm again
     after the ode rounds, appears twice there)."""
     import torch
     from safetensors.torch import load_file
@@ -130,7 +136,7 @@ def ship(recipe: Recipe, run_dir: Path, dest: Path, summary: dict | None = None)
 
     run_dir, dest = Path(run_dir), Path(dest)
     students = {"merged": run_dir / "merged" / "model.safetensors", "rcm": run_dir / "rcm" / "final.safetensors",
-                **{name: run_dir / name / "final.safetensors" for name in ("sla", "qat", "ode")}}
+                **{name: run_dir / name / "final.safetensors" for name in ("sla", "qat", "ode", "dmd")}}
     sources = {"dit_teacher": run_dir / "teacher" / "final.safetensors", "dit": students[recipe.ship_student],
                "vae": trained_vae_file(recipe, run_dir), "text_encoder": run_dir / "text_encoder.safetensors"}
     missing = [str(p) for p in sources.values() if not p.is_file()]
@@ -149,7 +155,14 @@ def ship(recipe: Recipe, run_dir: Path, dest: Path, summary: dict | None = None)
         path = run_dir / folder / "final.safetensors"
         history = weights_history(path) if path.is_file() else []
         return history[-1].get("steps", 0) if history else 0
-    recorded = [entry for role in ("vae", "dit") for entry in histories[role]]
+    student = histories["dit"]
+    dmd_steps = None
+    if recipe.ship_student == "dmd":      # the DMD round's record is the student's last, "rcm"
+        if student and student[-1]["stage"] == "rcm":
+            student, dmd_steps = student[:-1], student[-1]["steps"]
+        else:
+            dmd_steps = folder_steps("dmd")
+    recorded = [*histories["vae"], *student]
 
     def steps(stage: str) -> int:   # the shipped files' last record of the stage, else its run folder's
         found = [entry["steps"] for entry in recorded if entry["stage"] == stage]
@@ -161,15 +174,17 @@ def ship(recipe: Recipe, run_dir: Path, dest: Path, summary: dict | None = None)
     stages = {stage: {"steps": steps(stage)} for stage in ("vae", "sla", "rcm")}
     if recipe.ship_student == "qat":
         stages["qat"] = {"steps": steps("qat")}
-    if recipe.ship_student == "ode":
+    if recipe.ship_student in ("ode", "dmd"):
         stages["ode"] = rounds("dit", "ode", ode_dirs(recipe))
+    if dmd_steps is not None:
+        stages["dmd"] = {"steps": dmd_steps}
     if recipe.vae_decoder is not None:
         stages["vae_decoder"] = {"steps": steps("vae_decoder")}
     stages["teacher"] = rounds("dit_teacher", "teacher", teacher_dirs(recipe))
     config = {"recipe": recipe.name, "size": recipe.size, "frames": recipe.frames, "stages": stages,
               "vae_latent_stats": json.loads((run_dir / "vae" / "latent_stats.json").read_text()),
               "student": recipe.ship_student, "sla_topk": recipe.ship_topk or recipe.sla.topk,
-              "sla_topk_tuned": recipe.ode.topk if recipe.ship_student == "ode" else recipe.sla.topk,
+              "sla_topk_tuned": recipe.ode.topk if recipe.ship_student in ("ode", "dmd") else recipe.sla.topk,
               "merge_weight": recipe.merge_weight, "student_history": histories["dit"]}
     recon = trained_vae_file(recipe, run_dir).parent / "reconstruction.json"
     if recon.is_file():
