@@ -60,3 +60,29 @@ def test_sla_runs_at_the_shipped_top_k():
     assert Pipeline.load("mini", device="cpu", attention="sla", topk=0.1).topk == 0.1
     with pytest.raises(ValueError, match="--topk must be in"):
         Pipeline.load("mini", device="cpu", attention="sla", topk=1.5)
+
+
+def test_shipped_files_record_the_recipe_that_made_them():
+    # `turbovid train reproduce` (recipe.mini) runs what the release records: every stage's steps and the student's
+    # whole history in order (the DMD round's record reads "rcm", after the ode rounds)
+    import json
+    from pathlib import Path
+
+    from turbovid.train.checkpoint import weights_history
+    from turbovid.train.recipe import RECIPES
+
+    recipe = RECIPES["mini"]
+    files = shipped_files(MODELS["mini"])
+    config = json.loads((Path(files["dit"]).parent / "config.json").read_text())
+    teacher = [t.run.steps for t in recipe.teacher_stages]
+    ode = [o.run.steps for o in recipe.ode_stages]
+    assert config["student"] == recipe.ship_student == "dmd"
+    assert config["stages"] == {"vae": {"steps": recipe.vae_stage.run.steps}, "sla": {"steps": recipe.sla.run.steps},
+                                "rcm": {"steps": recipe.rcm.run.steps}, "ode": {"steps": sum(ode), "rounds": ode},
+                                "dmd": {"steps": recipe.dmd_round.run.steps},
+                                "teacher": {"steps": sum(teacher), "rounds": teacher}}
+    history = [*({"stage": "teacher", "steps": n} for n in teacher), {"stage": "rcm", "steps": recipe.rcm.run.steps},
+               {"stage": "sla", "steps": recipe.sla.run.steps}, *({"stage": "ode", "steps": n} for n in ode),
+               {"stage": "rcm", "steps": recipe.dmd_round.run.steps}]
+    assert config["student_history"] == weights_history(files["dit"]) == history
+    assert config["sla_topk"] == recipe.ship_topk and config["sla_topk_tuned"] == recipe.ode_stages[-1].topk
