@@ -20,6 +20,7 @@ PANELS = (   # (stage, [keys], title, log y)
     ("ode", ["loss_sla", "loss_dense"], "ode (trajectory distillation): velocity MSE to its targets", True),
     ("rcm", ["loss_scm"], "rCM: sCM loss (x loss_scale)", False),
     ("rcm", ["loss_dmd", "loss_fake"], "rCM: DMD loss / fake-score loss", True),
+    ("dmd", ["loss_dmd", "loss_anchor", "loss_fake"], "DMD round: DMD / anchor / fake-score loss", True),
     ("teacher", ["lr"], "teacher: learning rate", False),
 )
 
@@ -53,7 +54,8 @@ def plot_run(run_dir: str | Path, output: str | Path, recipe: Recipe, window: in
     logs.update({s: log for s, dirs in rounds.items() if (log := rounds_log(run_dir, dirs))})
     if not logs:
         raise ValueError(f"no stage logs (<stage>/log.jsonl) under {run_dir}")
-    fig, axes = plt.subplots(2, 4, figsize=(20, 8))
+    rows = -(-len(PANELS) // 4)
+    fig, axes = plt.subplots(rows, 4, figsize=(20, 4 * rows))
     for ax in axes.flat[len(PANELS):]:
         ax.set_visible(False)
     for ax, (stage, keys, title, log_y) in zip(axes.flat, PANELS):

@@ -18,6 +18,7 @@ SHIPPED = {   # run folder -> the log of the stage that made the release's weigh
     "ode_round1": "ode_session20_q3_on_policy1.jsonl",
     "ode_round2": "ode_session21_r1_on_policy2.jsonl",
     "ode": "ode_session24_round3_from_stdout.jsonl",
+    "dmd": "session28_checks/s28_s_log.jsonl",
 }
 
 run = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/mini_release")
