@@ -24,9 +24,11 @@
 # Session 26 ran d1 again with f g h (as prepared above) and i j, d2 and x on them, and e3; PREFIX names the runs and
 # files (default s25; session 26's i and j: s26). Session 27: e3 of h and of the weight average
 # (runs/carry/s26/soup_release_e_bf16.safetensors), x of the average, then the pooled anchor, PREFIX=s27
-# VARIANTS="p:2e-5:2:10:3 q:2e-5:2:30:5 r:2e-5:2:30:3" FIT=200 d1, then d2 on them and x on p. Prepared for session
-# 28, not run: the anchor per caption size, PREFIX=s28 VARIANTS="s:2e-5:2:10:1:0,1,3 t:2e-5:2:10:1:0,0.3,3
-# u:2e-5:2:10:1:0.1,1,3" FIT=200 d1, then d2 (~580 s for three), then x on the best.
+# VARIANTS="p:2e-5:2:10:3 q:2e-5:2:30:5 r:2e-5:2:30:3" FIT=200 d1, then d2 on them and x on p. Session 28: the
+# anchor per caption size, PREFIX=s28 VARIANTS="s:2e-5:2:10:1:0,1,3 t:2e-5:2:10:1:0,0.3,3 u:2e-5:2:10:1:0.1,1,3"
+# FIT=200 d1, d2 (540 s for three), x on s (SETS="0 3000" LIMIT=560), e3 with FILE=runs/carry/s28/s28_s_bf16.safetensors
+# carried (s shipped as recipe.dmd_round); then from s, PREFIX=s28b VARIANTS="v:2e-5:2:10:1:0,1,3
+# w:2e-5:2:10:1:0,1,10 y:1e-5:2:10:1:0,1,3" FIT=200 d1 and d2 with runs/carry/s28b carried (a bare machine: 581 s).
 source "$(dirname "$0")/prelude.sh" "$1"
 VARIANTS=${VARIANTS:-a:2e-5 b:5e-6}
 P=${PREFIX:-s25}
