@@ -255,9 +255,10 @@ class RCMTrainer(TrainedNetworks):
 
 
 def run_rcm(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None,
-            init: str | Path | None = None) -> Path:
-    """The rCM stage into run_dir/rcm; `init`: the student's start weights (default: the teacher)."""
-    out = Path(run_dir) / "rcm"
+            init: str | Path | None = None, folder: str = "rcm") -> Path:
+    """The rCM stage (recipe.rcm) into run_dir/<folder>; `init`: the student's start weights (default: the
+    teacher)."""
+    out = Path(run_dir) / folder
     teacher, student = teacher_file(run_dir), None
     if init is not None:
         if not Path(init).is_file():
@@ -279,7 +280,4 @@ def run_dmd(recipe: Recipe, run_dir: Path, env: Env, until: int | None = None) -
         raise ValueError(f"the DMD round continues the ode stage's student; missing {init}")
     stage = dataclasses.replace(recipe, rcm=recipe.dmd_round,
                                 sla=dataclasses.replace(recipe.sla, topk=recipe.ode_stages[-1].topk))
-    out = Path(run_dir) / "dmd"
-    drive(RCMTrainer(stage, run_dir, env, load_weights(teacher_file(run_dir), env.device),
-                     student_weights=load_weights(init)), out, env, until=until, init=init)
-    return out / "final.safetensors"
+    return run_rcm(stage, run_dir, env, until=until, init=init, folder="dmd")

@@ -304,6 +304,11 @@ class Recipe:
         return (self.teacher, *self.teacher_rounds)
 
     @property
+    def student_stages(self) -> tuple[str, ...]:
+        """The stages after sla that make the shipped student, in order (each one run_dir folder's final weights)."""
+        return {"qat": ("qat",), "ode": ("ode",), "dmd": ("ode", "dmd")}.get(self.ship_student, ())
+
+    @property
     def ode_stages(self) -> tuple[ODEStage, ...]:
         return () if self.ode is None else (self.ode, *self.ode_rounds)
 

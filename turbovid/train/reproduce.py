@@ -69,7 +69,7 @@ def _evaluate_all(recipe: Recipe, run_dir: Path, env: Env) -> dict:
         jobs["merged_sla"] = (run_dir / "merged" / "model.safetensors", "sla", "rcm", recipe.eval_rcm_steps)
     else:
         jobs["rcm_sla"] = (run_dir / "sla" / "final.safetensors", "sla", "rcm", recipe.eval_rcm_steps)
-    if recipe.ship_student in ("qat", "ode", "dmd"):
+    if recipe.student_stages:
         jobs[f"{recipe.ship_student}_sagesla"] = (run_dir / recipe.ship_student / "final.safetensors", "sagesla", "rcm",
                                                   recipe.eval_rcm_steps)
     summary = {}
@@ -94,12 +94,8 @@ def reproduce(recipe: Recipe, run_dir: Path, env: Env, evaluate_models: bool = T
     stages = [(run_vae, "vae"), (run_teacher, "teacher"), (run_rcm, "rcm"), (run_sla, "sla")]
     if recipe.vae_decoder is not None:
         stages.insert(1, (functools.partial(run_vae, decoder=True), "vae_decoder"))
-    if recipe.ship_student == "qat":
-        stages.append((run_qat, "qat"))
-    if recipe.ship_student in ("ode", "dmd"):
-        stages.append((run_ode, "ode"))
-    if recipe.ship_student == "dmd":
-        stages.append((run_dmd, "dmd"))
+    runners = {"qat": run_qat, "ode": run_ode, "dmd": run_dmd}
+    stages += [(runners[name], name) for name in recipe.student_stages]
     for stage, name in stages:
         if not (run_dir / name / "final.safetensors").is_file():
             stage(recipe, run_dir, env)
@@ -155,13 +151,8 @@ def ship(recipe: Recipe, run_dir: Path, dest: Path, summary: dict | None = None)
         path = run_dir / folder / "final.safetensors"
         history = weights_history(path) if path.is_file() else []
         return history[-1].get("steps", 0) if history else 0
-    student = histories["dit"]
-    dmd_steps = None
-    if recipe.ship_student == "dmd":      # the DMD round's record is the student's last, "rcm"
-        if student and student[-1]["stage"] == "rcm":
-            student, dmd_steps = student[:-1], student[-1]["steps"]
-        else:
-            dmd_steps = folder_steps("dmd")
+    student = list(histories["dit"])      # the DMD round's record is the student's last (its trainer's, "rcm")
+    dmd = student.pop() if "dmd" in recipe.student_stages and student else {"steps": 0}
     recorded = [*histories["vae"], *student]
 
     def steps(stage: str) -> int:   # the shipped files' last record of the stage, else its run folder's
@@ -172,19 +163,19 @@ def ship(recipe: Recipe, run_dir: Path, dest: Path, summary: dict | None = None)
         found = found or [folder_steps(name) for name in dirs]
         return {"steps": sum(found), "rounds": found}
     stages = {stage: {"steps": steps(stage)} for stage in ("vae", "sla", "rcm")}
-    if recipe.ship_student == "qat":
+    if "qat" in recipe.student_stages:
         stages["qat"] = {"steps": steps("qat")}
-    if recipe.ship_student in ("ode", "dmd"):
+    if "ode" in recipe.student_stages:
         stages["ode"] = rounds("dit", "ode", ode_dirs(recipe))
-    if dmd_steps is not None:
-        stages["dmd"] = {"steps": dmd_steps}
+    if "dmd" in recipe.student_stages:
+        stages["dmd"] = {"steps": dmd["steps"]}
     if recipe.vae_decoder is not None:
         stages["vae_decoder"] = {"steps": steps("vae_decoder")}
     stages["teacher"] = rounds("dit_teacher", "teacher", teacher_dirs(recipe))
     config = {"recipe": recipe.name, "size": recipe.size, "frames": recipe.frames, "stages": stages,
               "vae_latent_stats": json.loads((run_dir / "vae" / "latent_stats.json").read_text()),
               "student": recipe.ship_student, "sla_topk": recipe.ship_topk or recipe.sla.topk,
-              "sla_topk_tuned": recipe.ode.topk if recipe.ship_student in ("ode", "dmd") else recipe.sla.topk,
+              "sla_topk_tuned": recipe.ode_stages[-1].topk if "ode" in recipe.student_stages else recipe.sla.topk,
               "merge_weight": recipe.merge_weight, "student_history": histories["dit"]}
     recon = trained_vae_file(recipe, run_dir).parent / "reconstruction.json"
     if recon.is_file():
