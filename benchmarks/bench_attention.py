@@ -65,8 +65,12 @@ def _providers(q, k, v, lut, bq_sparse, bk_sparse):
              ("ours-dense-fp16pv", lambda: sage_attention(q, k, v, pv="fp16"), "whole call incl. quantization", False)]
     quant = quantize_qkv(q, k, v, 128, 128, "fp8")
     out = torch.empty_like(q)  # keeps q's [B, L, H, D] storage order
-    rows.append(("ours-dense-fp8pv-kernel", lambda: (sage_attention_quantized(*quant, out, None, 128, 128, "fp8"), out)[1],
+    rows.append(("ours-dense-fp8pv-kernel",
+                 lambda: (sage_attention_quantized(*quant, out, None, 128, 128, "fp8", promote=False), out)[1],
                  "attention kernel only (pre-quantized)", False))
+    rows.append(("ours-dense-fp8pv-promote-kernel",
+                 lambda: (sage_attention_quantized(*quant, out, None, 128, 128, "fp8", promote=True), out)[1],
+                 "kernel only, two-level FP8 P.V accumulation (fp32 add per key block)", False))
     rows.append(("ours-quant-only", lambda: quantize_qkv(q, k, v, 128, 128, "fp8"), "Q/K/V quantization only", None))
     rows.append((f"ours-sparse{int(TOPK * 100)}-fp8pv",
                  lambda: sage_attention(q, k, v, lut=lut, block_q=bq_sparse, block_k=bk_sparse, pv="fp8"),
@@ -74,8 +78,11 @@ def _providers(q, k, v, lut, bq_sparse, bk_sparse):
     squant = quantize_qkv(q, k, v, bq_sparse, bk_sparse, "fp8")
     sout = torch.empty_like(q)  # keeps q's [B, L, H, D] storage order
     rows.append((f"ours-sparse{int(TOPK * 100)}-fp8pv-kernel",
-                 lambda: (sage_attention_quantized(*squant, sout, lut, bq_sparse, bk_sparse, "fp8"), sout)[1],
-                 "attention kernel only (pre-quantized)", True))
+                 lambda: (sage_attention_quantized(*squant, sout, lut, bq_sparse, bk_sparse, "fp8", promote=False),
+                          sout)[1], "attention kernel only (pre-quantized)", True))
+    rows.append((f"ours-sparse{int(TOPK * 100)}-fp8pv-promote-kernel",
+                 lambda: (sage_attention_quantized(*squant, sout, lut, bq_sparse, bk_sparse, "fp8", promote=True),
+                          sout)[1], "kernel only, two-level FP8 P.V accumulation", True))
     return rows
 
 

@@ -351,7 +351,7 @@ def sage_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, lut
 @triton.jit
 def _attend_block(acc, l_i, m_i, q, qk_scale, K8, KS, VT, kb, L, Lk_pad, offs_n, offs_d,
                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
-                  FP8_PV: tl.constexpr, MAGIC: tl.constexpr, SOFT_ROUND: tl.constexpr):
+                  FP8_PV: tl.constexpr, MAGIC: tl.constexpr, SOFT_ROUND: tl.constexpr, PROMOTE: tl.constexpr):
     cols = kb * BLOCK_N + offs_n
     k = tl.load(K8 + cols[None, :] * HEAD_DIM + offs_d[:, None])  # [D, BLOCK_N], D contiguous (K-major)
     scale = qk_scale * tl.load(KS + kb)
@@ -377,7 +377,10 @@ def _attend_block(acc, l_i, m_i, q, qk_scale, K8, KS, VT, kb, L, Lk_pad, offs_n,
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(VT + offs_d[None, :] * Lk_pad + cols[:, None])  # [BLOCK_N, D] from V^T: tokens contiguous
     acc = acc * alpha[:, None]
-    if FP8_PV:
+    if FP8_PV and PROMOTE:
+        # Two-level accumulation: this block's BLOCK_N-key product in a fresh accumulator, then a true fp32 add.
+        acc = tl.dot(_to_e4m3(p, SOFT_ROUND), v, acc, max_num_imprecise_acc=BLOCK_N)
+    elif FP8_PV:
         acc = tl.dot(_to_e4m3(p, SOFT_ROUND), v, acc)
     else:
         acc = tl.dot(p.to(tl.float16), v, acc)
@@ -390,7 +393,7 @@ def _sage_attn_kernel(Q8, QS, K8, KS, VT, VS, VM, LUT, Out,
                       H, L, n_qblk, n_kblk, n_iter,
                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       SPARSE: tl.constexpr, TAIL: tl.constexpr, FP8_PV: tl.constexpr, MAGIC: tl.constexpr,
-                      SOFT_ROUND: tl.constexpr, ADD_OUT: tl.constexpr = False):
+                      SOFT_ROUND: tl.constexpr, ADD_OUT: tl.constexpr = False, PROMOTE: tl.constexpr = False):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     bh64 = bh.to(tl.int64)
@@ -417,13 +420,13 @@ def _sage_attn_kernel(Q8, QS, K8, KS, VT, VS, VM, LUT, Out,
         else:
             kb = it
         acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, qk_scale, K8, KS, VT, kb, L, Lk_pad, offs_n, offs_d,
-                                      HEAD_DIM, BLOCK_N, False, FP8_PV, MAGIC, SOFT_ROUND)
+                                      HEAD_DIM, BLOCK_N, False, FP8_PV, MAGIC, SOFT_ROUND, PROMOTE)
     if SPARSE:
         kb = tl.load(LUT + n_iter - 1)
     else:
         kb = n_iter - 1
     acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, qk_scale, K8, KS, VT, kb, L, Lk_pad, offs_n, offs_d,
-                                  HEAD_DIM, BLOCK_N, TAIL, FP8_PV, MAGIC, SOFT_ROUND)
+                                  HEAD_DIM, BLOCK_N, TAIL, FP8_PV, MAGIC, SOFT_ROUND, PROMOTE)
 
     out = acc * (1.0 / l_i)[:, None]
     if FP8_PV:
@@ -456,6 +459,12 @@ _CONFIGS = {
 }
 
 
+# FP8 P·V accumulation. Hopper's FP8 MMA keeps fewer bits than fp32 in its accumulator (Triton's default on sm90
+# leaves the whole key loop in it); `promote` adds each key block's product into a true fp32 accumulator instead
+# (SageAttention2's "fp32+fp32"), at the cost of one register tile and an add per block. None: this default.
+FP8_PV_PROMOTE = False
+
+
 def _empty_output(q: torch.Tensor) -> torch.Tensor:
     """[B, H, L, D] output with q's memory layout: [B, L, H, D] storage when q is such a view, else contiguous."""
     b, h, length, d = q.shape
@@ -466,7 +475,7 @@ def _empty_output(q: torch.Tensor) -> torch.Tensor:
 
 def sage_attention_quantized(q8, qs, k8, ks, vt, vs, vm, out, lut, block_q: int, block_k: int, pv: str, *,
                              num_warps: Optional[int] = None, num_stages: Optional[int] = None,
-                             magic: Optional[bool] = None, add_out: bool = False):
+                             magic: Optional[bool] = None, add_out: bool = False, promote: Optional[bool] = None):
     """Launch the attention kernel on already-quantized inputs (from `quantize_qkv`), writing `out` [B, H, L, D]
     (D contiguous); returns Triton's compiled-kernel handle (register/spill counts for the benchmark sweep).
     Separate from `sage_attention` so benchmarks can time the kernel alone and sweep launch settings.
@@ -481,7 +490,8 @@ def sage_attention_quantized(q8, qs, k8, ks, vt, vs, vm, out, lut, block_q: int,
         h, length, n_qblk, n_kblk, n_iter,
         HEAD_DIM=d, BLOCK_M=block_q, BLOCK_N=block_k, SPARSE=lut is not None, TAIL=length % block_k != 0,
         FP8_PV=pv == "fp8", MAGIC=cfg["magic"] if magic is None else magic, SOFT_ROUND=interpreting(),
-        ADD_OUT=add_out, num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"])
+        ADD_OUT=add_out, PROMOTE=FP8_PV_PROMOTE if promote is None else promote,
+        num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"])
 
 
 @torch.library.custom_op("turbovid::sage_attention", mutates_args=())

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Session 29's device script. One GPU; the files as committed (turbovid/assets/mini = session 28's release).
+# The H100's SageSLA row reads 2-5 clips of 128 below its SLA row in every table run since session 21; on the CPU
+# (the SageSLA references) 0-1 either way. session29_checks/sage_numerics.py tells the fused kernels from the
+# references.
+#   n: that script's `numerics` (every SageSLA call of the full stack on 2 held-out prompts, each path against the
+#      exact SLA), then bench_attention.py --quick (our kernel with and without two-level FP8 P·V accumulation at the
+#      Wan 1.3B shape, beside SDPA and sageattention), then `v`.
+#   v: the full stack on the reported prompts 0..255 with SageSLA run by each of VARIANTS (default fused promote
+#      ref: the shipped kernel, two-level accumulation, the references the CPU runs), side by side on the one GPU.
+#   s: the full stack with SageSLA run by VARIANT (default promote) on the held-out sets in SETS (default 1000 3000),
+#      side by side.
+source "$(dirname "$0")/prelude.sh" "$1"
+C=docs/training/mini/session29_checks/sage_numerics.py
+grade() {   # grade VARIANT START: the full stack's JSON to $OUT/<VARIANT>_turbo_start<START>.json, its row to evals.log
+  OMP_NUM_THREADS=4 python3 "$C" eval "$1" --device cuda --configs turbo --start "$2" --count 256 \
+    --out "$OUT/$1_turbo_start$2.json" 2> "/tmp/progress_$1_$2.log" | sed -n 2p | sed "s|^|$1 $2: |" >> "$OUT/evals.log"
+}
+variants() {
+  for v in ${VARIANTS:-fused promote ref}; do grade "$v" 0 & done
+  wait
+  cat "$OUT/evals.log"
+}
+case "$1" in
+n) python3 "$C" numerics "$OUT/sagesla_numerics_mini.json" | tee "$OUT/numerics.log"
+   python3 benchmarks/bench_attention.py --quick --out "$OUT" > "$OUT/bench_attention.log" 2>&1 || echo "bench exit $?"
+   tail -22 "$OUT/bench_attention.log"
+   variants ;;
+v) variants ;;
+s) for s in ${SETS:-1000 3000}; do grade "${VARIANT:-promote}" "$s" & done
+   wait
+   cat "$OUT/evals.log" ;;
+*) echo "usage: session29.sh n | v | s"
+   exit 2 ;;
+esac
