@@ -10,11 +10,20 @@
 #      ref: the shipped kernel, two-level accumulation, the references the CPU runs), side by side on the one GPU.
 #   s: the full stack with SageSLA run by VARIANT (default promote) on the held-out sets in SETS (default 1000 3000),
 #      side by side.
+#   c: the full stack of each candidate student in CANDS (folders under runs/carry/s29 holding dit and dit_int8, built
+#      on the CPU by session29_checks/soup.py and `ship`) on each held-out set in SETS, all side by side, the shipped
+#      kernel; "release" in CANDS grades the shipped student, "teacher" the teacher's row.
 source "$(dirname "$0")/prelude.sh" "$1"
 C=docs/training/mini/session29_checks/sage_numerics.py
 grade() {   # grade VARIANT START: the full stack's JSON to $OUT/<VARIANT>_turbo_start<START>.json, its row to evals.log
   OMP_NUM_THREADS=4 python3 "$C" eval "$1" --device cuda --configs turbo --start "$2" --count 256 \
     --out "$OUT/$1_turbo_start$2.json" 2> "/tmp/progress_$1_$2.log" | sed -n 2p | sed "s|^|$1 $2: |" >> "$OUT/evals.log"
+}
+cand() {    # cand NAME START: candidate NAME's full stack (or the release's / the teacher's row) on START..START+255
+  local env=() cfg=turbo
+  case "$1" in release) ;; teacher) cfg=teacher ;; *) env=(STUDENT="runs/carry/s29/$1") ;; esac
+  env "${env[@]}" OMP_NUM_THREADS=3 python3 "$C" eval fused --device cuda --configs "$cfg" --start "$2" --count 256 \
+    --out "$OUT/$1_${cfg}_start$2.json" 2> "/tmp/progress_$1_$2.log" | sed -n 2p | sed "s|^|$1 $2: |" >> "$OUT/evals.log"
 }
 variants() {
   for v in ${VARIANTS:-fused promote ref}; do grade "$v" 0 & done
@@ -30,6 +39,9 @@ v) variants ;;
 s) for s in ${SETS:-1000 3000}; do grade "${VARIANT:-promote}" "$s" & done
    wait
    cat "$OUT/evals.log" ;;
-*) echo "usage: session29.sh n | v | s"
+c) for c in $CANDS; do for s in ${SETS:-1000}; do cand "$c" "$s" & done; done
+   wait
+   cat "$OUT/evals.log" ;;
+*) echo "usage: session29.sh n | v | s | c"
    exit 2 ;;
 esac

@@ -8,7 +8,9 @@ accumulation), the H100 the fused kernels. Two subcommands, on one GPU:
                         recomputed by each path below, each against the exact (fp64) SLA at the same blocks:
                         fused = what the H100 runs; promote = fused with two-level FP8 P·V accumulation;
                         ref = sagesla_forward_ref (what the CPU runs); sla = the bf16 SLA kernels (the SLA row).
-  eval VARIANT ARGS...  `turbovid eval ARGS` with SageSLA run as VARIANT: fused | promote | ref.
+  eval VARIANT ARGS...  `turbovid eval ARGS` with SageSLA run as VARIANT: fused | promote | ref; with STUDENT=DIR in
+                        the environment, the student's dit.safetensors and dit_int8.safetensors come from DIR (a
+                        candidate graded beside others on one GPU; the rest stays the shipped files).
 """
 import json
 import os
@@ -26,6 +28,23 @@ def patch(variant: str) -> None:
         sa._sagesla_fused = sa.sagesla_forward_ref
     elif variant != "fused":
         raise SystemExit(f"unknown variant {variant!r}: fused | promote | ref")
+
+
+def use_student(folder: str) -> None:
+    from pathlib import Path
+
+    import turbovid.pipeline as P
+    shipped = P.shipped_files
+
+    def files(spec):
+        paths = shipped(spec)
+        for role in ("dit", "dit_int8"):
+            path = Path(folder) / P.SHIPPED[role]
+            if not path.is_file():
+                raise SystemExit(f"STUDENT={folder}: no {path.name}")
+            paths[role] = str(path)
+        return paths
+    P.shipped_files = files
 
 
 def compare(out: torch.Tensor, exact: torch.Tensor) -> dict:
@@ -102,5 +121,7 @@ if __name__ == "__main__":
         numerics(sys.argv[2])
     else:
         patch(sys.argv[2])
+        if os.environ.get("STUDENT"):
+            use_student(os.environ["STUDENT"])
         from turbovid.cli import main
         sys.exit(main(["eval", *sys.argv[3:]]))
