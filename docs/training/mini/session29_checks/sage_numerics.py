@@ -9,8 +9,8 @@ accumulation), the H100 the fused kernels. Two subcommands, on one GPU:
                         fused = what the H100 runs; promote = fused with two-level FP8 P·V accumulation;
                         ref = sagesla_forward_ref (what the CPU runs); sla = the bf16 SLA kernels (the SLA row).
   eval VARIANT ARGS...  `turbovid eval ARGS` with SageSLA run as VARIANT: fused | promote | ref; with STUDENT=DIR in
-                        the environment, the student's dit.safetensors and dit_int8.safetensors come from DIR (a
-                        candidate graded beside others on one GPU; the rest stays the shipped files).
+                        the environment, the student's dit.safetensors and / or dit_int8.safetensors (what DIR holds)
+                        come from DIR (a candidate graded beside others on one GPU; the rest stays the shipped files).
 """
 import json
 import os
@@ -38,12 +38,10 @@ def use_student(folder: str) -> None:
 
     def files(spec):
         paths = shipped(spec)
-        for role in ("dit", "dit_int8"):
-            path = Path(folder) / P.SHIPPED[role]
-            if not path.is_file():
-                raise SystemExit(f"STUDENT={folder}: no {path.name}")
-            paths[role] = str(path)
-        return paths
+        mine = {role: Path(folder) / P.SHIPPED[role] for role in ("dit", "dit_int8")}
+        if not any(p.is_file() for p in mine.values()):
+            raise SystemExit(f"STUDENT={folder}: neither dit.safetensors nor dit_int8.safetensors")
+        return {**paths, **{role: str(p) for role, p in mine.items() if p.is_file()}}
     P.shipped_files = files
 
 
