@@ -474,6 +474,47 @@ def test_rcm_dmd_alone_from_an_init_student(run, tmp_path):
         cmd_train(parser.parse_args(["train", "sla", "--no-scm", "--run-dir", str(tmp_path)]))
 
 
+def test_teacher_guidance_per_object_size(run, tmp_path):
+    # guidance_size_scale: the teacher's CFG per sample, guidance times its caption's size factor. A uniform factor
+    # is the same run as that guidance; per-sample factors give each sample the x0 of its own scale.
+    run_dir, inputs = run
+    teacher = load_weights(run_dir / "teacher" / "final.safetensors")
+    start = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in teacher.items()}
+    recipe = _stage(TINY, "rcm", steps=5, ckpt_every=5)
+    alone = dataclasses.replace(recipe, rcm=dataclasses.replace(recipe.rcm, scm=False, guidance=6.0))
+
+    def logs(**rcm):
+        r = dataclasses.replace(alone, rcm=dataclasses.replace(alone.rcm, **rcm))
+        trainer = RCMTrainer(r, run_dir, ENV, teacher, inputs=inputs, student_weights=start)
+        return [x for x in drive(trainer, tmp_path / str(len(list(tmp_path.iterdir()))), ENV, quiet=True)
+                if x["student"]]
+    plain = logs()
+    assert [r["loss_dmd"] for r in logs(guidance=3.0, guidance_size_scale=(2.0, 2.0, 2.0))] == \
+        pytest.approx([r["loss_dmd"] for r in plain], rel=1e-6)
+    assert logs(guidance_size_scale=(1.0, 1.0, 0.5))[0]["loss_dmd"] != pytest.approx(plain[0]["loss_dmd"], rel=1e-6)
+    # the per-sample form of guided_denoise: each row as if guided alone at its own scale
+    from turbovid.train.trigflow import guided_denoise
+    net = RCMTrainer(alone, run_dir, ENV, teacher, inputs=inputs).teacher
+    x0, context, _ = inputs.get(list(range(2)))
+    t = torch.full((2,), 0.7, dtype=torch.float64)
+    both = guided_denoise(net, x0, t, context, inputs.negative, torch.tensor([2.0, 5.0]))
+    for i, g in enumerate((2.0, 5.0)):
+        one = guided_denoise(net, x0[i:i + 1], t[i:i + 1], context[i:i + 1], inputs.negative, g)
+        assert torch.allclose(both[i:i + 1], one, atol=1e-5)
+    with pytest.raises(ValueError, match="three factors > 0"):
+        dataclasses.replace(alone.rcm, guidance_size_scale=(0.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="must stay >= 1"):
+        dataclasses.replace(alone.rcm, guidance=2.0, guidance_size_scale=(0.4, 1.0, 1.0))
+    from turbovid.train.cli import _recipe
+    parser = _parser()
+    assert _recipe(parser.parse_args(["train", "dmd", "--guidance-size-scale", "2,1,1"])
+                   ).dmd_round.guidance_size_scale == (2.0, 1.0, 1.0)
+    assert _recipe(parser.parse_args(["train", "rcm", "--guidance-size-scale", "1,1,2"])
+                   ).rcm.guidance_size_scale == (1.0, 1.0, 2.0)
+    with pytest.raises(ValueError, match="--guidance-size-scale applies to the rcm, dmd stages only"):
+        cmd_train(parser.parse_args(["train", "sla", "--guidance-size-scale", "2,1,1", "--run-dir", str(tmp_path)]))
+
+
 def test_rcm_on_the_teachers_samples(run, tmp_path):
     # RCMStage.teacher_data: x0 are the frozen teacher's own samples of the pooled training captions (its eval
     # sampler, seeded per chunk), generated once and cached beside the stage's checkpoints; the captions of a batch

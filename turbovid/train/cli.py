@@ -84,6 +84,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="rcm / dmd --anchor-weight: the anchor's weight times S, M or L for a sample whose caption "
                         "states a small, medium or large object (recipe.RCMStage.anchor_size_scale; 1,1,1 by "
                         "default)")
+    p.add_argument("--guidance-size-scale", metavar="S,M,L",
+                   help="rcm / dmd: the teacher's CFG scale (--guidance) times S, M or L for a sample whose caption "
+                        "states a small, medium or large object (recipe.RCMStage.guidance_size_scale; 1,1,1 by "
+                        "default)")
     p.add_argument("--teacher-data", type=int, metavar="N",
                    help="rcm: distil on N samples the teacher draws for training captions (50 steps, CFG), as rCM "
                         "does, instead of the encoded clips (recipe.RCMStage.teacher_data)")
@@ -234,6 +238,9 @@ def _recipe(args, world: int = 1):
     if args.anchor_size_scale is not None:
         rcm["anchor_size_scale"] = parse_floats(args.anchor_size_scale, "--anchor-size-scale", 3,
                                                   example="0,1,3")
+    if args.guidance_size_scale is not None:
+        rcm["guidance_size_scale"] = parse_floats(args.guidance_size_scale, "--guidance-size-scale", 3,
+                                                    example="2,1,1")
     if args.teacher_data is not None:
         if args.teacher_data < 1:
             raise ValueError(f"--teacher-data must be >= 1, got {args.teacher_data}")
@@ -301,6 +308,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 ("--anchor-weight", args.anchor_weight, ("rcm", "dmd", "reproduce")),
                                 ("--anchor-pool", args.anchor_pool, ("rcm", "dmd", "reproduce")),
                                 ("--anchor-size-scale", args.anchor_size_scale, ("rcm", "dmd", "reproduce")),
+                                ("--guidance-size-scale", args.guidance_size_scale, ("rcm", "dmd", "reproduce")),
                                 ("--teacher-data", args.teacher_data, ("rcm", "reproduce")),
                                 ("--guidance", args.guidance, ("rcm", "dmd", "eval", "reproduce"))):
         if value is not None and args.stage not in stages:

@@ -140,13 +140,18 @@ class RCMTrainer(TrainedNetworks):
             x = _renoise(x0, t, g)
         return x, t
 
-    def _guided_teacher(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def _guided_teacher(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, clips) -> torch.Tensor:
+        """The teacher's CFG x0, at `guidance` times `guidance_size_scale`'s factor for each sample's object size."""
+        guidance = self.cfg.guidance
+        if tuple(self.cfg.guidance_size_scale) != (1.0, 1.0, 1.0):
+            factor = dict(zip(SIZES, self.cfg.guidance_size_scale))
+            guidance = torch.tensor([guidance * factor[c.size] for c in clips], dtype=torch.float32)
         with torch.no_grad(), self.env.autocast():
-            return guided_denoise(self.teacher, x_t, t, context, self.inputs.negative, self.cfg.guidance)
+            return guided_denoise(self.teacher, x_t, t, context, self.inputs.negative, guidance)
 
     # -- steps -------------------------------------------------------------------------------------
 
-    def _dmd_term(self, G_x0: torch.Tensor, context: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def _dmd_term(self, G_x0: torch.Tensor, context: torch.Tensor, g: torch.Generator, clips) -> torch.Tensor:
         """Per-sample DMD loss of the student's sample G_x0 (with grad) at x_D = cos t_D G_x0 + sin t_D eps,
         t_D ~ p_D, from the fake score and the guided teacher."""
         cfg = self.cfg
@@ -154,7 +159,7 @@ class RCMTrainer(TrainedNetworks):
         x_D = _renoise(G_x0.float(), t_D, g)
         with torch.no_grad(), self.env.autocast():
             x0_fake = denoise(self.fake, x_D.detach(), t_D, context)
-        x0_real = self._guided_teacher(x_D.detach(), t_D, context)
+        x0_real = self._guided_teacher(x_D.detach(), t_D, context, clips)
         return dmd_loss(G_x0.float(), x0_fake.float(), x0_real.float(), cfg.loss_scale_dmd)
 
     def _student_step(self, step: int, n_eff: int, x0, context, g, clips) -> dict[str, float]:
@@ -174,7 +179,7 @@ class RCMTrainer(TrainedNetworks):
         G_x, G_t = self._simulate(x0, context, n_eff % self.cfg.max_simulation_steps, g)
         with self.env.autocast():
             G_x0 = denoise(self.student_ddp, G_x, G_t, context)
-        loss_dmd = self._dmd_term(G_x0, context, g)
+        loss_dmd = self._dmd_term(G_x0, context, g, clips)
         logs = {"loss_dmd": loss_dmd.mean().item()}
         if self.anchor is None:
             return loss_dmd, logs
@@ -191,7 +196,7 @@ class RCMTrainer(TrainedNetworks):
         cfg, B, dev = self.cfg, x0.shape[0], x0.device
         t = sample_p_g(B, g, cfg.p_mean, cfg.p_std, self.noise_multiplier, dev)
         x_t = _renoise(x0, t, g)
-        F_teacher = trigflow_velocity(x_t, t, self._guided_teacher(x_t, t, context))
+        F_teacher = trigflow_velocity(x_t, t, self._guided_teacher(x_t, t, context, clips))
         cs = torch.cos(t) * torch.sin(t)
         with self.env.autocast():
             _, tangent = student_F_jvp(self.student, x_t, t, context, (_b(cs, x_t) * F_teacher).to(x_t.dtype), cs)
@@ -215,7 +220,7 @@ class RCMTrainer(TrainedNetworks):
         loss = scm_loss(F_theta, g_dir, cfg.loss_scale, weight)
         logs = {"loss_scm": loss.mean().item(), "warmup_ratio": r}
         if dmd:
-            loss_dmd = self._dmd_term(G_x0, context, g)
+            loss_dmd = self._dmd_term(G_x0, context, g, clips)
             loss = loss + loss_dmd
             logs["loss_dmd"] = loss_dmd.mean().item()
         return loss, logs

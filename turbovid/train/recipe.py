@@ -146,6 +146,9 @@ class RCMStage:
                                  # (data.SIZES): session 27 found DMD's gain in small objects' outlines and its loss in
                                  # large crosses' colour (docs/training/mini/session27_checks/by_attribute.txt);
                                  # 0 / 1 / 3 at W 10 is the mini release's DMD round (session 28)
+    guidance_size_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)  # (ours) the teacher's CFG scale per sample
+                                 # times this factor for the (small, medium, large) object its caption states: the
+                                 # shapes small objects lack from a teacher at the CFG that keeps large ones' colour
 
     def __post_init__(self):
         check_object_weighting(0.0, self.fg_share)
@@ -160,6 +163,12 @@ class RCMStage:
         if len(self.anchor_size_scale) != 3 or min(self.anchor_size_scale) < 0:
             raise ValueError(f"rcm.anchor_size_scale is three factors >= 0 (small, medium, large), got "
                              f"{self.anchor_size_scale}")
+        if len(self.guidance_size_scale) != 3 or min(self.guidance_size_scale) <= 0:
+            raise ValueError(f"rcm.guidance_size_scale is three factors > 0 (small, medium, large), got "
+                             f"{self.guidance_size_scale}")
+        if min(self.guidance * f for f in self.guidance_size_scale) < 1:
+            raise ValueError(f"rcm.guidance times guidance_size_scale must stay >= 1 (1: no CFG), got "
+                             f"{self.guidance} x {self.guidance_size_scale}")
         if tuple(self.anchor_size_scale) != (1.0, 1.0, 1.0) and not self.anchor_weight:
             raise ValueError("rcm.anchor_size_scale scales the anchor: it needs anchor_weight > 0")
         if self.anchor_weight and self.scm:

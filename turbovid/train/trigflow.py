@@ -89,11 +89,14 @@ def denoise(net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, context: torch.T
 
 
 def guided_denoise(net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                   negative: torch.Tensor, guidance: float) -> torch.Tensor:
-    """Teacher x0 with classifier-free guidance x0_u + g (x0_c - x0_u), one batched call of [cond ; uncond].
-    (x0, v and F are affine in each other at fixed (x_t, t), so guiding any of them is the same.)"""
+                   negative: torch.Tensor, guidance: float | torch.Tensor) -> torch.Tensor:
+    """Teacher x0 with classifier-free guidance x0_u + g (x0_c - x0_u), one batched call of [cond ; uncond];
+    `guidance` a number or one per sample [B]. (x0, v and F are affine in each other at fixed (x_t, t), so guiding
+    any of them is the same.)"""
     x0 = denoise(net, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([context, negative.expand_as(context)]))
     x0_c, x0_u = x0.chunk(2)
+    if isinstance(guidance, torch.Tensor):
+        guidance = guidance.to(x0.device, x0.dtype).view(-1, *[1] * (x0.dim() - 1))
     return x0_u + guidance * (x0_c - x0_u)
 
 

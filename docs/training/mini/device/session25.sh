@@ -7,9 +7,10 @@
 #       the previous release with the same seed (teacher 237, full stack 224).
 #   d1: DMD alone from the release's student (new: `train rcm --no-scm`, RCMStage.scm; --init the release's student,
 #       SLA student at top-k 0.75, the fake score's warm-up 200 steps), the runs in VARIANTS side by side on the one
-#       GPU, each NAME:STUDENT_LR[:CFG[:ANCHOR[:POOL[:SCALE]]]] (the teacher's CFG scale, default 5, its graded
-#       sampler's; ANCHOR: --anchor-weight, none by default; POOL: --anchor-pool, 1 by default; SCALE:
-#       --anchor-size-scale S,M,L, 1,1,1 by default; VARIANTS default a:2e-5
+#       GPU, each NAME:STUDENT_LR[:CFG[:ANCHOR[:POOL[:SCALE[:GSCALE]]]]] (the teacher's CFG scale, default 5, its
+#       graded sampler's; ANCHOR: --anchor-weight, none by default; POOL: --anchor-pool, 1 by default; SCALE:
+#       --anchor-size-scale S,M,L, 1,1,1 by default; GSCALE: --guidance-size-scale S,M,L, session 29; the start
+#       student INIT, default the shipped one; VARIANTS default a:2e-5
 #       b:5e-6; as run the second time: c:5e-6:2 d:5e-6:3 e:2e-5:2; prepared for the next session, not run:
 #       f:2e-5:2:1 g:2e-5:2:3 h:2e-5:2:10), fitted to the command
 #       minus FIT s (default 150; three runs need more: the first measures its speed before the others start, and c
@@ -38,11 +39,11 @@ student() {    # the bf16 student of variant NAME: d1's run on this machine, els
 }
 case "$1" in
 d1) for v in $VARIANTS; do
-      IFS=: read -r n lr cfg anchor pool scale <<< "$v"
+      IFS=: read -r n lr cfg anchor pool scale gscale <<< "$v"
       fresh "runs/${P}_$n"
-      $T rcm --run-dir "runs/${P}_$n" --init "runs/${P}_$n/sla/final.safetensors" --sla-student --topk 0.75 --no-scm \
-        --guidance "${cfg:-5}" ${anchor:+--anchor-weight "$anchor"} ${pool:+--anchor-pool "$pool"} \
-        ${scale:+--anchor-size-scale "$scale"} --tangent-warmup 200 --lr "$lr" --steps 100000 \
+      $T rcm --run-dir "runs/${P}_$n" --init "${INIT:-runs/${P}_$n/sla/final.safetensors}" --sla-student --topk 0.75 \
+        --no-scm --guidance "${cfg:-5}" ${anchor:+--anchor-weight "$anchor"} ${pool:+--anchor-pool "$pool"} \
+        ${scale:+--anchor-size-scale "$scale"} ${gscale:+--guidance-size-scale "$gscale"} --tangent-warmup 200 --lr "$lr" --steps 100000 \
         --fit-minutes "$(minutes_left "${FIT:-150}")" --max-minutes "$(minutes_left 100)" > "$OUT/${P}_$n.log" 2>&1 &
       # the first run encodes the shared latent pool (~2.5 min); the next start once it is written, and read it
       while [ ! -f runs/pool/train_24000_rank0of1.safetensors ] && kill -0 $! 2>/dev/null; do sleep 5; done

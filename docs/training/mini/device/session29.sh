@@ -13,6 +13,13 @@
 #   c: the full stack of each candidate student in CANDS (folders under runs/carry/s29 holding dit and dit_int8, built
 #      on the CPU by session29_checks/soup.py and `ship`) on each held-out set in SETS, all side by side, the shipped
 #      kernel; "release" in CANDS grades the shipped student, "teacher" the teacher's row.
+#   g: session25.sh d1's students of VARIANTS (PREFIX's runs on this machine, else runs/carry/PREFIX/) shipped on this
+#      machine into runs/carry/s29/PREFIX_NAME, then `c` on them (SETS, default 1000).
+# As run: n; c with CANDS="stuvwy stu svwy" SETS="1000 3000"; four evals typed out (the release on 2000.. and with
+# --seed 1, --ode and --mid-angles 1.3,1.0,0.6 on 1000..); then the per-size teacher CFG (--guidance-size-scale, new)
+# from the previous release's student (ode round 3, carried as runs/carry/s29/ode3_start.safetensors), as session 28's
+# s otherwise: PREFIX=s29 INIT=runs/carry/s29/ode3_start.safetensors VARIANTS="a:2e-5:2:10:1:0,1,3:1.5,1,1
+# b:2e-5:2:10:1:0,1,3:2,1,1 c:2e-5:2:10:1:0,1,3:2,1.5,1" FIT=200 session25.sh d1, then g with SETS="1000 3000".
 source "$(dirname "$0")/prelude.sh" "$1"
 C=docs/training/mini/session29_checks/sage_numerics.py
 grade() {   # grade VARIANT START: the full stack's JSON to $OUT/<VARIANT>_turbo_start<START>.json, its row to evals.log
@@ -24,6 +31,15 @@ cand() {    # cand NAME START: candidate NAME's full stack (or the release's / t
   case "$1" in release) ;; teacher) cfg=teacher ;; *) env=(STUDENT="runs/carry/s29/$1") ;; esac
   env "${env[@]}" OMP_NUM_THREADS=3 python3 "$C" eval fused --device cuda --configs "$cfg" --start "$2" --count 256 \
     --out "$OUT/$1_${cfg}_start$2.json" 2> "/tmp/progress_$1_$2.log" | sed -n 2p | sed "s|^|$1 $2: |" >> "$OUT/evals.log"
+}
+ship_to() {   # ship_to FILE NAME: FILE shipped as the student (as prelude's ship_file) into runs/carry/s29/NAME
+  local r=runs/ship_$2 a=runs/assets_$2
+  rm -rf "$r" "$a" && python3 docs/training/mini/device/assemble.py "$r" > /dev/null && mkdir -p "$r/ode" \
+    && cp "$1" "$r/ode/final.safetensors"
+  python3 -c "import dataclasses, sys; from pathlib import Path; from turbovid.train.recipe import RECIPES
+from turbovid.train.reproduce import ship
+ship(dataclasses.replace(RECIPES['mini'], ship_student='ode'), Path(sys.argv[1]), Path(sys.argv[2]))" "$r" "$a" > /dev/null
+  mkdir -p "runs/carry/s29/$2" && cp "$a/dit.safetensors" "$a/dit_int8.safetensors" "runs/carry/s29/$2/"
 }
 variants() {
   for v in ${VARIANTS:-fused promote ref}; do grade "$v" 0 & done
@@ -42,6 +58,15 @@ s) for s in ${SETS:-1000 3000}; do grade "${VARIANT:-promote}" "$s" & done
 c) for c in $CANDS; do for s in ${SETS:-1000}; do cand "$c" "$s" & done; done
    wait
    cat "$OUT/evals.log" ;;
-*) echo "usage: session29.sh n | v | s | c"
+g) P=${PREFIX:-s29} CANDS=
+   for v in $VARIANTS; do
+     n=${v%%:*} f=runs/${P}_${v%%:*}_bf16.safetensors
+     [ -f "$f" ] || f=runs/carry/$P/${P}_${n}_bf16.safetensors
+     ship_to "$f" "${P}_$n" && CANDS="$CANDS ${P}_$n"
+   done
+   for c in $CANDS; do for s in ${SETS:-1000}; do cand "$c" "$s" & done; done
+   wait
+   cat "$OUT/evals.log" ;;
+*) echo "usage: session29.sh n | v | s | c | g"
    exit 2 ;;
 esac
