@@ -461,7 +461,11 @@ _CONFIGS = {
 
 # FP8 P·V accumulation. Hopper's FP8 MMA keeps fewer bits than fp32 in its accumulator (Triton's default on sm90
 # leaves the whole key loop in it); `promote` adds each key block's product into a true fp32 accumulator instead
-# (SageAttention2's "fp32+fp32"), at the cost of one register tile and an add per block. None: this default.
+# (SageAttention2's "fp32+fp32", Triton's max_num_imprecise_acc = BLOCK_N). Off by default: on the H100
+# (benchmarks/results/attention_h100_2026-11-24.json, 1.3B shape) it costs 8.32 -> 11.22 ms dense and 1.06 -> 1.12 ms
+# at 10% for an unchanged error (rel-L1 0.00708 dense, 0.01316 sparse), and on the mini model's SageSLA calls it
+# moves rel-L1 against exact SLA from 0.0074 to 0.0065 without changing the full stack's grade (229 against 231 of
+# 256; docs/training/mini/session29_checks/). `promote=None` in the launcher: this default.
 FP8_PV_PROMOTE = False
 
 

@@ -1,6 +1,7 @@
 """Paired per-clip comparison of two `turbovid eval` JSONs of the same prompts and seeds (session 24): how many clips
 each gets right alone (colour, shape and direction, detect.prompt_right) and the exact two-sided McNemar p.
-Usage: python paired.py A.json B.json [A2.json B2.json ...] (pairs; the totals pool them)."""
+Usage: python paired.py A.json B.json [A2.json B2.json ...] (pairs; the totals pool them); FILE#config grades that
+row of a many-row JSON (default: the first row)."""
 import json
 import math
 import sys
@@ -10,8 +11,9 @@ from turbovid.train.detect import prompt_right
 
 
 def right(path: str) -> tuple[int, list[bool]]:
+    path, _, config = path.partition("#")
     d = json.load(open(path))
-    row = d["rows"][0]
+    row = next(r for r in d["rows"] if r["config"] == config) if config else d["rows"][0]
     truth = [sample_clip(0, "heldout", d["start"] + i).attributes() for i in range(d["count"])]
     return d["start"], [prompt_right(found, t) for found, t in zip(row["detections"], truth)]
 
