@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from turbovid.attention.sage import SageAttention
-from turbovid.kernels import use_triton
+from turbovid.kernels import interpreting, use_triton
 from turbovid.kernels import sage_attention as SA
 from turbovid.kernels import sla as S
 from turbovid.kernels.sage_attention import (
     attention_ref, fake_quantize_qkv, kv_stats, outlier_qkv, quantize_int8, quantize_int8_ref, quantize_qkv,
-    quantize_qkv_ref, quantize_v, quantize_v_ref, sage_attention, sage_attention_ref, sagesla_forward,
+    quantize_qkv_ref, quantize_v, quantize_v_ref, sage_attention, sage_attention_quantized, sage_attention_ref,
+    sagesla_forward,
     sagesla_forward_ref, sagesla_prep, sagesla_stats)
 
 needs_kernels = pytest.mark.skipif(not use_triton(torch.empty(0)), reason="run with TRITON_INTERPRET=1")
@@ -114,6 +115,28 @@ def test_kernel_matches_references(length, d, pv, sparse, block_q, block_k):
     assert cos >= KERNEL_VS_EXACT[pv][0] and rel <= KERNEL_VS_EXACT[pv][1], (cos, rel)
     if not sparse:  # sanity of the reference itself: the dense exact reference is SDPA in fp32
         assert torch.allclose(exact, F.scaled_dot_product_attention(q.float(), k.float(), v.float()), atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("sparse", [False, True])
+def test_promoted_fp8_accumulation_matches_references(sparse):
+    # promote: each key block's P·V in a fresh accumulator, added in fp32 (SageAttention2's two-level accumulation).
+    # Awkward length (tail key block), the H100 tiles; against the quantized reference and exact attention.
+    length, d, block_q, block_k = 200, 128, 64, 128
+    q, k, v = outlier_qkv(1, 2, length, d, seed=21)
+    lut = random_lut(1, 2, length, block_q, block_k, 1, seed=4) if sparse else None
+    quantized = quantize_qkv(q, k, v, block_q, block_k, "fp8")
+    outs = {}
+    for promote in (False, True):
+        out = torch.empty_like(q)
+        sage_attention_quantized(*quantized, out, lut, block_q, block_k, "fp8", promote=promote)
+        outs[promote] = out
+        cos, rel = metrics(out, sage_attention_ref(q, k, v, lut=lut, block_q=block_q, block_k=block_k, pv="fp8"))
+        assert cos >= KERNEL_VS_SAGE_REF["fp8"][0] and rel <= KERNEL_VS_SAGE_REF["fp8"][1], (promote, cos, rel)
+        cos, rel = metrics(out, attention_ref(q, k, v, lut, block_q, block_k))
+        assert cos >= KERNEL_VS_EXACT["fp8"][0] and rel <= KERNEL_VS_EXACT["fp8"][1], (promote, cos, rel)
+    if interpreting():  # the interpreter's dots are exact fp32: the two accumulations give the same numbers
+        assert torch.equal(outs[False], outs[True])
 
 
 @needs_kernels
