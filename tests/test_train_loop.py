@@ -1352,7 +1352,8 @@ def test_cli_overrides_reach_the_ode_stage():
 def test_device_scripts_parse_and_the_current_ones_use_known_flags():
     # docs/training/mini/device/*.sh are what a session runs on the GPU, where a typo costs a command of its budget:
     # every script is valid bash, and the ones still in use (prelude.sh and the latest session script, which carries
-    # the next session's plan) pass only options that `turbovid` knows, besides pip's and nvidia-smi's.
+    # the next session's plan) pass only options that `turbovid` or the benchmark they run knows, besides pip's and
+    # nvidia-smi's.
     import re
     import subprocess
     from pathlib import Path
@@ -1375,6 +1376,9 @@ def test_device_scripts_parse_and_the_current_ones_use_known_flags():
                     walk(sub)
 
     walk(build_parser())
+    # the benchmarks' own options (a session script may run one)
+    for bench in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py"):
+        known.update(re.findall(r'add_argument\(\s*"(--[a-z][a-z0-9-]*)"', bench.read_text()))
     latest = max((s for s in scripts if re.fullmatch(r"session\d+\.sh", s.name)), key=lambda s: int(s.stem[7:]))
     for script in (device / "prelude.sh", latest):
         flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", script.read_text()))
