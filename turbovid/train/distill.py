@@ -92,6 +92,12 @@ class TeacherSamples(LatentBatches):
                                 seed=self.recipe.seed * 1_000_003 + indices[0], record=record)
 
 
+def _per_size(scale: tuple[float, float, float], clips, device) -> torch.Tensor:
+    """[B] fp32: each clip's factor of `scale` (small, medium, large) for the object size its caption states."""
+    factor = dict(zip(SIZES, scale))
+    return torch.tensor([factor[c.size] for c in clips], dtype=torch.float32, device=device)
+
+
 class RCMTrainer(TrainedNetworks):
     name = "rcm"
 
@@ -144,8 +150,7 @@ class RCMTrainer(TrainedNetworks):
         """The teacher's CFG x0, at `guidance` times `guidance_size_scale`'s factor for each sample's object size."""
         guidance = self.cfg.guidance
         if tuple(self.cfg.guidance_size_scale) != (1.0, 1.0, 1.0):
-            factor = dict(zip(SIZES, self.cfg.guidance_size_scale))
-            guidance = torch.tensor([guidance * factor[c.size] for c in clips], dtype=torch.float32)
+            guidance = guidance * _per_size(self.cfg.guidance_size_scale, clips, x_t.device)
         with torch.no_grad(), self.env.autocast():
             return guided_denoise(self.teacher, x_t, t, context, self.inputs.negative, guidance)
 
@@ -185,8 +190,7 @@ class RCMTrainer(TrainedNetworks):
             return loss_dmd, logs
         with torch.no_grad(), self.env.autocast():
             x0_start = denoise(self.anchor, G_x, G_t, context)
-        factor = dict(zip(SIZES, self.cfg.anchor_size_scale))
-        scale = torch.tensor([factor[c.size] for c in clips], device=G_x0.device)
+        scale = _per_size(self.cfg.anchor_size_scale, clips, G_x0.device)
         loss_anchor = scale * anchor_distance(G_x0, x0_start, self.cfg.anchor_pool)
         logs["loss_anchor"] = loss_anchor.mean().item()
         return loss_dmd + self.cfg.anchor_weight * loss_anchor, logs

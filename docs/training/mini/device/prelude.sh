@@ -85,8 +85,8 @@ kept() {
 }
 # `rcm_kept FROM EVERY ARGS...`: `kept rcm` with an open-ended schedule (`--steps 100000`), its log $OUT/rcm.log.
 rcm_kept() { local from=$1 every=$2; shift 2; kept rcm "$from" "$every" "$@" --steps 100000; }
-# `ship_file FILE`: a release whose 4-step student is FILE (its weights history kept; the other files the shipped
-# ones) into turbovid/assets/mini, by `reproduce.ship` with FILE as the ode stage's output of a scratch run directory
+# `ship_file FILE [DEST]`: a release whose 4-step student is FILE (its weights history kept; the other files the
+# shipped ones) into DEST (default turbovid/assets/mini), by `reproduce.ship` with FILE as the ode stage's output of a scratch run directory
 # (to grade a candidate: its config.json records FILE's last stage as an ode round; session 28 shipped the release
 # itself with recipe.mini, FILE as dmd/final.safetensors, so that config.json matches the recipe).
 ship_file() {
@@ -94,7 +94,8 @@ ship_file() {
   rm -rf "$r" && python3 docs/training/mini/device/assemble.py "$r" && mkdir -p "$r/ode" && cp "$1" "$r/ode/final.safetensors"
   python3 -c "import dataclasses, sys; from pathlib import Path; from turbovid.train.recipe import RECIPES
 from turbovid.train.reproduce import ship
-ship(dataclasses.replace(RECIPES['mini'], ship_student='ode'), Path(sys.argv[1]), Path('turbovid/assets/mini'))" "$r"
+ship(dataclasses.replace(RECIPES['mini'], ship_student='ode'), Path(sys.argv[1]), Path(sys.argv[2]))" "$r" \
+    "${2:-turbovid/assets/mini}"
 }
 # `turbo_eval NAME START`: `turbovid eval` of the full stack of the release in turbovid/assets on held-out prompts
 # START..START+255, JSON to $OUT/NAME.json, the table row, labelled, to $OUT/evals.log.

@@ -22,24 +22,24 @@
 # b:2e-5:2:10:1:0,1,3:2,1,1 c:2e-5:2:10:1:0,1,3:2,1.5,1" FIT=200 session25.sh d1, then g with SETS="1000 3000".
 source "$(dirname "$0")/prelude.sh" "$1"
 C=docs/training/mini/session29_checks/sage_numerics.py
-grade() {   # grade VARIANT START: the full stack's JSON to $OUT/<VARIANT>_turbo_start<START>.json, its row to evals.log
-  OMP_NUM_THREADS=4 python3 "$C" eval "$1" --device cuda --configs turbo --start "$2" --count 256 \
-    --out "$OUT/$1_turbo_start$2.json" 2> "/tmp/progress_$1_$2.log" | sed -n 2p | sed "s|^|$1 $2: |" >> "$OUT/evals.log"
+row() {   # row NAME VARIANT CONFIG START [VAR=VALUE...]: `turbovid eval` of CONFIG on START..START+255 with SageSLA
+          # run as VARIANT (sage_numerics.py eval), the environment given; JSON $OUT/NAME.json, its row to evals.log
+  local name=$1 variant=$2 cfg=$3 start=$4; shift 4
+  env "$@" OMP_NUM_THREADS=3 python3 "$C" eval "$variant" --device cuda --configs "$cfg" --start "$start" --count 256 \
+    --out "$OUT/$name.json" 2> "/tmp/progress_$name.log" | sed -n 2p | sed "s|^|$name: |" >> "$OUT/evals.log"
 }
+grade() { row "$1_turbo_start$2" "$1" turbo "$2"; }   # grade VARIANT START: the shipped full stack
 cand() {    # cand NAME START: candidate NAME's full stack (or the release's / the teacher's row) on START..START+255
-  local env=() cfg=turbo
-  case "$1" in release) ;; teacher) cfg=teacher ;; *) env=(STUDENT="runs/carry/s29/$1") ;; esac
-  env "${env[@]}" OMP_NUM_THREADS=3 python3 "$C" eval fused --device cuda --configs "$cfg" --start "$2" --count 256 \
-    --out "$OUT/$1_${cfg}_start$2.json" 2> "/tmp/progress_$1_$2.log" | sed -n 2p | sed "s|^|$1 $2: |" >> "$OUT/evals.log"
+  case "$1" in
+    release) row "release_turbo_start$2" fused turbo "$2" ;;
+    teacher) row "teacher_start$2" fused teacher "$2" ;;
+    *) row "$1_turbo_start$2" fused turbo "$2" STUDENT="runs/carry/s29/$1" ;;
+  esac
 }
-ship_to() {   # ship_to FILE NAME: FILE shipped as the student (as prelude's ship_file) into runs/carry/s29/NAME
-  local r=runs/ship_$2 a=runs/assets_$2
-  rm -rf "$r" "$a" && python3 docs/training/mini/device/assemble.py "$r" > /dev/null && mkdir -p "$r/ode" \
-    && cp "$1" "$r/ode/final.safetensors"
-  python3 -c "import dataclasses, sys; from pathlib import Path; from turbovid.train.recipe import RECIPES
-from turbovid.train.reproduce import ship
-ship(dataclasses.replace(RECIPES['mini'], ship_student='ode'), Path(sys.argv[1]), Path(sys.argv[2]))" "$r" "$a" > /dev/null
-  mkdir -p "runs/carry/s29/$2" && cp "$a/dit.safetensors" "$a/dit_int8.safetensors" "runs/carry/s29/$2/"
+ship_to() {   # ship_to FILE NAME: FILE shipped as the student (prelude's ship_file) into runs/carry/s29/NAME (the DiT
+              # files alone: the rest are the release's)
+  ship_file "$1" "runs/assets_$2" > /dev/null
+  mkdir -p "runs/carry/s29/$2" && cp "runs/assets_$2/dit.safetensors" "runs/assets_$2/dit_int8.safetensors" "runs/carry/s29/$2/"
 }
 variants() {
   for v in ${VARIANTS:-fused promote ref}; do grade "$v" 0 & done
