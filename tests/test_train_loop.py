@@ -20,7 +20,7 @@ from turbovid.train.evaluate import generate_latents
 from turbovid.train.inputs import LatentBatches, encode_videos, trained_vae_file, vae_config
 from turbovid.train.loop import Env, drive
 from turbovid.train.losses import flow_matching_pair, shifted_logit_normal, velocity_loss
-from turbovid.train.recipe import RECIPES
+from turbovid.train.recipe import RECIPES, Optim
 from turbovid.train.teacher import SLATrainer, TeacherTrainer, frozen_dit, new_dit, run_teacher
 from turbovid.train.trigflow import rf_velocity
 from turbovid.train.vae import run_vae
@@ -472,6 +472,58 @@ def test_rcm_dmd_alone_from_an_init_student(run, tmp_path):
         _recipe(parser.parse_args(["train", "rcm", "--anchor-weight", "1"]))
     with pytest.raises(ValueError, match="--no-scm applies to the rcm stage only"):
         cmd_train(parser.parse_args(["train", "sla", "--no-scm", "--run-dir", str(tmp_path)]))
+
+
+def test_dmd_alone_with_the_adversarial_term(run, tmp_path):
+    # RCMStage.adv_weight (DMD alone): the critic steps also train heads on the frozen teacher's features, the batch's
+    # data latents (its captions' clips) against the student's samples; a student step adds the weight times the
+    # latent elements of a sample times the hinge generator loss, its gradient reaching the student and not the heads;
+    # the teacher never moves and the checkpoints carry the heads, so a resumed run repeats the same steps.
+    run_dir, inputs = run
+    teacher = load_weights(run_dir / "teacher" / "final.safetensors")
+    start = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in teacher.items()}
+    recipe = _stage(TINY, "rcm", steps=5, ckpt_every=3)
+    adv = dataclasses.replace(recipe, rcm=dataclasses.replace(recipe.rcm, scm=False, adv_weight=0.01,
+                                                              adv_layers=(0, 1), adv_optim=Optim(lr=1e-2, warmup=0)))
+    trainer = RCMTrainer(adv, run_dir, ENV, teacher, inputs=inputs, student_weights=start)
+    heads = {k: v.clone() for k, v in trainer.adv.disc.state_dict().items()}
+    # tiny: warm-up 2, student every 2nd step -> steps 0, 1 critic; 2 student; 3 critic; 4 student
+    logs = drive(trainer, tmp_path / "a", ENV, until=1, quiet=True)
+    assert all(math.isfinite(logs[0][k]) for k in ("loss_fake", "loss_disc", "d_real", "d_fake"))
+    assert any(not torch.equal(heads[k], v) for k, v in trainer.adv.disc.state_dict().items())
+    logs += drive(trainer, tmp_path / "a", ENV, quiet=True)
+    students = [r for r in logs if r["student"]]
+    elements = math.prod(TINY.latent_shape)
+    assert len(students) == 2 and all(math.isfinite(r["loss_adv"]) for r in students)
+    assert all(r["loss"] == pytest.approx(r["loss_dmd"] + 0.01 * elements * r["loss_adv"], rel=1e-5)
+               for r in students)
+    assert all(torch.equal(v, teacher[k].to(v.dtype)) for k, v in trainer.teacher.state_dict().items())
+    assert (tmp_path / "a" / "checkpoints" / "step_00000003" / "disc.safetensors").is_file()
+    # a student step's loss: its gradient reaches the student, not the heads
+    x0, context, clips = inputs.get(list(range(2)))
+    loss, _ = trainer._dmd_alone_loss(1, x0, context, torch.Generator().manual_seed(0), clips)
+    trainer.student.zero_grad()
+    loss.mean().backward()
+    assert trainer.student.head.head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None or not p.grad.any() for p in trainer.adv.disc.parameters())
+    _resume_copy(tmp_path / "a", tmp_path / "b", 3)
+    resumed = drive(RCMTrainer(adv, run_dir, ENV, teacher, inputs=inputs, student_weights=start), tmp_path / "b",
+                    ENV, quiet=True)
+    assert [r["step"] for r in resumed] == [3, 4]
+    assert resumed[0]["loss_disc"] == logs[3]["loss_disc"] and resumed[1]["loss_adv"] == logs[4]["loss_adv"]
+    with pytest.raises(ValueError, match="adv_weight goes with DMD alone"):
+        dataclasses.replace(recipe.rcm, adv_weight=0.1)
+    with pytest.raises(ValueError, match="rcm.adv_weight must be >= 0"):
+        dataclasses.replace(adv.rcm, adv_weight=-1.0)
+    from turbovid.train.cli import _recipe
+    parser = _parser()
+    dmd = _recipe(parser.parse_args(["train", "dmd", "--adv-weight", "0.03", "--adv-lr", "3e-4"])).dmd_round
+    assert dmd.adv_weight == 0.03 and dmd.adv_optim.lr == 3e-4
+    assert _recipe(parser.parse_args(["train", "rcm", "--no-scm", "--adv-weight", "0.1"])).rcm.adv_weight == 0.1
+    with pytest.raises(ValueError, match="adv_weight goes with DMD alone"):     # sCM still on
+        _recipe(parser.parse_args(["train", "rcm", "--adv-weight", "0.1"]))
+    with pytest.raises(ValueError, match="--adv-lr goes with the adversarial term"):
+        _recipe(parser.parse_args(["train", "dmd", "--adv-lr", "1e-3"]))
 
 
 def test_teacher_guidance_per_object_size(run, tmp_path):
@@ -1138,23 +1190,23 @@ def test_ode_stage_adversarial_term_at_one_call(run, tmp_path):
     term.backward()
     clips = x.shape[0] // recipe.eval_rcm_steps
     assert v.grad[-clips:].abs().sum() > 0 and v.grad[:-clips].abs().sum() == 0
-    assert all(p.grad is None for p in trainer.disc.parameters())
+    assert all(p.grad is None for p in trainer.adv.disc.parameters())
     assert all(p.grad is None for p in trainer.teacher.parameters())
     s = rcm_times(recipe.eval_rcm_steps, MODELS[recipe.name].sigma_max)[-2]
     kept = trainer._fake
     feats, caption, s_d, noise, n = kept["feats"], kept["caption"], kept["s"], kept["noise"], len(kept["indices"])
     assert n == clips and ((s_d >= 0.05) & (s_d <= 0.6)).all()
-    want = trainer.disc.features(trainer.teacher, x[-clips:] - s * v_target[-clips:], context[-clips:], s_d, noise,
+    want = trainer.adv.disc.features(trainer.teacher, x[-clips:] - s * v_target[-clips:], context[-clips:], s_d, noise,
                                     ENV.autocast)
     assert all(torch.allclose(a, b) for a, b in zip(feats, want))   # the features of its x0 = x - s v
     assert not trainer.teacher.blocks[0]._forward_hooks              # the hooks are gone after each pass
     # training: finite losses, the heads move, the frozen teacher does not; resumable with the heads
-    heads = {k: v.clone() for k, v in trainer.disc.state_dict().items()}
+    heads = {k: v.clone() for k, v in trainer.adv.disc.state_dict().items()}
     frozen = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
     logs = drive(trainer, tmp_path / "a", ENV, quiet=True, until=2)
     assert all(math.isfinite(r[k]) for r in logs for k in ("loss_sla", "loss_adv", "loss_disc", "d_real", "d_fake"))
     assert logs[0]["loss"] == pytest.approx(logs[0]["loss_sla"] + 0.5 * logs[0]["loss_adv"], rel=1e-5)
-    assert any(not torch.equal(heads[k], v) for k, v in trainer.disc.state_dict().items())
+    assert any(not torch.equal(heads[k], v) for k, v in trainer.adv.disc.state_dict().items())
     assert all(torch.equal(frozen[k], v) for k, v in trainer.teacher.state_dict().items())
     ckpt = latest_checkpoint(tmp_path / "a" / "checkpoints")
     assert (ckpt / "disc.safetensors").is_file()
@@ -1162,15 +1214,15 @@ def test_ode_stage_adversarial_term_at_one_call(run, tmp_path):
     weights, state = load_checkpoint(ckpt)
     resumed.load_weights(weights)
     resumed.load_optimizer_states(state["optimizers"])
-    assert all(torch.equal(v, resumed.disc.state_dict()[k]) for k, v in trainer.disc.state_dict().items())
-    assert resumed.disc_optimizer.state_dict()["state"].keys() == trainer.disc_optimizer.state_dict()["state"].keys()
+    assert all(torch.equal(v, resumed.adv.disc.state_dict()[k]) for k, v in trainer.adv.disc.state_dict().items())
+    assert resumed.adv.optimizer.state_dict()["state"].keys() == trainer.adv.optimizer.state_dict()["state"].keys()
     rest = drive(resumed, tmp_path / "a", ENV, quiet=True)
     assert [r["step"] for r in rest] == [2] and (tmp_path / "a" / "final.safetensors").is_file()
     # the heads read the named blocks, one logit per token of each
     with block_outputs(trainer.teacher, (1,)) as found:
         trainer.teacher(x[:1], t_net[:1], context[:1])
     assert len(found) == 1 and found[0].shape[:2] == (1, TINY.latent_tokens)
-    assert trainer.disc(feats, caption).shape == (clips, 2 * TINY.latent_tokens)
+    assert trainer.adv.disc(feats, caption).shape == (clips, 2 * TINY.latent_tokens)
     with pytest.raises(ValueError, match="adversarial layers must be distinct block indices in 0..1"):
         FeatureDiscriminator(TINY.dit.dim, TINY.dit.num_layers, (0, 2))
     with pytest.raises(ValueError, match="adv_weight goes with the on-policy"):
@@ -1345,7 +1397,7 @@ def test_cli_overrides_reach_the_ode_stage():
         _recipe(parser.parse_args(["train", "ode", "--off-policy", "--adv-weight", "0.1"]))
     with pytest.raises(ValueError, match="--adv-weight must be >= 0"):
         _recipe(parser.parse_args(["train", "ode", "--adv-weight", "-1"]))
-    with pytest.raises(ValueError, match="--adv-weight applies to the ode stage only"):
+    with pytest.raises(ValueError, match="--adv-weight applies to the ode, rcm, dmd stages only"):
         cmd_train(parser.parse_args(["train", "sla", "--adv-weight", "0.1"]))
 
 

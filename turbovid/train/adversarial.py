@@ -14,7 +14,8 @@ heads ask about it directly. Every token of every chosen block gives one logit (
 Losses (hinge, as LADD): heads: mean relu(1 - D(real)) + mean relu(1 + D(fake)); student: - mean D(fake), the
 gradient flowing through the frozen teacher into the student's output. The real latents are the training clips of the
 captions the student sampled (rendered and VAE-encoded), so each real sample pairs with a fake one of its caption.
-What it measured on the mini model: train/trajectory.py (session 24).
+What it measured on the mini model: train/trajectory.py (session 24). The DMD round (train/distill.py, RCMStage.adv_weight,
+session 30) uses the same heads, trained at its critic steps on the stage's data latents against the student's samples.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ import torch
 from torch import nn
 
 from turbovid.models.dit import WanDiT
+from turbovid.train.loop import Env, make_optimizer, optimizer_step, wrap_ddp
+from turbovid.train.recipe import Optim, Recipe
 
 
 @contextlib.contextmanager
@@ -82,3 +85,52 @@ def hinge_d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
 
 def hinge_g_loss(fake: torch.Tensor) -> torch.Tensor:
     return -fake.mean()
+
+
+class Adversarial:
+    """A FeatureDiscriminator on the frozen `net` with its optimizer and (DDP) training wrapper, the heads seeded as
+    the DiTs are (teacher.new_dit): what the ode and rcm stages share. The trainer puts (ddp, optimizer) in its
+    `trained` dict so checkpoints carry the heads."""
+
+    def __init__(self, recipe: Recipe, net: WanDiT, layers: tuple[int, ...], noise: tuple[float, float],
+                 optim: Optim, env: Env):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(recipe.seed + 1)
+            self.disc = FeatureDiscriminator(recipe.dit.dim, recipe.dit.num_layers, layers).to(env.device)
+        self.net, self.noise, self.optim, self.env = net, noise, optim, env
+        self.optimizer = make_optimizer(self.disc.parameters(), optim, env)
+        self.ddp = wrap_ddp(self.disc, env)
+
+    def draw(self, x0: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The discriminator's noise levels s ~ U(noise) [B] and noise for latents like x0."""
+        lo, hi = self.noise
+        s = lo + (hi - lo) * torch.rand(x0.shape[0], generator=g, device=x0.device)
+        return s, torch.randn(x0.shape, generator=g, device=x0.device)
+
+    def features(self, x0: torch.Tensor, context: torch.Tensor, s: torch.Tensor, noise: torch.Tensor):
+        return self.disc.features(self.net, x0, context, s, noise, self.env.autocast)
+
+    def caption(self, context: torch.Tensor) -> torch.Tensor:
+        with self.env.autocast():
+            return self.disc.caption(self.net, context)
+
+    def generator_logits(self, feats: list[torch.Tensor], caption: torch.Tensor) -> torch.Tensor:
+        """The heads' logits [B, tokens] on `feats`, the heads frozen for this pass (their gradient is the
+        generator's)."""
+        self.disc.requires_grad_(False)
+        try:
+            return self.disc(feats, caption)
+        finally:
+            self.disc.requires_grad_(True)
+
+    def heads_step(self, real_feats: list[torch.Tensor], fake_feats: list[torch.Tensor], caption: torch.Tensor,
+                   step: int, total: int) -> dict[str, float]:
+        """One hinge step of the heads on detached features of real and fake samples of the same captions."""
+        clips = real_feats[0].shape[0]
+        logits = self.ddp([torch.cat(pair) for pair in zip(real_feats, fake_feats)], caption.repeat(2, 1))
+        d_real, d_fake = logits[:clips], logits[clips:]   # one pass: DDP reduces once
+        loss = hinge_d_loss(d_real, d_fake)
+        loss.backward()
+        _, norm = optimizer_step(self.optimizer, self.optim, step, total)
+        return {"loss_disc": loss.item(), "d_real": d_real.mean().item(), "d_fake": d_fake.mean().item(),
+                "disc_grad_norm": norm}

@@ -105,9 +105,11 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                         "completes (recipe.ODEStage.on_policy_step)")
     p.add_argument("--adv-weight", type=float, metavar="W",
                    help="ode on policy: call --on-policy-step keeps the start student's outputs as targets and adds W "
-                        "times an adversarial loss on its x0, against the captions' clips (recipe.ODEStage.adv_weight)")
-    p.add_argument("--adv-lr", type=float, help="ode with --adv-weight: the discriminator heads' learning rate "
-                                                "(recipe.ODEStage.adv_optim)")
+                        "times an adversarial loss on its x0, against the captions' clips (recipe.ODEStage.adv_weight); "
+                        "rcm --no-scm / dmd: plus W times the latent elements of a sample times an adversarial loss on "
+                        "the student's sample, the heads trained at the critic steps (recipe.RCMStage.adv_weight)")
+    p.add_argument("--adv-lr", type=float, help="ode / rcm / dmd with --adv-weight: the discriminator heads' learning "
+                                                "rate (recipe.ODEStage.adv_optim, recipe.RCMStage.adv_optim)")
     p.add_argument("--no-eval", action="store_true", help="reproduce: skip the final evaluations")
     g = p.add_argument_group("merge of arbitrary files (all three given: TurboDiffusion's merge_models.py)")
     g.add_argument("--base", help="rCM student checkpoint")
@@ -128,6 +130,22 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--shift", type=float, default=SampleConfig.shift,
                    help=f"teacher sampler: flow shift (default {SampleConfig.shift:g})")
     return p
+
+
+def _adversarial(args: argparse.Namespace, cfg) -> dict:
+    """--adv-weight / --adv-lr as settings of `cfg` (an ODEStage or RCMStage; each checks where the term may go)."""
+    out = {}
+    if args.adv_weight is not None:
+        if not args.adv_weight >= 0:
+            raise ValueError(f"--adv-weight must be >= 0, got {args.adv_weight}")
+        out["adv_weight"] = args.adv_weight
+    if args.adv_lr is not None:
+        if not args.adv_lr > 0:
+            raise ValueError(f"--adv-lr must be positive, got {args.adv_lr}")
+        if not out.get("adv_weight", cfg.adv_weight):
+            raise ValueError("--adv-lr goes with the adversarial term (--adv-weight)")
+        out["adv_optim"] = dataclasses.replace(cfg.adv_optim, lr=args.adv_lr)
+    return out
 
 
 def _recipe(args, world: int = 1):
@@ -202,18 +220,9 @@ def _recipe(args, world: int = 1):
             sla["on_policy_step"] = args.on_policy_step
         if args.fg_share is not None:      # the object read off each target
             sla["fg_share"] = args.fg_share
-        if args.adv_weight is not None:
-            if not args.adv_weight >= 0:
-                raise ValueError(f"--adv-weight must be >= 0, got {args.adv_weight}")
-            if not on_policy:
-                raise ValueError("--adv-weight goes with the on-policy ode stage (--on-policy)")
-            sla["adv_weight"] = args.adv_weight
-        if args.adv_lr is not None:
-            if not args.adv_lr > 0:
-                raise ValueError(f"--adv-lr must be positive, got {args.adv_lr}")
-            if not sla.get("adv_weight", recipe.ode.adv_weight):
-                raise ValueError("--adv-lr goes with the adversarial term (--adv-weight)")
-            sla["adv_optim"] = dataclasses.replace(recipe.ode.adv_optim, lr=args.adv_lr)
+        if args.adv_weight is not None and not on_policy:
+            raise ValueError("--adv-weight goes with the on-policy ode stage (--on-policy)")
+        sla.update(_adversarial(args, recipe.ode))
     if sla:
         field = args.stage if args.stage in ("qat", "ode") else "sla"    # the settings of the stage being run
         recipe = dataclasses.replace(recipe, **{field: dataclasses.replace(getattr(recipe, field), **sla)})
@@ -251,8 +260,10 @@ def _recipe(args, world: int = 1):
         rcm["guidance"] = args.guidance
     if args.fg_share is not None and args.stage == "rcm":   # the sCM loss's object weighting
         rcm["fg_share"] = args.fg_share
+    field = "dmd_round" if args.stage == "dmd" else "rcm"
+    if args.stage in ("rcm", "dmd") and getattr(recipe, field) is not None:
+        rcm.update(_adversarial(args, getattr(recipe, field)))
     if rcm:   # the stage's settings: the DMD round's for `train dmd`
-        field = "dmd_round" if args.stage == "dmd" else "rcm"
         recipe = dataclasses.replace(recipe, **{field: dataclasses.replace(getattr(recipe, field), **rcm)})
     if (args.fg_weight is not None or args.fg_share is not None) and args.stage not in ("rcm", "ode"):   # teacher
         weighted = lambda cfg: dataclasses.replace(cfg, fg_weight=args.fg_weight or 0.0,  # noqa: E731
@@ -299,8 +310,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 ("--on-policy", args.on_policy or None, ("ode",)),
                                 ("--off-policy", args.off_policy or None, ("ode",)),
                                 ("--on-policy-step", args.on_policy_step, ("ode",)),
-                                ("--adv-weight", args.adv_weight, ("ode",)),
-                                ("--adv-lr", args.adv_lr, ("ode",)),
+                                ("--adv-weight", args.adv_weight, ("ode", "rcm", "dmd")),
+                                ("--adv-lr", args.adv_lr, ("ode", "rcm", "dmd")),
                                 ("--sla-student", args.sla_student or None, ("rcm", "dmd", "reproduce")),
                                 ("--tangent-warmup", args.tangent_warmup, ("rcm", "dmd", "reproduce")),
                                 ("--no-dmd", args.no_dmd or None, ("rcm", "reproduce")),

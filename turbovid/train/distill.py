@@ -14,7 +14,10 @@ samples), then one student step every `student_update_freq`, whose loss is step 
 with `RCMStage.anchor_weight` that weight times the sample's summed squared distance to the frozen start student's x0
 from the same state (an anchor against the colour drift DMD brought in session 25); with `RCMStage.anchor_pool` k > 1
 only the distance's k x k spatial block averages count (`losses.anchor_distance`), the outlines left to DMD, and
-`RCMStage.anchor_size_scale` scales it per sample by the object size its caption states. `run_dmd` runs a recipe's
+`RCMStage.anchor_size_scale` scales it per sample by the object size its caption states; with `RCMStage.adv_weight`
+(after DMD2) the student's sample also gets a discriminator's generator loss (train/adversarial.py: heads on the
+frozen teacher's features, trained at every critic step on the batch's data latents, the captions' own clips, against
+the student's samples). `run_dmd` runs a recipe's
 `dmd_round` (such a stage) from the ode stage's student, the mini release's last stage.
 
 Student step, batch of data latents x0 with captions (with `RCMStage.teacher_data`, as in rCM: latents the
@@ -42,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from turbovid.train.adversarial import Adversarial
 from turbovid.train.checkpoint import load_weights
 from turbovid.train.data import SIZES, latent_object_mask, object_weights
 from turbovid.train.ema import PowerEMA
@@ -125,6 +129,11 @@ class RCMTrainer(TrainedNetworks):
             self.fake_ddp = wrap_ddp(self.fake, env)
             self.opt_fake = make_optimizer(self.fake.parameters(), self.cfg.fake_optim, env)
             self.trained["fake"] = (self.fake_ddp, self.opt_fake)
+        self.adv = None          # DMD alone with the adversarial term: heads on the frozen teacher's features
+        if self.cfg.adv_weight:
+            self.adv = Adversarial(recipe, self.teacher, self.cfg.adv_layers, self.cfg.adv_noise, self.cfg.adv_optim,
+                                   env)
+            self.trained["disc"] = (self.adv.ddp, self.adv.optimizer)
         self.anchor = None       # DMD alone with an anchor: the frozen start student
         if self.cfg.anchor_weight:
             self.anchor = frozen_dit(recipe, teacher_weights if student_weights is None else student_weights, env,
@@ -186,6 +195,15 @@ class RCMTrainer(TrainedNetworks):
             G_x0 = denoise(self.student_ddp, G_x, G_t, context)
         loss_dmd = self._dmd_term(G_x0, context, g, clips)
         logs = {"loss_dmd": loss_dmd.mean().item()}
+        if self.adv is not None:
+            # the hinge generator loss per sample, times the sample's latent elements (the DMD term is a sum over
+            # them), through the frozen teacher's features with the heads frozen
+            s_d, noise = self.adv.draw(G_x0, g)
+            logits = self.adv.generator_logits(self.adv.features(G_x0.float(), context, s_d, noise),
+                                               self.adv.caption(context))
+            loss_adv = -logits.mean(1)
+            logs["loss_adv"] = loss_adv.mean().item()
+            loss_dmd = loss_dmd + self.cfg.adv_weight * G_x0[0].numel() * loss_adv
         if self.anchor is None:
             return loss_dmd, logs
         with torch.no_grad(), self.env.autocast():
@@ -242,7 +260,15 @@ class RCMTrainer(TrainedNetworks):
         loss.backward()
         # rCM's fake iteration count is -1 at the first critic step when warm-up % freq != 0
         lr, norm = optimizer_step(self.opt_fake, cfg.fake_optim, max(n_fake, 0), self.schedule.steps)
-        return {"loss_fake": loss.item(), "lr_fake": lr, "grad_norm_fake": norm}
+        logs = {"loss_fake": loss.item(), "lr_fake": lr, "grad_norm_fake": norm}
+        if self.adv is not None:    # the heads: the batch's data latents (its captions' clips) against these samples
+            s_d, noise = self.adv.draw(G_x0, g)
+            with torch.no_grad():
+                real = self.adv.features(x0.float(), context, s_d, noise)
+                fake = self.adv.features(G_x0, context, s_d, noise)
+            logs.update(self.adv.heads_step(real, fake, self.adv.caption(context), max(n_fake, 0),
+                                            self.schedule.steps))
+        return logs
 
     def train_step(self, step: int) -> dict[str, float]:
         data_step = 0 if self.fixed_batch else step

@@ -24,6 +24,14 @@ TINY_VAE_UNIT = VAEConfig(dim=TINY_VAE.dim, dim_mult=TINY_VAE.dim_mult, num_res_
                           mean=(0.0,) * 16, std=(1.0,) * 16)
 
 
+def check_adversarial(stage: str, weight: float, noise: tuple[float, float]) -> None:
+    """The adversarial term's settings (train/adversarial.py) of an ode or rcm stage."""
+    if weight < 0:
+        raise ValueError(f"{stage}.adv_weight must be >= 0, got {weight}")
+    if not 0 <= noise[0] < noise[1] <= 1:
+        raise ValueError(f"{stage}.adv_noise must be (lo, hi) with 0 <= lo < hi <= 1, got {noise}")
+
+
 @dataclass(frozen=True)
 class Optim:
     lr: float
@@ -152,6 +160,14 @@ class RCMStage:
                                  # Session 29, the mini DMD round with 2,1,1 (small at CFG 4): 1375 of 1536 on six
                                  # sets against the release's 1368 (13 clips gained, 7 lost; small objects 324 of
                                  # 420 against 318), not shipped; 1.5 / 2.5 / 3 for small read level or below
+    adv_weight: float = 0.0      # > 0 (ours, scm off; after DMD2): plus this weight times the number of latent
+                                 # elements of a sample times a discriminator's hinge generator loss on the student's
+                                 # sample (train/adversarial.py; real = the stage's data latents, the captions' own
+                                 # clips), so a weight reads against a per-element DMD gradient of order 1; the heads
+                                 # train at every critic step
+    adv_layers: tuple[int, ...] = (1, 3, 5)    # the frozen teacher's blocks the discriminator's heads read
+    adv_noise: tuple[float, float] = (0.05, 0.6)   # the discriminator sees x0 noised to s ~ U(lo, hi)
+    adv_optim: Optim = Optim(lr=1e-4, betas=(0.0, 0.99), weight_decay=0.0, warmup=0)   # the heads'
 
     def __post_init__(self):
         check_object_weighting(0.0, self.fg_share)
@@ -176,6 +192,9 @@ class RCMStage:
             raise ValueError("rcm.anchor_size_scale scales the anchor: it needs anchor_weight > 0")
         if self.anchor_weight and self.scm:
             raise ValueError("rcm.anchor_weight goes with DMD alone (scm off)")
+        check_adversarial("rcm", self.adv_weight, self.adv_noise)
+        if self.adv_weight and (self.scm or not self.dmd):
+            raise ValueError("rcm.adv_weight goes with DMD alone (scm off, dmd on)")
         if not self.scm and self.fg_share:
             raise ValueError("rcm.fg_share weighs the sCM loss, which a DMD-alone run (scm off) does not have")
         if self.teacher_data < 0:
@@ -215,12 +234,9 @@ class ODEStage:
 
     def __post_init__(self):
         check_object_weighting(0.0, self.fg_share)
-        if self.adv_weight < 0:
-            raise ValueError(f"ode.adv_weight must be >= 0, got {self.adv_weight}")
+        check_adversarial("ode", self.adv_weight, self.adv_noise)
         if self.adv_weight and not self.on_policy:
             raise ValueError("ode.adv_weight goes with the on-policy ode stage (on_policy=True)")
-        if not 0 <= self.adv_noise[0] < self.adv_noise[1] <= 1:
-            raise ValueError(f"ode.adv_noise must be (lo, hi) with 0 <= lo < hi <= 1, got {self.adv_noise}")
         if self.trajectories < 1:
             raise ValueError(f"ode.trajectories must be >= 1, got {self.trajectories}")
         if not 0 < self.topk <= 1:

@@ -67,14 +67,13 @@ import torch
 
 from turbovid.config import MODELS, SampleConfig
 from turbovid.sampling import flow_times, rcm_times
-from turbovid.train.adversarial import FeatureDiscriminator, hinge_d_loss, hinge_g_loss
+from turbovid.train.adversarial import Adversarial, hinge_g_loss
 from turbovid.train.checkpoint import load_weights
 from turbovid.train.data import latent_object_estimate, object_weights
 from turbovid.train.distill import TeacherSamples
 from turbovid.train.evaluate import generate_latents
 from turbovid.train.inputs import LatentBatches
-from turbovid.train.loop import (Env, drive_rounds, make_optimizer, optimizer_step, round_dirs, step_generator,
-                                 step_indices, wrap_ddp)
+from turbovid.train.loop import Env, drive_rounds, round_dirs, step_generator, step_indices
 from turbovid.train.recipe import Recipe
 from turbovid.train.teacher import SLATrainer, dit_from_weights, frozen_dit, teacher_file
 
@@ -122,13 +121,10 @@ class ODETrainer(SLATrainer):
         elif inputs is None:
             inputs = TeacherTrajectories(recipe, run_dir, env, self.teacher, cfg.trajectories)
         self._setup(recipe, run_dir, env, student, cfg, fixed_batch, inputs)
-        self.disc = None
+        self.adv = None
         if cfg.adv_weight:
-            with torch.random.fork_rng(devices=[]):      # seeded as the DiTs are (teacher.new_dit)
-                torch.manual_seed(recipe.seed + 1)
-                self.disc = FeatureDiscriminator(recipe.dit.dim, recipe.dit.num_layers, cfg.adv_layers).to(env.device)
-            self.disc_optimizer = make_optimizer(self.disc.parameters(), cfg.adv_optim, env)
-            self.trained["disc"] = (wrap_ddp(self.disc, env), self.disc_optimizer)
+            self.adv = Adversarial(recipe, self.teacher, cfg.adv_layers, cfg.adv_noise, cfg.adv_optim, env)
+            self.trained["disc"] = (self.adv.ddp, self.adv.optimizer)
             self._fake = None      # what the generator pass leaves for the heads' step (_output_terms)
 
     def _batch(self, step: int):
@@ -171,39 +167,23 @@ class ODETrainer(SLATrainer):
         x0 = x[rows] - s * v[rows]
         data_step = 0 if self.fixed_batch else step
         g = step_generator(self.recipe.seed + 1, data_step, self.env.rank, self.env.device)   # not the batch's draws
-        lo, hi = self.cfg.adv_noise
-        s_d = lo + (hi - lo) * torch.rand(x0.shape[0], generator=g, device=x.device)
-        noise = torch.randn(x0.shape, generator=g, device=x.device)
-        feats = self.disc.features(self.teacher, x0, context[rows], s_d, noise, self.env.autocast)
-        with self.env.autocast():
-            caption = self.disc.caption(self.teacher, context[rows])
-        self.disc.requires_grad_(False)
-        try:
-            fake = self.disc(feats, caption)
-        finally:
-            self.disc.requires_grad_(True)
+        s_d, noise = self.adv.draw(x0, g)
+        feats = self.adv.features(x0, context[rows], s_d, noise)
+        caption = self.adv.caption(context[rows])
+        fake = self.adv.generator_logits(feats, caption)
         self._fake = {"feats": [f.detach() for f in feats], "caption": caption, "context": context[rows],
                       "s": s_d, "noise": noise, "indices": step_indices(data_step, self.env, x0.shape[0])}
         return {"loss_adv": (self.cfg.adv_weight, hinge_g_loss(fake))}
 
     def train_step(self, step: int) -> dict[str, float]:
         logs = super().train_step(step)
-        if self.disc is None:
+        if self.adv is None:
             return logs
         fake, self._fake = self._fake, None
         real, _ = self.inputs.encode(fake["indices"])                      # the captions' own clips
         with torch.no_grad():
-            real_feats = self.disc.features(self.teacher, real, fake["context"], fake["s"], fake["noise"],
-                                            self.env.autocast)
-        clips = real.shape[0]
-        logits = self.trained["disc"][0]([torch.cat(pair) for pair in zip(real_feats, fake["feats"])],
-                                         fake["caption"].repeat(2, 1))     # one pass: DDP reduces once
-        d_real, d_fake = logits[:clips], logits[clips:]
-        loss = hinge_d_loss(d_real, d_fake)
-        loss.backward()
-        _, norm = optimizer_step(self.disc_optimizer, self.cfg.adv_optim, step, self.schedule.steps)
-        return {**logs, "loss_disc": loss.item(), "d_real": d_real.mean().item(), "d_fake": d_fake.mean().item(),
-                "disc_grad_norm": norm}
+            real_feats = self.adv.features(real, fake["context"], fake["s"], fake["noise"])
+        return {**logs, **self.adv.heads_step(real_feats, fake["feats"], fake["caption"], step, self.schedule.steps)}
 
     def _loss_weight(self, x, t_net, v_target):
         """fg_share > 0: the object's cells, read off each row's target x0 = x - s v* (data.latent_object_estimate:

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Session 30's device script. One GPU; the files as committed (turbovid/assets/mini = session 28's release).
+#   r: `turbovid eval` rows side by side on the one GPU, one per CONFIG:START[:BLOCKS[:STUDENT[:SEED]]] in JOBS (256
+#      held-out prompts START..START+255; CONFIG one of turbovid.eval.CONFIGS; BLOCKS: `--sla-blocks BLOCKS`; STUDENT:
+#      a folder under runs/carry holding a candidate's dit / dit_int8 files, else the release's; SEED: `--seed`),
+#      each with the environment's EVAL_ARGS; JSON $OUT/[<STUDENT>_]<CONFIG>_start<START>[_b<BLOCKS>][_seed<SEED>].json,
+#      the rows to $OUT/evals.log.
+#   d: the release's DMD round (recipe.mini's dmd_round: DMD alone, SLA student at top-k 0.75, the teacher's CFG 2, the
+#      anchor at weight 10 times 0 / 1 / 3 per caption size, lr 2e-5) from ode round 3's student (INIT, default
+#      runs/carry/s29/ode3_start.safetensors) plus the adversarial term (`--adv-weight`, new for DMD), one run per
+#      NAME:ADV[:ADV_LR] in VARIANTS side by side, fitted to the command minus FIT s (default 200); each EMA student
+#      shipped on this machine into runs/carry/s30/NAME (prelude's ship_file; the DiT files alone) and, in bf16, to
+#      $OUT with its log.
+source "$(dirname "$0")/prelude.sh" "$1"
+row() {   # row NAME CONFIG START [ARGS...]: `turbovid eval` of CONFIG on START..START+255 (sage_numerics.py's eval:
+          # STUDENT in the environment swaps the student's files); JSON $OUT/NAME.json, its row to evals.log
+  local name=$1 cfg=$2 start=$3; shift 3
+  OMP_NUM_THREADS=3 python3 docs/training/mini/session29_checks/sage_numerics.py eval fused --device cuda \
+    --configs "$cfg" --start "$start" --count 256 --out "$OUT/$name.json" "$@" 2> "/tmp/progress_$name.log" \
+    | sed -n 2p | sed "s|^|$name: |" >> "$OUT/evals.log"
+}
+job() {   # job CONFIG:START[:BLOCKS[:STUDENT[:SEED]]]
+  local cfg start blocks student seed name args=()
+  IFS=: read -r cfg start blocks student seed <<< "$1"
+  name=${student:+${student//\//_}_}${cfg}_start$start
+  if [ -n "$blocks" ]; then name=${name}_b$blocks args+=(--sla-blocks "$blocks"); fi
+  if [ -n "$seed" ]; then name=${name}_seed$seed args+=(--seed "$seed"); fi
+  STUDENT=${student:+runs/carry/$student} row "$name" "$cfg" "$start" "${args[@]}" ${EVAL_ARGS:-}
+}
+case "$1" in
+r) for j in $JOBS; do job "$j" & done
+   wait
+   cat "$OUT/evals.log" ;;
+d) for v in $VARIANTS; do
+     IFS=: read -r n adv advlr <<< "$v"
+     fresh "runs/s30_$n"
+     $T rcm --run-dir "runs/s30_$n" --init "${INIT:-runs/carry/s29/ode3_start.safetensors}" --sla-student --topk 0.75 \
+       --no-scm --guidance 2 --anchor-weight 10 --anchor-size-scale 0,1,3 --tangent-warmup 200 --lr 2e-5 \
+       --adv-weight "$adv" ${advlr:+--adv-lr "$advlr"} --steps 100000 --fit-minutes "$(minutes_left "${FIT:-200}")" \
+       --max-minutes "$(minutes_left 60)" > "$OUT/s30_$n.log" 2>&1 &
+     # the first run encodes the shared latent pool (~2.5 min); the next start once it is written, and read it
+     while [ ! -f runs/pool/train_24000_rank0of1.safetensors ] && kill -0 $! 2>/dev/null; do sleep 5; done
+   done
+   wait
+   for v in $VARIANTS; do
+     n=${v%%:*}
+     tail -2 "$OUT/s30_$n.log"
+     export_weights "runs/s30_$n/rcm/final.safetensors" "runs/s30_${n}_bf16.safetensors" 1 \
+       "runs/s30_$n/rcm/final.safetensors" && cp "runs/s30_${n}_bf16.safetensors" "$OUT/" || { echo "$n: no weights"; continue; }
+     cp "runs/s30_$n/rcm/log.jsonl" "$OUT/s30_${n}_log.jsonl" || true
+     ship_file "runs/s30_${n}_bf16.safetensors" "runs/assets_$n" > /dev/null
+     mkdir -p "runs/carry/s30/$n" && cp runs/assets_"$n"/dit{,_int8}.safetensors "runs/carry/s30/$n/"
+   done
+   cat "$OUT"/s30_*.log > "$OUT/d_stdout.log" && rm "$OUT"/s30_*.log ;;
+*) echo "usage: session30.sh r | d"
+   exit 2 ;;
+esac
