@@ -53,6 +53,10 @@ def test_sla_runs_at_the_shipped_top_k():
     # Run at 0.75 by default (recipe.ship_topk, measured by `turbovid eval`, README), the top-k the shipped student's
     # last stage (ode) trained at; its SLA stage tuned at 0.5.
     assert MODELS["mini"].sla_topk == config["sla_topk"] == 0.75 and config["sla_topk_tuned"] == 0.75
+    # ... at the blocks its SLA trained at (every training stage: 128 x 64), on every GPU (session 30: TurboDiffusion's
+    # SageSLA 64 x 128 on the H100 cost this student clips), unless --sla-blocks says otherwise
+    assert MODELS["mini"].sla_blocks == tuple(config["sla_blocks"]) == (128, 64)
+    assert Pipeline.load("mini", device="cpu", attention="sagesla").sla_blocks == (128, 64)
     assert MODELS["tiny"].sla_topk == 0.1                              # no shipped config: TurboDiffusion's 0.1
     pipe = Pipeline.load("mini", device="cpu", attention="sla")
     assert pipe.topk == 0.75 and pipe.dit.blocks[0].self_attn.attn_op.local_attn.topk == 0.75
@@ -86,3 +90,4 @@ def test_shipped_files_record_the_recipe_that_made_them():
                {"stage": "rcm", "steps": recipe.dmd_round.run.steps}]
     assert config["student_history"] == weights_history(files["dit"]) == history
     assert config["sla_topk"] == recipe.ship_topk and config["sla_topk_tuned"] == recipe.ode_stages[-1].topk
+    assert config["sla_blocks"] == [128, 64]

@@ -9,6 +9,7 @@ tests run a 4-block model at Wan2.1-1.3B width, head dim 128 and the 480p/81-fra
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -80,8 +81,9 @@ def test_set_attention_swaps_every_block_and_keeps_proj_l(models):
     assert all(isinstance(b.cross_attn.attn_op.local_attn, DenseAttention) for b in model.blocks)
 
 
-def test_sla_blocks_are_set_carried_and_parsed(models):
+def test_sla_blocks_are_set_carried_and_parsed(models, monkeypatch):
     from turbovid.attention.sla import parse_blocks
+    from turbovid.config import MODELS
     from turbovid.pipeline import Pipeline
 
     model = set_attention(copy.deepcopy(models[1]), "sla", topk=0.5)
@@ -105,6 +107,14 @@ def test_sla_blocks_are_set_carried_and_parsed(models):
     assert pipe.sla_blocks == (64, 64)
     assert pipe.dit.blocks[0].self_attn.attn_op.local_attn.block_sizes(cpu) == (64, 64)
     assert Pipeline.load("tiny", device="cpu").sla_blocks is None        # the model's default: none fixed
+    assert parse_blocks("auto") == parse_blocks(" AUTO ") == "auto"
+    assert Pipeline.load("tiny", attention="sla", sla_blocks="auto", device="cpu").sla_blocks is None
+    # a model with tuned blocks (mini's config.json sla_blocks) runs there on every device unless told otherwise
+    monkeypatch.setitem(MODELS, "tiny", dataclasses.replace(MODELS["tiny"], sla_blocks=(64, 128)))
+    pipe = Pipeline.load("tiny", attention="sagesla", device="cpu")
+    assert pipe.sla_blocks == (64, 128) and pipe.dit.blocks[0].self_attn.attn_op.local_attn.block_sizes(cpu) == (64, 128)
+    assert Pipeline.load("tiny", attention="sla", sla_blocks="auto", device="cpu").sla_blocks is None
+    assert Pipeline.load("tiny", attention="sla", sla_blocks=(128, 128), device="cpu").sla_blocks == (128, 128)
     with pytest.raises(ValueError, match="64 or 128"):
         Pipeline.load("tiny", attention="sla", sla_blocks=(32, 64), device="cpu")
 

@@ -31,7 +31,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--topk", type=float, help="SLA key-block ratio kept per query block (default: the shipped "
                    "model's, 0.75 for mini; else 0.1)")
     g.add_argument("--sla-blocks", metavar="BQxBK", help="SLA / SageSLA query x key block sizes, 64 or 128 each, "
-                   "e.g. 128x64 (default: TurboDiffusion's per GPU: SageSLA 64x128 on H100/H200, 128x64 elsewhere)")
+                   "e.g. 128x64, or auto: TurboDiffusion's per GPU (SageSLA 64x128 on H100/H200, 128x64 elsewhere). "
+                   "Default: the shipped model's tuned blocks (128x64 for mini), else auto")
     g.add_argument("--quant", action="store_true", help="W8A8 INT8 block linears (loads -quant files, "
                                                         "quantizes bf16 ones on the fly)")
     g.add_argument("--quant-format", default="fast", help="fast: per-channel/per-token INT8 (default; -quant "
@@ -44,8 +45,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="cuda | cpu (default: cuda if available)")
 
 
-def sla_blocks_arg(args: argparse.Namespace) -> tuple[int, int] | None:
-    """--sla-blocks "128x64" -> (128, 64); None when not given (TurboDiffusion's per-GPU sizes)."""
+def sla_blocks_arg(args: argparse.Namespace) -> tuple[int, int] | str | None:
+    """--sla-blocks "128x64" -> (128, 64), "auto" -> "auto" (TurboDiffusion's per-GPU sizes); None when not given
+    (the model's default)."""
     from turbovid.attention.sla import parse_blocks
     return parse_blocks(args.sla_blocks) if getattr(args, "sla_blocks", None) else None
 

@@ -93,6 +93,9 @@ class ModelSpec:
     assets: str | None = None              # shipped weights: folder under turbovid/assets (pipeline.shipped_files)
     sla_topk: float = 0.1                  # default SLA key-block ratio: TurboDiffusion's --sla_topk, or a shipped
                                            # student's config.json sla_topk (`turbovid train ship`)
+    sla_blocks: tuple[int, int] | None = None  # SLA / SageSLA (b_q, b_k) on every device by default: a shipped
+                                           # student's config.json sla_blocks, the blocks its SLA was tuned at; None:
+                                           # TurboDiffusion's per-GPU choice (attention/sla.py default_block_sizes)
 
 
 WAN21_1P3B = DiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
@@ -143,7 +146,8 @@ MODELS: dict[str, ModelSpec] = {
     "Wan2.2-T2V-A14B": ModelSpec("Wan2.2-T2V-A14B", "t2v", WAN22_A14B_T2V, two_experts=True,
                                  boundary=0.875, resolution="720p"),
     "mini": ModelSpec("mini", "t2v", MINI_DIT, MINI_VAE, MINI_TEXT, resolution="240p", aspect_ratio="1:1",
-                      num_frames=33, assets="mini", sla_topk=_MINI_SHIPPED.get("sla_topk", 0.1)),
+                      num_frames=33, assets="mini", sla_topk=_MINI_SHIPPED.get("sla_topk", 0.1),
+                      sla_blocks=tuple(_MINI_SHIPPED["sla_blocks"]) if "sla_blocks" in _MINI_SHIPPED else None),
     "tiny": ModelSpec("tiny", "t2v", TINY_DIT, TINY_VAE, TINY_TEXT, resolution="128p",
                       num_frames=9, untrained=True),
     "tiny-i2v": ModelSpec("tiny-i2v", "i2v", TINY_DIT_I2V, TINY_VAE, TINY_TEXT, two_experts=True,

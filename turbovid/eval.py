@@ -19,7 +19,7 @@ first N, with seed `seed + i` for prompt i, and grades it:
     turbovid eval --count 32 --out benchmarks/results/eval_mini_cpu.json
     turbovid eval --configs teacher,student --count 8
     turbovid eval --configs student_sagesla,turbo --topk 0.75     (SLA's kept key-block ratio: a trade-off)
-    turbovid eval --configs turbo --sla-blocks 128x64            (SLA's block sizes on every GPU)
+    turbovid eval --configs turbo --sla-blocks auto              (TurboDiffusion's per-GPU SLA blocks, not mini's)
     turbovid eval --configs turbo --start 1000 --count 256 --ode --sigma-max 200
 
 `--start` skips prompts: pick a sampler setting (`--ode`, `--sigma-max`, for the few-step rows) on prompts past
@@ -92,11 +92,11 @@ def _real_features(clips, size: int, frames: int) -> torch.Tensor:
 # ---- one configuration -----------------------------------------------------------------------------
 
 def evaluate_config(name: str, clips, *, model: str, device: str | None, seed: int, real: torch.Tensor,
-                    log=print, topk: float | None = None, sla_blocks: tuple[int, int] | None = None,
+                    log=print, topk: float | None = None, sla_blocks: tuple[int, int] | str | None = None,
                     sigma_max: float | None = None, ode: bool = False,
                     mid_angles: tuple[float, ...] | None = None) -> dict:
     """`topk` / `sla_blocks`: SLA's kept key-block ratio and (b_q, b_k) for the SLA / SageSLA configurations
-    (default: the model's top-k; TurboDiffusion's per-GPU blocks).
+    (default: the model's top-k and blocks; "auto" blocks: TurboDiffusion's per-GPU ones).
     `sigma_max` / `ode` / `mid_angles`: the rCM sampler's, for the few-step rows (the 50-step teacher row ignores
     them)."""
     from turbovid.pipeline import MAX_RCM_STEPS, Pipeline
@@ -133,7 +133,7 @@ def evaluate_config(name: str, clips, *, model: str, device: str | None, seed: i
 
 def run_eval(configs: list[str], *, model: str = "mini", count: int = 32, seed: int = 0, device: str | None = None,
              out: str | Path | None = None, log=print, topk: float | None = None,
-             sla_blocks: tuple[int, int] | None = None, start: int = 0, sigma_max: float | None = None,
+             sla_blocks: tuple[int, int] | str | None = None, start: int = 0, sigma_max: float | None = None,
              ode: bool = False, mid_angles: tuple[float, ...] | None = None) -> dict:
     from turbovid.config import MODELS
     from turbovid.train.data import path_start, sample_clip

@@ -158,7 +158,7 @@ class Pipeline:
     @classmethod
     def load(cls, model: str = DEFAULT_MODEL, *, dit: str | None = None, dit_low: str | None = None,
              vae: str | None = None, text_encoder: str | None = None, tokenizer: str | None = None,
-             attention: str = "dense", topk: float | None = None, sla_blocks: tuple[int, int] | None = None,
+             attention: str = "dense", topk: float | None = None, sla_blocks: tuple[int, int] | str | None = None,
              quant: bool = False, quant_format: str = "fast",
              fuse: bool | None = None, compile: bool = False, max_memory: float | None = None,
              device: str | None = None, dtype: torch.dtype | None = None, teacher: bool = False) -> "Pipeline":
@@ -169,7 +169,8 @@ class Pipeline:
 
         Accelerations (turbovid.speedups): `topk` is SLA's kept key-block ratio (default: the model's
         `sla_topk`: a shipped student's config.json value, else 0.1); `sla_blocks` fixes SLA's (b_q, b_k) on every
-        device (default: TurboDiffusion's per-GPU choice); `quant` makes the block linears W8A8 INT8 — `quant_format`
+        device (default: the model's `sla_blocks`, the blocks a shipped student's SLA was tuned at; "auto", and the
+        default of a model without them: TurboDiffusion's per-GPU choice); `quant` makes the block linears W8A8 INT8 — `quant_format`
         "fast" (per-channel weights, per-token activations; TurboDiffusion -quant files are converted)
         or "td" (TurboDiffusion's exact 128x128-tile format); `fuse` (default: on CUDA) fuses norm +
         modulation (+ INT8 emit) and GEMM epilogues; `compile` compiles the blocks. Text K/V caching
@@ -185,7 +186,9 @@ class Pipeline:
         topk = spec.sla_topk if topk is None else topk
         if not 0.0 < topk <= 1.0:
             raise ValueError(f"--topk must be in (0, 1], got {topk}")
-        sla_blocks = None if sla_blocks is None else check_blocks(sla_blocks)
+        # None: the model's tuned blocks if it has them, else "auto" (TurboDiffusion's per-device choice)
+        sla_blocks = spec.sla_blocks if sla_blocks is None else sla_blocks
+        sla_blocks = None if sla_blocks in (None, "auto") else check_blocks(sla_blocks)
         if spec.assets:
             files = shipped_files(spec)
             role = "dit_teacher" if teacher else ("dit_int8" if quant and quant_format == "fast" else "dit")

@@ -33,11 +33,14 @@ def check_blocks(blocks) -> tuple[int, int]:
     return blocks
 
 
-def parse_blocks(text: str) -> tuple[int, int]:
-    """"128x64" -> (128, 64): SLA's (b_q, b_k) (check_blocks); ValueError with a one-line message otherwise."""
+def parse_blocks(text: str) -> tuple[int, int] | str:
+    """"128x64" -> (128, 64): SLA's (b_q, b_k) (check_blocks); "auto" stays "auto" (TurboDiffusion's per-device
+    sizes, `default_block_sizes`); ValueError with a one-line message otherwise."""
+    if text.strip().lower() == "auto":
+        return "auto"
     parts = text.lower().replace("×", "x").split("x")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ValueError(f"--sla-blocks must look like 128x64 (query block x key block), got {text!r}")
+        raise ValueError(f"--sla-blocks must look like 128x64 (query block x key block) or be auto, got {text!r}")
     return check_blocks(int(p) for p in parts)
 
 

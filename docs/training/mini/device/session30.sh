@@ -11,6 +11,7 @@
 #      NAME:ADV[:ADV_LR] in VARIANTS side by side, fitted to the command minus FIT s (default 200); each EMA student
 #      shipped on this machine into runs/carry/s30/NAME (prelude's ship_file; the DiT files alone) and, in bf16, to
 #      $OUT with its log.
+#   t: the README's table (prelude's release_eval_gpu: every row, 128 held-out prompts, one invocation) beside `r`'s JOBS.
 source "$(dirname "$0")/prelude.sh" "$1"
 row() {   # row NAME CONFIG START [ARGS...]: `turbovid eval` of CONFIG on START..START+255 (sage_numerics.py's eval:
           # STUDENT in the environment swaps the student's files); JSON $OUT/NAME.json, its row to evals.log
@@ -52,6 +53,10 @@ d) for v in $VARIANTS; do
      mkdir -p "runs/carry/s30/$n" && cp runs/assets_"$n"/dit{,_int8}.safetensors "runs/carry/s30/$n/"
    done
    cat "$OUT"/s30_*.log > "$OUT/d_stdout.log" && rm "$OUT"/s30_*.log ;;
-*) echo "usage: session30.sh r | d"
+t) release_eval_gpu > /dev/null &
+   for j in $JOBS; do job "$j" & done
+   wait
+   cat "$OUT/eval.log" "$OUT/evals.log" ;;
+*) echo "usage: session30.sh r | d | t"
    exit 2 ;;
 esac
