@@ -112,7 +112,8 @@ def test_sla_blocks_are_set_carried_and_parsed(models, monkeypatch):
     # a model with tuned blocks (mini's config.json sla_blocks) runs there on every device unless told otherwise
     monkeypatch.setitem(MODELS, "tiny", dataclasses.replace(MODELS["tiny"], sla_blocks=(64, 128)))
     pipe = Pipeline.load("tiny", attention="sagesla", device="cpu")
-    assert pipe.sla_blocks == (64, 128) and pipe.dit.blocks[0].self_attn.attn_op.local_attn.block_sizes(cpu) == (64, 128)
+    assert pipe.sla_blocks == (64, 128)
+    assert pipe.dit.blocks[0].self_attn.attn_op.local_attn.block_sizes(cpu) == (64, 128)
     assert Pipeline.load("tiny", attention="sla", sla_blocks="auto", device="cpu").sla_blocks is None
     assert Pipeline.load("tiny", attention="sla", sla_blocks=(128, 128), device="cpu").sla_blocks == (128, 128)
     with pytest.raises(ValueError, match="64 or 128"):

@@ -170,9 +170,9 @@ class Pipeline:
         Accelerations (turbovid.speedups): `topk` is SLA's kept key-block ratio (default: the model's
         `sla_topk`: a shipped student's config.json value, else 0.1); `sla_blocks` fixes SLA's (b_q, b_k) on every
         device (default: the model's `sla_blocks`, the blocks a shipped student's SLA was tuned at; "auto", and the
-        default of a model without them: TurboDiffusion's per-GPU choice); `quant` makes the block linears W8A8 INT8 — `quant_format`
-        "fast" (per-channel weights, per-token activations; TurboDiffusion -quant files are converted)
-        or "td" (TurboDiffusion's exact 128x128-tile format); `fuse` (default: on CUDA) fuses norm +
+        default of a model without them: TurboDiffusion's per-GPU choice); `quant` makes the block linears W8A8
+        INT8 — `quant_format` "fast" (per-channel weights, per-token activations; TurboDiffusion -quant files are
+        converted) or "td" (TurboDiffusion's exact 128x128-tile format); `fuse` (default: on CUDA) fuses norm +
         modulation (+ INT8 emit) and GEMM epilogues; `compile` compiles the blocks. Text K/V caching
         across steps is always on: it is exact. `max_memory` (GB) keeps the models on the CPU and moves
         them to the GPU stage by stage as turbovid.memory's plan says."""

@@ -14,8 +14,9 @@ heads ask about it directly. Every token of every chosen block gives one logit (
 Losses (hinge, as LADD): heads: mean relu(1 - D(real)) + mean relu(1 + D(fake)); student: - mean D(fake), the
 gradient flowing through the frozen teacher into the student's output. The real latents are the training clips of the
 captions the student sampled (rendered and VAE-encoded), so each real sample pairs with a fake one of its caption.
-What it measured on the mini model: train/trajectory.py (session 24). The DMD round (train/distill.py, RCMStage.adv_weight,
-session 30) uses the same heads, trained at its critic steps on the stage's data latents against the student's samples.
+What it measured on the mini model: train/trajectory.py (session 24). The DMD round (train/distill.py,
+RCMStage.adv_weight, session 30) uses the same heads, trained at its critic steps on the stage's data latents against
+the student's samples.
 """
 from __future__ import annotations
 

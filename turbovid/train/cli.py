@@ -105,7 +105,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                         "completes (recipe.ODEStage.on_policy_step)")
     p.add_argument("--adv-weight", type=float, metavar="W",
                    help="ode on policy: call --on-policy-step keeps the start student's outputs as targets and adds W "
-                        "times an adversarial loss on its x0, against the captions' clips (recipe.ODEStage.adv_weight); "
+                        "times an adversarial loss on its x0, against the captions' clips "
+                        "(recipe.ODEStage.adv_weight); "
                         "rcm --no-scm / dmd: plus W times the latent elements of a sample times an adversarial loss on "
                         "the student's sample, the heads trained at the critic steps (recipe.RCMStage.adv_weight)")
     p.add_argument("--adv-lr", type=float, help="ode / rcm / dmd with --adv-weight: the discriminator heads' learning "

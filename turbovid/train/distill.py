@@ -17,8 +17,8 @@ only the distance's k x k spatial block averages count (`losses.anchor_distance`
 `RCMStage.anchor_size_scale` scales it per sample by the object size its caption states; with `RCMStage.adv_weight`
 (after DMD2) the student's sample also gets a discriminator's generator loss (train/adversarial.py: heads on the
 frozen teacher's features, trained at every critic step on the batch's data latents, the captions' own clips, against
-the student's samples). `run_dmd` runs a recipe's
-`dmd_round` (such a stage) from the ode stage's student, the mini release's last stage.
+the student's samples). `run_dmd` runs a recipe's `dmd_round` (such a stage) from the ode stage's student, the mini
+release's last stage.
 
 Student step, batch of data latents x0 with captions (with `RCMStage.teacher_data`, as in rCM: latents the
 teacher sampled for those captions, `TeacherSamples`):

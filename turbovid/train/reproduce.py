@@ -31,8 +31,6 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
-
 from turbovid.attention.sla import default_block_sizes
 
 from turbovid.train.distill import run_dmd, run_rcm

@@ -64,6 +64,19 @@ h = weights_history(sys.argv[4]) + ([{'stage': sys.argv[5], 'steps': int(sys.arg
 w = {k: v.bfloat16() if sys.argv[3] == '1' and v.is_floating_point() else v for k, v in load_file(sys.argv[1]).items()}
 save_weights(sys.argv[2], w, history_metadata(h))" "$@"
 }
+# `beside LOG ARGS...`: `train ARGS` in the background, its output to LOG. The first of several runs started this way
+# encodes the shared latent pool (~2.5 min): return once it is written (or the run has ended), so the next one reads it.
+beside() {
+  local log=$1; shift
+  $T "$@" > "$log" 2>&1 &
+  while [ ! -f runs/pool/train_24000_rank0of1.safetensors ] && kill -0 $! 2>/dev/null; do sleep 5; done
+}
+# `export_rcm RUN NAME`: RUN/rcm's EMA student in bf16 to runs/NAME_bf16.safetensors and $OUT, its log to
+# $OUT/NAME_log.jsonl; fails when the run left no final weights.
+export_rcm() {
+  export_weights "$1/rcm/final.safetensors" "runs/$2_bf16.safetensors" 1 "$1/rcm/final.safetensors" &&
+    cp "runs/$2_bf16.safetensors" "$OUT/" && { cp "$1/rcm/log.jsonl" "$OUT/$2_log.jsonl" || true; }
+}
 # `kept NAME FROM EVERY ARGS...`: `train NAME --run-dir $S ARGS` run EVERY steps at a time (each run resumes from the
 # last checkpoint) until the stage is done or the command's time ends, stopped and checkpointed 40 s before its end.
 # After each run the EMA student goes to $OUT/<NAME>_<step>.safetensors and $S/kept/ with the weights history the

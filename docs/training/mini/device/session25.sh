@@ -41,20 +41,17 @@ case "$1" in
 d1) for v in $VARIANTS; do
       IFS=: read -r n lr cfg anchor pool scale gscale <<< "$v"
       fresh "runs/${P}_$n"
-      $T rcm --run-dir "runs/${P}_$n" --init "${INIT:-runs/${P}_$n/sla/final.safetensors}" --sla-student --topk 0.75 \
-        --no-scm --guidance "${cfg:-5}" ${anchor:+--anchor-weight "$anchor"} ${pool:+--anchor-pool "$pool"} \
-        ${scale:+--anchor-size-scale "$scale"} ${gscale:+--guidance-size-scale "$gscale"} --tangent-warmup 200 --lr "$lr" --steps 100000 \
-        --fit-minutes "$(minutes_left "${FIT:-150}")" --max-minutes "$(minutes_left 100)" > "$OUT/${P}_$n.log" 2>&1 &
-      # the first run encodes the shared latent pool (~2.5 min); the next start once it is written, and read it
-      while [ ! -f runs/pool/train_24000_rank0of1.safetensors ] && kill -0 $! 2>/dev/null; do sleep 5; done
+      beside "$OUT/${P}_$n.log" rcm --run-dir "runs/${P}_$n" --init "${INIT:-runs/${P}_$n/sla/final.safetensors}" \
+        --sla-student --topk 0.75 --no-scm --guidance "${cfg:-5}" ${anchor:+--anchor-weight "$anchor"} \
+        ${pool:+--anchor-pool "$pool"} ${scale:+--anchor-size-scale "$scale"} ${gscale:+--guidance-size-scale "$gscale"} \
+        --tangent-warmup 200 --lr "$lr" --steps 100000 --fit-minutes "$(minutes_left "${FIT:-150}")" \
+        --max-minutes "$(minutes_left 100)"
     done
     wait
     for v in $VARIANTS; do
       n=${v%%:*}
       tail -2 "$OUT/${P}_$n.log"
-      export_weights "runs/${P}_$n/rcm/final.safetensors" "runs/${P}_${n}_bf16.safetensors" 1 \
-        "runs/${P}_$n/rcm/final.safetensors" && cp "runs/${P}_${n}_bf16.safetensors" "$OUT/" || echo "$n: no final weights"
-      cp "runs/${P}_$n/rcm/log.jsonl" "$OUT/${P}_${n}_log.jsonl" || true
+      export_rcm "runs/${P}_$n" "${P}_$n" || echo "$n: no final weights"
       cat "$OUT/${P}_$n.log" >> "$OUT/d1_stdout.log" && rm "$OUT/${P}_$n.log"   # one file: a command returns 8
     done ;;
 d2) on_validation $(for v in $VARIANTS; do n=${v%%:*}; echo "${P}_$n=$(student "$n")"; done) ;;

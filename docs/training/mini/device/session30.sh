@@ -35,20 +35,16 @@ r) for j in $JOBS; do job "$j" & done
 d) for v in $VARIANTS; do
      IFS=: read -r n adv advlr <<< "$v"
      fresh "runs/s30_$n"
-     $T rcm --run-dir "runs/s30_$n" --init "${INIT:-runs/carry/s29/ode3_start.safetensors}" --sla-student --topk 0.75 \
-       --no-scm --guidance 2 --anchor-weight 10 --anchor-size-scale 0,1,3 --tangent-warmup 200 --lr 2e-5 \
-       --adv-weight "$adv" ${advlr:+--adv-lr "$advlr"} --steps 100000 --fit-minutes "$(minutes_left "${FIT:-200}")" \
-       --max-minutes "$(minutes_left 60)" > "$OUT/s30_$n.log" 2>&1 &
-     # the first run encodes the shared latent pool (~2.5 min); the next start once it is written, and read it
-     while [ ! -f runs/pool/train_24000_rank0of1.safetensors ] && kill -0 $! 2>/dev/null; do sleep 5; done
+     beside "$OUT/s30_$n.log" rcm --run-dir "runs/s30_$n" --init "${INIT:-runs/carry/s29/ode3_start.safetensors}" \
+       --sla-student --topk 0.75 --no-scm --guidance 2 --anchor-weight 10 --anchor-size-scale 0,1,3 \
+       --tangent-warmup 200 --lr 2e-5 --adv-weight "$adv" ${advlr:+--adv-lr "$advlr"} --steps 100000 \
+       --fit-minutes "$(minutes_left "${FIT:-200}")" --max-minutes "$(minutes_left 60)"
    done
    wait
    for v in $VARIANTS; do
      n=${v%%:*}
      tail -2 "$OUT/s30_$n.log"
-     export_weights "runs/s30_$n/rcm/final.safetensors" "runs/s30_${n}_bf16.safetensors" 1 \
-       "runs/s30_$n/rcm/final.safetensors" && cp "runs/s30_${n}_bf16.safetensors" "$OUT/" || { echo "$n: no weights"; continue; }
-     cp "runs/s30_$n/rcm/log.jsonl" "$OUT/s30_${n}_log.jsonl" || true
+     export_rcm "runs/s30_$n" "s30_$n" || { echo "$n: no final weights"; continue; }
      ship_file "runs/s30_${n}_bf16.safetensors" "runs/assets_$n" > /dev/null
      mkdir -p "runs/carry/s30/$n" && cp runs/assets_"$n"/dit{,_int8}.safetensors "runs/carry/s30/$n/"
    done
