@@ -12,6 +12,13 @@
 #      shipped on this machine into runs/carry/s30/NAME (prelude's ship_file; the DiT files alone) and, in bf16, to
 #      $OUT with its log.
 #   t: the README's table (prelude's release_eval_gpu: every row, 128 held-out prompts, one invocation) beside `r`'s JOBS.
+# As run: r with JOBS="student_sla:0 student_sla:1000 student_sla:3000 student_sagesla:0 student_sagesla:1000
+# student_sagesla:3000 student_dense:1000" (the last is no config: no row); r with JOBS="turbo:0:128x64 turbo:1000:128x64
+# turbo:3000:128x64 student_sla:0:64x128 student_sla:1000:64x128 student:0 student:1000"; r with the release at 128x64
+# on 2000, 4000, 0 seed 1 and 5000, session 29's b (runs/carry/s29/s29_b carried) on 0, 1000, 3000, and teacher:5000;
+# d with VARIANTS="a:0.1 b:0.3 c:1" (its launch and export lines since moved into prelude's beside / export_rcm); r with
+# the three students' INT8 files (runs/carry/s30q/NAME, shipped on the CPU) on 3000 and 4000 at 128x64; t with
+# JOBS="teacher:6000 turbo:6000" (the table cut at 590 s), t alone, r with JOBS="teacher:7000 turbo:7000".
 source "$(dirname "$0")/prelude.sh" "$1"
 row() {   # row NAME CONFIG START [ARGS...]: `turbovid eval` of CONFIG on START..START+255 (sage_numerics.py's eval:
           # STUDENT in the environment swaps the student's files); JSON $OUT/NAME.json, its row to evals.log
