@@ -44,12 +44,15 @@ def parse_blocks(text: str) -> tuple[int, int] | str:
     return check_blocks(int(p) for p in parts)
 
 
+SLA_BLOCKS = (128, 64)   # TurboDiffusion's SLA (b_q, b_k): training, and inference everywhere but SageSLA on sm90
+
+
 def default_block_sizes(quantized: bool, device: torch.device) -> tuple[int, int]:
     """(b_q, b_k) TurboDiffusion uses at inference (SPEC §6.2, §13.12). Fixed sizes (`--sla-blocks`,
     speedups.set_sla_blocks) replace them on every device."""
     if quantized and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
         return 64, 128  # SpargeAttn's sm90 kernel tiles: CTA_Q 64, CTA_K 128
-    return 128, 64
+    return SLA_BLOCKS
 
 
 class SparseLinearAttention(nn.Module):

@@ -24,6 +24,13 @@ TINY_VAE_UNIT = VAEConfig(dim=TINY_VAE.dim, dim_mult=TINY_VAE.dim_mult, num_res_
                           mean=(0.0,) * 16, std=(1.0,) * 16)
 
 
+# The adversarial term's defaults (train/adversarial.py), the same for the ode and rcm stages: the frozen teacher's
+# blocks the discriminator's heads read and the noise s ~ U(lo, hi) it sees x0 at (ADV_OPTIM, below Optim: the
+# heads' optimizer).
+ADV_LAYERS: tuple[int, ...] = (1, 3, 5)
+ADV_NOISE: tuple[float, float] = (0.05, 0.6)
+
+
 def check_adversarial(stage: str, weight: float, noise: tuple[float, float]) -> None:
     """The adversarial term's settings (train/adversarial.py) of an ode or rcm stage."""
     if weight < 0:
@@ -41,6 +48,9 @@ class Optim:
     warmup: int = 100            # linear warm-up from 0.01 * lr (TD: from 1e-6 x)
     cosine: bool = False         # cosine decay to 10% of lr over the stage (else constant after warm-up)
     grad_clip: float = 1.0       # 0 disables clipping
+
+
+ADV_OPTIM = Optim(lr=1e-4, betas=(0.0, 0.99), weight_decay=0.0, warmup=0)
 
 
 @dataclass(frozen=True)
@@ -165,9 +175,9 @@ class RCMStage:
                                  # sample (train/adversarial.py; real = the stage's data latents, the captions' own
                                  # clips), so a weight reads against a per-element DMD gradient of order 1; the heads
                                  # train at every critic step
-    adv_layers: tuple[int, ...] = (1, 3, 5)    # the frozen teacher's blocks the discriminator's heads read
-    adv_noise: tuple[float, float] = (0.05, 0.6)   # the discriminator sees x0 noised to s ~ U(lo, hi)
-    adv_optim: Optim = Optim(lr=1e-4, betas=(0.0, 0.99), weight_decay=0.0, warmup=0)   # the heads'
+    adv_layers: tuple[int, ...] = ADV_LAYERS
+    adv_noise: tuple[float, float] = ADV_NOISE
+    adv_optim: Optim = ADV_OPTIM
 
     def __post_init__(self):
         check_object_weighting(0.0, self.fg_share)
@@ -226,9 +236,9 @@ class ODEStage:
     adv_weight: float = 0.0      # > 0, on policy: call on_policy_step keeps the frozen student's outputs as targets
                                  # (no teacher completion) and adds this weight times an adversarial loss on the
                                  # student's x0 there, against the captions' training clips (train/adversarial.py)
-    adv_layers: tuple[int, ...] = (1, 3, 5)    # the frozen teacher's blocks the discriminator's heads read
-    adv_noise: tuple[float, float] = (0.05, 0.6)   # the discriminator sees x0 noised to s ~ U(lo, hi)
-    adv_optim: Optim = Optim(lr=1e-4, betas=(0.0, 0.99), weight_decay=0.0, warmup=0)   # the heads'
+    adv_layers: tuple[int, ...] = ADV_LAYERS
+    adv_noise: tuple[float, float] = ADV_NOISE
+    adv_optim: Optim = ADV_OPTIM
     ema_sigma_rel: float = 0.1
     compile: bool = False        # torch.compile the student's blocks (CUDA only)
 

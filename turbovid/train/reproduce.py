@@ -31,7 +31,7 @@ import json
 import shutil
 from pathlib import Path
 
-from turbovid.attention.sla import default_block_sizes
+from turbovid.attention.sla import SLA_BLOCKS
 
 from turbovid.train.distill import run_dmd, run_rcm
 from turbovid.train.evaluate import evaluate
@@ -179,7 +179,7 @@ def ship(recipe: Recipe, run_dir: Path, dest: Path, summary: dict | None = None)
               "student": recipe.ship_student, "sla_topk": recipe.ship_topk or recipe.sla.topk,
               "sla_topk_tuned": recipe.ode_stages[-1].topk if "ode" in recipe.student_stages else recipe.sla.topk,
               # the blocks every training stage runs SLA at (no stage fixes them): the release runs there too
-              "sla_blocks": list(default_block_sizes(False, torch.device("cpu"))),
+              "sla_blocks": list(SLA_BLOCKS),
               "merge_weight": recipe.merge_weight, "student_history": histories["dit"]}
     recon = trained_vae_file(recipe, run_dir).parent / "reconstruction.json"
     if recon.is_file():

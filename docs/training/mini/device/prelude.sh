@@ -110,6 +110,22 @@ from turbovid.train.reproduce import ship
 ship(dataclasses.replace(RECIPES['mini'], ship_student='ode'), Path(sys.argv[1]), Path(sys.argv[2]))" "$r" \
     "${2:-turbovid/assets/mini}"
 }
+# `ship_to FILE DIR`: FILE shipped as the student (ship_file) into runs/assets_<DIR's name>, its DiT files (the rest are
+# the release's) copied to DIR: a candidate `eval_row` grades with STUDENT=DIR.
+ship_to() {
+  local a=runs/assets_$(basename "$2")
+  ship_file "$1" "$a" > /dev/null
+  mkdir -p "$2" && cp "$a/dit.safetensors" "$a/dit_int8.safetensors" "$2/"
+}
+# `eval_row NAME VARIANT CONFIG START [ARGS...]`: `turbovid eval ARGS` of CONFIG on held-out prompts START..START+255,
+# through session29_checks/sage_numerics.py's eval: SageSLA run as VARIANT (fused | promote | ref), and with STUDENT=DIR
+# in the environment a candidate's dit / dit_int8 files from DIR. JSON $OUT/NAME.json, its table row to $OUT/evals.log.
+eval_row() {
+  local name=$1 variant=$2 cfg=$3 start=$4; shift 4
+  OMP_NUM_THREADS=3 python3 docs/training/mini/session29_checks/sage_numerics.py eval "$variant" --device cuda \
+    --configs "$cfg" --start "$start" --count 256 --out "$OUT/$name.json" "$@" 2> "/tmp/progress_$name.log" \
+    | sed -n 2p | sed "s|^|$name: |" >> "$OUT/evals.log"
+}
 # `turbo_eval NAME START`: `turbovid eval` of the full stack of the release in turbovid/assets on held-out prompts
 # START..START+255, JSON to $OUT/NAME.json, the table row, labelled, to $OUT/evals.log.
 turbo_eval() {

@@ -22,24 +22,13 @@
 # b:2e-5:2:10:1:0,1,3:2,1,1 c:2e-5:2:10:1:0,1,3:2,1.5,1" FIT=200 session25.sh d1, then g with SETS="1000 3000".
 source "$(dirname "$0")/prelude.sh" "$1"
 C=docs/training/mini/session29_checks/sage_numerics.py
-row() {   # row NAME VARIANT CONFIG START [VAR=VALUE...]: `turbovid eval` of CONFIG on START..START+255 with SageSLA
-          # run as VARIANT (sage_numerics.py eval), the environment given; JSON $OUT/NAME.json, its row to evals.log
-  local name=$1 variant=$2 cfg=$3 start=$4; shift 4
-  env "$@" OMP_NUM_THREADS=3 python3 "$C" eval "$variant" --device cuda --configs "$cfg" --start "$start" --count 256 \
-    --out "$OUT/$name.json" 2> "/tmp/progress_$name.log" | sed -n 2p | sed "s|^|$name: |" >> "$OUT/evals.log"
-}
-grade() { row "$1_turbo_start$2" "$1" turbo "$2"; }   # grade VARIANT START: the shipped full stack
+grade() { eval_row "$1_turbo_start$2" "$1" turbo "$2"; }   # grade VARIANT START: the shipped full stack
 cand() {    # cand NAME START: candidate NAME's full stack (or the release's / the teacher's row) on START..START+255
   case "$1" in
-    release) row "release_turbo_start$2" fused turbo "$2" ;;
-    teacher) row "teacher_start$2" fused teacher "$2" ;;
-    *) row "$1_turbo_start$2" fused turbo "$2" STUDENT="runs/carry/s29/$1" ;;
+    release) eval_row "release_turbo_start$2" fused turbo "$2" ;;
+    teacher) eval_row "teacher_start$2" fused teacher "$2" ;;
+    *) STUDENT="runs/carry/s29/$1" eval_row "$1_turbo_start$2" fused turbo "$2" ;;
   esac
-}
-ship_to() {   # ship_to FILE NAME: FILE shipped as the student (prelude's ship_file) into runs/carry/s29/NAME (the DiT
-              # files alone: the rest are the release's)
-  ship_file "$1" "runs/assets_$2" > /dev/null
-  mkdir -p "runs/carry/s29/$2" && cp "runs/assets_$2/dit.safetensors" "runs/assets_$2/dit_int8.safetensors" "runs/carry/s29/$2/"
 }
 variants() {
   for v in ${VARIANTS:-fused promote ref}; do grade "$v" 0 & done
@@ -62,7 +51,7 @@ g) P=${PREFIX:-s29} CANDS=
    for v in $VARIANTS; do
      n=${v%%:*} f=runs/${P}_${v%%:*}_bf16.safetensors
      [ -f "$f" ] || f=runs/carry/$P/${P}_${n}_bf16.safetensors
-     ship_to "$f" "${P}_$n" && CANDS="$CANDS ${P}_$n"
+     ship_to "$f" "runs/carry/s29/${P}_$n" && CANDS="$CANDS ${P}_$n"
    done
    for c in $CANDS; do for s in ${SETS:-1000}; do cand "$c" "$s" & done; done
    wait

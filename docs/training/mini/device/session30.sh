@@ -9,31 +9,25 @@
 #      anchor at weight 10 times 0 / 1 / 3 per caption size, lr 2e-5) from ode round 3's student (INIT, default
 #      runs/carry/s29/ode3_start.safetensors) plus the adversarial term (`--adv-weight`, new for DMD), one run per
 #      NAME:ADV[:ADV_LR] in VARIANTS side by side, fitted to the command minus FIT s (default 200); each EMA student
-#      shipped on this machine into runs/carry/s30/NAME (prelude's ship_file; the DiT files alone) and, in bf16, to
+#      shipped on this machine into runs/carry/s30/NAME (prelude's ship_to) and, in bf16, to
 #      $OUT with its log.
 #   t: the README's table (prelude's release_eval_gpu: every row, 128 held-out prompts, one invocation) beside `r`'s JOBS.
 # As run: r with JOBS="student_sla:0 student_sla:1000 student_sla:3000 student_sagesla:0 student_sagesla:1000
 # student_sagesla:3000 student_dense:1000" (the last is no config: no row); r with JOBS="turbo:0:128x64 turbo:1000:128x64
 # turbo:3000:128x64 student_sla:0:64x128 student_sla:1000:64x128 student:0 student:1000"; r with the release at 128x64
 # on 2000, 4000, 0 seed 1 and 5000, session 29's b (runs/carry/s29/s29_b carried) on 0, 1000, 3000, and teacher:5000;
-# d with VARIANTS="a:0.1 b:0.3 c:1" (its launch and export lines since moved into prelude's beside / export_rcm); r with
+# d with VARIANTS="a:0.1 b:0.3 c:1" (its launch, export and ship lines since moved into prelude's beside / export_rcm /
+# ship_to, and row into prelude's eval_row); r with
 # the three students' INT8 files (runs/carry/s30q/NAME, shipped on the CPU) on 3000 and 4000 at 128x64; t with
 # JOBS="teacher:6000 turbo:6000" (the table cut at 590 s), t alone, r with JOBS="teacher:7000 turbo:7000".
 source "$(dirname "$0")/prelude.sh" "$1"
-row() {   # row NAME CONFIG START [ARGS...]: `turbovid eval` of CONFIG on START..START+255 (sage_numerics.py's eval:
-          # STUDENT in the environment swaps the student's files); JSON $OUT/NAME.json, its row to evals.log
-  local name=$1 cfg=$2 start=$3; shift 3
-  OMP_NUM_THREADS=3 python3 docs/training/mini/session29_checks/sage_numerics.py eval fused --device cuda \
-    --configs "$cfg" --start "$start" --count 256 --out "$OUT/$name.json" "$@" 2> "/tmp/progress_$name.log" \
-    | sed -n 2p | sed "s|^|$name: |" >> "$OUT/evals.log"
-}
 job() {   # job CONFIG:START[:BLOCKS[:STUDENT[:SEED]]]
   local cfg start blocks student seed name args=()
   IFS=: read -r cfg start blocks student seed <<< "$1"
   name=${student:+${student//\//_}_}${cfg}_start$start
   if [ -n "$blocks" ]; then name=${name}_b$blocks args+=(--sla-blocks "$blocks"); fi
   if [ -n "$seed" ]; then name=${name}_seed$seed args+=(--seed "$seed"); fi
-  STUDENT=${student:+runs/carry/$student} row "$name" "$cfg" "$start" "${args[@]}" ${EVAL_ARGS:-}
+  STUDENT=${student:+runs/carry/$student} eval_row "$name" fused "$cfg" "$start" "${args[@]}" ${EVAL_ARGS:-}
 }
 case "$1" in
 r) for j in $JOBS; do job "$j" & done
@@ -52,8 +46,7 @@ d) for v in $VARIANTS; do
      n=${v%%:*}
      tail -2 "$OUT/s30_$n.log"
      export_rcm "runs/s30_$n" "s30_$n" || { echo "$n: no final weights"; continue; }
-     ship_file "runs/s30_${n}_bf16.safetensors" "runs/assets_$n" > /dev/null
-     mkdir -p "runs/carry/s30/$n" && cp runs/assets_"$n"/dit{,_int8}.safetensors "runs/carry/s30/$n/"
+     ship_to "runs/s30_${n}_bf16.safetensors" "runs/carry/s30/$n"
    done
    cat "$OUT"/s30_*.log > "$OUT/d_stdout.log" && rm "$OUT"/s30_*.log ;;
 t) release_eval_gpu > /dev/null &

@@ -13,7 +13,6 @@ import statistics
 import sys
 
 import torch
-import torch.nn.functional as F
 
 E4M3 = torch.float8_e4m3fn
 
@@ -22,15 +21,21 @@ def e4m3(x):
     return x.float().to(E4M3).double()
 
 
-def int8_blocks(x, rows):
-    """Symmetric INT8 with one scale per `rows` consecutive tokens (x [B, H, L, D] fp64, L padded)."""
-    b, h, length, d = x.shape
-    n = -(-length // rows)
-    xp = F.pad(x, (0, 0, 0, n * rows - length)).view(b, h, n, rows, d)
-    scale = xp.abs().amax(dim=(3, 4), keepdim=True) / 127 + 1e-7
-    y = (xp / scale)
-    q = torch.where(y >= 0, y + 0.5, y - 0.5).trunc().clamp(-127, 127)
-    return (q * scale).view(b, h, n * rows, d)[:, :, :length]
+def int8(x, rows, mean=None):
+    """x [B, H, L, D] through the kernels' INT8 reference (sage_attention.quantize_int8_ref: one scale per `rows`
+    tokens, of x - mean when given), dequantized in fp64 with the mean added back."""
+    from turbovid.kernels.sage_attention import quantize_int8_ref
+    q8, scale = quantize_int8_ref(x, rows, mean=mean)
+    out = (q8.double() * scale.double().repeat_interleave(rows, -1)[..., None])[:, :, :x.shape[2]]
+    return out if mean is None else out + mean[:, :, None, :].double()
+
+
+def fp8_v(v, mean, scale):
+    """v [B, H, L, D] through the kernels' per-channel e4m3 reference (sage_attention.quantize_v_ref), dequantized."""
+    from turbovid.kernels.sage_attention import quantize_v_ref
+    vt = quantize_v_ref(v, 128, mean, scale)                 # V^T [B, H, D, L_pad]
+    return vt.double().transpose(2, 3)[:, :, :v.shape[2]] * scale[:, :, None, :].double() + \
+        mean[:, :, None, :].double()
 
 
 def sparse_attention(q, k, v, lut, bq, bk, p_round=None):
@@ -79,6 +84,7 @@ def capture(path, prompts=2):
 
 def error(path, every=1):
     from turbovid.kernels import sla as K
+    from turbovid.kernels.sage_attention import FP8_MAX, kv_stats
     calls = torch.load(path, weights_only=True)[::every]
     rows = {}
     for c in calls:
@@ -86,26 +92,25 @@ def error(path, every=1):
         q, k, v = (c[n].double() for n in "qkv")
         lut = K.sla_block_map_ref(q, k, c["topk"], bq, bk)
         exact = sparse_attention(q, k, v, lut, bq, bk)
-        km = k.mean(2, keepdim=True)
-        vm = v.mean(2, keepdim=True)
-        vscale = (v - vm).abs().amax(2, keepdim=True) / 448
-        vq = e4m3((v - vm) / vscale) * vscale + vm
-        vq_nosmooth = e4m3(v / (v.abs().amax(2, keepdim=True) / 448)) * (v.abs().amax(2, keepdim=True) / 448)
+        km, vm, vscale = kv_stats(c["k"], c["v"], "fp8")    # smooth-K / smooth-V means, the FP8 V scale
+        q64, q16, k128 = int8(c["q"], 64), int8(c["q"], 16), int8(c["k"], 128, km)
+        vq = fp8_v(c["v"], vm, vscale)
+        vq_nosmooth = fp8_v(c["v"], torch.zeros_like(vm), c["v"].float().abs().amax(2).clamp_min(1e-6) / FP8_MAX)
         variants = {
-            "Q int8 /64 rows": (int8_blocks(q, 64), k, v, None),
-            "Q int8 /16 rows": (int8_blocks(q, 16), k, v, None),
-            "Q int8 /token": (int8_blocks(q, 1), k, v, None),
-            "K int8 /128 (smoothed)": (q, int8_blocks(k - km, 128) + km, v, None),
-            "K int8 /token (smoothed)": (q, int8_blocks(k - km, 1) + km, v, None),
+            "Q int8 /64 rows": (q64, k, v, None),
+            "Q int8 /16 rows": (q16, k, v, None),
+            "Q int8 /token": (int8(c["q"], 1), k, v, None),
+            "K int8 /128 (smoothed)": (q, k128, v, None),
+            "K int8 /token (smoothed)": (q, int8(c["k"], 1, km), v, None),
             "V e4m3 /channel (smoothed)": (q, k, vq, None),
             "V e4m3 /channel (no smooth)": (q, k, vq_nosmooth, None),
             "P e4m3 (l exact)": (q, k, v, "fp32sum"),
             "P e4m3 (l of rounded P)": (q, k, v, "roundsum"),
-            "all: shipped (Q/64, K/128, V, P)": (int8_blocks(q, 64), int8_blocks(k - km, 128) + km, vq, "fp32sum"),
-            "all, Q /16 rows": (int8_blocks(q, 16), int8_blocks(k - km, 128) + km, vq, "fp32sum"),
-            "all, l of rounded P": (int8_blocks(q, 64), int8_blocks(k - km, 128) + km, vq, "roundsum"),
-            "all, Q /16, l rounded": (int8_blocks(q, 16), int8_blocks(k - km, 128) + km, vq, "roundsum"),
-            "all but P": (int8_blocks(q, 64), int8_blocks(k - km, 128) + km, vq, None),
+            "all: shipped (Q/64, K/128, V, P)": (q64, k128, vq, "fp32sum"),
+            "all, Q /16 rows": (q16, k128, vq, "fp32sum"),
+            "all, l of rounded P": (q64, k128, vq, "roundsum"),
+            "all, Q /16, l rounded": (q16, k128, vq, "roundsum"),
+            "all but P": (q64, k128, vq, None),
         }
         for name, args in variants.items():
             out = sparse_attention(*args[:3], lut, bq, bk, p_round=args[3])
