@@ -143,6 +143,46 @@ def test_latent_pool_matches_on_the_fly_encoding_and_is_cached(run):
     assert torch.equal(again.get([3, 7])[0], pool.get([3, 7])[0])
 
 
+def test_oversampling_repeats_the_named_clips_in_each_pass(run):
+    run_dir, _ = run
+    plain = LatentBatches(TINY, run_dir, ENV, pool=6)
+    # Without oversampling a pass is one seeded permutation of the pool (the order every run so far trained in).
+    g = torch.Generator().manual_seed(TINY.data_seed * 100_003 + 1)
+    assert [plain._slot(6 + i) for i in range(6)] == torch.randperm(6, generator=g).tolist()
+    clips = [plain.data.clip(i) for i in plain.pool_indices]
+    sizes = [c.size for c in clips]
+    value = max(set(sizes), key=lambda v: (sizes.count(v), v))     # a size some but not all of the 6 clips have
+    assert 0 < sizes.count(value) < 6
+    other = next(c.speed for c in clips)                           # a second value; factors multiply
+    many = LatentBatches(TINY, run_dir, ENV, pool=6, oversample=((value, 3), (other, 2)))
+    factor = [(3 if c.size == value else 1) * (2 if c.speed == other else 1) for c in clips]
+    length = sum(factor)
+    for epoch in range(2):                                         # each pass holds slot s factor[s] times
+        slots = [many._slot(epoch * length + i) for i in range(length)]
+        assert sorted(slots) == sorted(s for s in range(6) for _ in range(factor[s]))
+    _, context, got = many.get(list(range(length)))
+    assert sum(c.size == value for c in got) == sum(f for f, c in zip(factor, clips) if c.size == value)
+    assert torch.equal(context, many.text.encode([c.caption for c in got]).float())
+    with pytest.raises(ValueError, match="needs pool_clips > 0"):
+        LatentBatches(TINY, run_dir, ENV, oversample=(("small", 2),))
+    # RCMStage.oversample reaches the stage's inputs; bad settings are one-line errors
+    teacher = load_weights(run_dir / "teacher" / "final.safetensors")
+    recipe = dataclasses.replace(TINY, pool_clips=6)
+    recipe = dataclasses.replace(recipe, rcm=dataclasses.replace(recipe.rcm, scm=False, oversample=((value, 3),)))
+    trainer = RCMTrainer(recipe, run_dir, ENV, teacher)
+    assert len(trainer.inputs._slots) == 6 + 2 * sizes.count(value)
+    for bad, match in (((("tiny", 2),), "'tiny' is no attribute value"), ((("small", 0),), "integer >= 1"),
+                       ((("small", 2), ("small", 3)), "names a value twice")):
+        with pytest.raises(ValueError, match=match):
+            dataclasses.replace(recipe.rcm, oversample=bad)
+    from turbovid.train.cli import _recipe
+    parser = _parser()
+    assert _recipe(parser.parse_args(["train", "dmd", "--oversample", "small:2, slow:3"])).dmd_round.oversample == \
+        (("small", 2), ("slow", 3))
+    with pytest.raises(ValueError, match="VALUE:K pairs"):
+        _recipe(parser.parse_args(["train", "dmd", "--oversample", "small"]))
+
+
 def test_teacher_loss_decreases_on_fixed_batch(run, tmp_path):
     run_dir, inputs = run
     recipe = _stage(TINY, "teacher", steps=30, ckpt_every=1000, log_every=1000)

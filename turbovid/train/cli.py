@@ -88,6 +88,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="rcm / dmd: the teacher's CFG scale (--guidance) times S, M or L for a sample whose caption "
                         "states a small, medium or large object (recipe.RCMStage.guidance_size_scale; 1,1,1 by "
                         "default)")
+    p.add_argument("--oversample", metavar="VALUE:K[,...]",
+                   help="rcm / dmd: clips whose attributes include VALUE (a colour, shape, direction, speed, size or "
+                        "background word, e.g. small or slow) come K times per pass of the latent pool, the factors of "
+                        "a clip's values multiplied (recipe.RCMStage.oversample)")
     p.add_argument("--teacher-data", type=int, metavar="N",
                    help="rcm: distil on N samples the teacher draws for training captions (50 steps, CFG), as rCM "
                         "does, instead of the encoded clips (recipe.RCMStage.teacher_data)")
@@ -147,6 +151,17 @@ def _adversarial(args: argparse.Namespace, cfg) -> dict:
             raise ValueError("--adv-lr goes with the adversarial term (--adv-weight)")
         out["adv_optim"] = dataclasses.replace(cfg.adv_optim, lr=args.adv_lr)
     return out
+
+
+def _parse_oversample(text: str) -> tuple[tuple[str, int], ...]:
+    """--oversample "small:2,slow:3" -> (("small", 2), ("slow", 3)); the stage checks the values and factors."""
+    pairs = []
+    for item in text.split(","):
+        value, _, k = item.strip().partition(":")
+        if not k.strip().isdigit():
+            raise ValueError(f"--oversample takes VALUE:K pairs with integer K, such as small:2,slow:2, got {text!r}")
+        pairs.append((value.strip(), int(k)))
+    return tuple(pairs)
 
 
 def _recipe(args, world: int = 1):
@@ -251,6 +266,8 @@ def _recipe(args, world: int = 1):
     if args.guidance_size_scale is not None:
         rcm["guidance_size_scale"] = parse_floats(args.guidance_size_scale, "--guidance-size-scale", 3,
                                                     example="2,1,1")
+    if args.oversample is not None:
+        rcm["oversample"] = _parse_oversample(args.oversample)
     if args.teacher_data is not None:
         if args.teacher_data < 1:
             raise ValueError(f"--teacher-data must be >= 1, got {args.teacher_data}")
@@ -321,6 +338,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 ("--anchor-pool", args.anchor_pool, ("rcm", "dmd", "reproduce")),
                                 ("--anchor-size-scale", args.anchor_size_scale, ("rcm", "dmd", "reproduce")),
                                 ("--guidance-size-scale", args.guidance_size_scale, ("rcm", "dmd", "reproduce")),
+                                ("--oversample", args.oversample, ("rcm", "dmd", "reproduce")),
                                 ("--teacher-data", args.teacher_data, ("rcm", "reproduce")),
                                 ("--guidance", args.guidance, ("rcm", "dmd", "eval", "reproduce"))):
         if value is not None and args.stage not in stages:

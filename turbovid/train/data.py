@@ -325,6 +325,22 @@ def check_object_weighting(fg_weight: float, fg_share: float) -> None:
                          f"{fg_share}")
 
 
+ATTRIBUTE_VALUES = (*COLORS, *SHAPES, *DIRECTIONS, *SPEEDS, *SIZES, *BACKGROUNDS)   # no value is of two attributes
+
+
+def check_oversample(oversample: tuple[tuple[str, int], ...]) -> None:
+    """Oversampling factors (inputs.LatentBatches): (attribute value, integer k >= 1) pairs, each value once."""
+    values = [value for value, _ in oversample]
+    for value, k in oversample:
+        if value not in ATTRIBUTE_VALUES:
+            raise ValueError(f"oversample: {value!r} is no attribute value; choose among "
+                             f"{', '.join(ATTRIBUTE_VALUES)}")
+        if not (isinstance(k, int) and k >= 1):
+            raise ValueError(f"oversample: the factor of {value!r} must be an integer >= 1, got {k!r}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"oversample names a value twice: {', '.join(values)}")
+
+
 def object_weights(mask: torch.Tensor, fg_weight: float = 0.0, fg_share: float = 0.0) -> torch.Tensor:
     """Loss weights from an object mask [B, ...] in {0, 1} (latent_object_mask): 1 + fg_weight on the object's
     cells, or, with fg_share > 0, fg_share / f on them and (1 - fg_share) / (1 - f) elsewhere, f being the

@@ -17,7 +17,8 @@ only the distance's k x k spatial block averages count (`losses.anchor_distance`
 `RCMStage.anchor_size_scale` scales it per sample by the object size its caption states; with `RCMStage.adv_weight`
 (after DMD2) the student's sample also gets a discriminator's generator loss (train/adversarial.py: heads on the
 frozen teacher's features, trained at every critic step on the batch's data latents, the captions' own clips, against
-the student's samples). `run_dmd` runs a recipe's `dmd_round` (such a stage) from the ode stage's student, the mini
+the student's samples); with `RCMStage.oversample` the clips with the attribute values it names (their captions and
+latents) come that many times per pass of the latent pool. `run_dmd` runs a recipe's `dmd_round` (such a stage) from the ode stage's student, the mini
 release's last stage.
 
 Student step, batch of data latents x0 with captions (with `RCMStage.teacher_data`, as in rCM: latents the
@@ -74,9 +75,10 @@ class TeacherSamples(LatentBatches):
     POOL_CHUNK = 64
     CACHE = ("rcm", "teacher_data")    # the cache's folder in the run directory and its file names' start
 
-    def __init__(self, recipe: Recipe, run_dir: Path, env: Env, teacher, count: int):
+    def __init__(self, recipe: Recipe, run_dir: Path, env: Env, teacher, count: int,
+                 oversample: tuple[tuple[str, int], ...] = ()):
         self.teacher = teacher
-        super().__init__(recipe, run_dir, env, pool=count)
+        super().__init__(recipe, run_dir, env, pool=count, oversample=oversample)
 
     def _pool_file(self, split: str, pool: int) -> Path:
         env, (folder, name) = self.env, self.CACHE
@@ -114,8 +116,9 @@ class RCMTrainer(TrainedNetworks):
         self.schedule, self.fixed_batch = self.cfg.run, fixed_batch
         self.teacher = frozen_dit(recipe, teacher_weights, env)
         if inputs is None and self.cfg.teacher_data:
-            inputs = TeacherSamples(recipe, run_dir, env, self.teacher, self.cfg.teacher_data)
-        self.inputs = inputs or LatentBatches(recipe, run_dir, env, pool=recipe.pool_clips)
+            inputs = TeacherSamples(recipe, run_dir, env, self.teacher, self.cfg.teacher_data, self.cfg.oversample)
+        self.inputs = inputs or LatentBatches(recipe, run_dir, env, pool=recipe.pool_clips,
+                                              oversample=self.cfg.oversample)
         self.student = dit_from_weights(recipe, teacher_weights if student_weights is None else student_weights,
                                         self.cfg.student_attention, recipe.sla.topk, new_proj_l=True)
         self.student.to(env.device).train()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -97,11 +98,17 @@ class LatentBatches:
     clips once (global clip indices rank, rank + world, ...), keeps their bf16 latents on the device and
     caches them in run_dir/pool/ for the later stages; batch index i then reads slot perm_e[i mod P'] with
     a fresh seeded permutation per pass e = i // P' (P' = this rank's pool). At the mini size encoding
-    costs about as much as a DiT training step, so the pool makes the DiT stages ~2x faster."""
+    costs about as much as a DiT training step, so the pool makes the DiT stages ~2x faster.
+
+    oversample = ((value, k), ...) (pool only): a pooled clip with any of the attribute values named appears
+    k times in each pass (the factors of every value it has multiplied), so P' counts those repeats."""
 
     POOL_CHUNK = 32      # clips per _pool_chunk call when the pool is built
 
-    def __init__(self, recipe: Recipe, run_dir: Path, env: Env, split: str = "train", pool: int = 0):
+    def __init__(self, recipe: Recipe, run_dir: Path, env: Env, split: str = "train", pool: int = 0,
+                 oversample: tuple[tuple[str, int], ...] = ()):
+        if oversample and pool <= 0:
+            raise ValueError("oversampling picks clips of the latent pool: the recipe needs pool_clips > 0")
         self.env, self.recipe, self.run_dir = env, recipe, Path(run_dir)
         self.data = ProceduralVideos(split, recipe.size, recipe.frames, recipe.data_seed)
         self.text = build_text_encoder(recipe, run_dir, env)
@@ -110,6 +117,7 @@ class LatentBatches:
         self._perm: tuple[int, torch.Tensor] | None = None
         if pool > 0:
             self._load_or_build_pool(split, pool)
+            self._slots = self._repeats(dict(oversample))
 
     @functools.cached_property
     def vae(self) -> WanVAE:
@@ -148,12 +156,21 @@ class LatentBatches:
         self.pool_latents = torch.cat(chunks)
         save_weights(path, {"latents": self.pool_latents})   # every rank writes its own file
 
+    def _repeats(self, factors: dict[str, int]) -> torch.Tensor:
+        """The pool slots of one pass, in order: each slot once, or its clip's oversampling factor times."""
+        slots = torch.arange(len(self.pool_indices))
+        if not factors:
+            return slots
+        counts = [math.prod(factors.get(value, 1) for value in self.data.clip(i).attributes().values())
+                  for i in self.pool_indices]
+        return slots.repeat_interleave(torch.tensor(counts))
+
     def _slot(self, index: int) -> int:
-        size = len(self.pool_indices)
+        size = len(self._slots)
         epoch = index // size
         if self._perm is None or self._perm[0] != epoch:
             g = torch.Generator().manual_seed(self.recipe.data_seed * 100_003 + epoch)
-            self._perm = (epoch, torch.randperm(size, generator=g))
+            self._perm = (epoch, self._slots[torch.randperm(size, generator=g)])
         return int(self._perm[1][index % size])
 
     def captions(self, indices: list[int]) -> tuple[torch.Tensor, list[Clip]]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from turbovid.config import (MINI_DIT, MINI_TEXT, MINI_VAE, TINY_DIT, TINY_TEXT, TINY_VAE, DiTConfig, TextEncoderConfig,
                              VAEConfig)
-from turbovid.train.data import check_object_weighting
+from turbovid.train.data import check_object_weighting, check_oversample
 
 # The mini model (configs in turbovid.config). Latent statistics start at (0, 1) for VAE training and are
 # measured afterwards (the vae stage writes them next to its weights; later stages and the export use them).
@@ -178,9 +178,14 @@ class RCMStage:
     adv_layers: tuple[int, ...] = ADV_LAYERS
     adv_noise: tuple[float, float] = ADV_NOISE
     adv_optim: Optim = ADV_OPTIM
+    oversample: tuple[tuple[str, int], ...] = ()   # (ours) ((attribute value, k), ...): a pooled clip with that value
+                                 # (colour, shape, direction, speed, size or background) comes k times per pass of the
+                                 # pool (inputs.LatentBatches), its caption and latent with it; the mini gap to the
+                                 # teacher is small objects and slow clips (session 29)
 
     def __post_init__(self):
         check_object_weighting(0.0, self.fg_share)
+        check_oversample(self.oversample)
         if not (self.scm or self.dmd):
             raise ValueError("rcm needs sCM or DMD: scm and dmd are both off")
         if self.anchor_weight < 0:

@@ -126,6 +126,20 @@ eval_row() {
     --configs "$cfg" --start "$start" --count 256 --out "$OUT/$name.json" "$@" 2> "/tmp/progress_$name.log" \
     | sed -n 2p | sed "s|^|$name: |" >> "$OUT/evals.log"
 }
+# `eval_job CONFIG:START[:BLOCKS[:STUDENT[:SEED]]]`: eval_row of CONFIG (one of turbovid.eval.CONFIGS) on START..START+255
+# with the fused kernels; BLOCKS: `--sla-blocks BLOCKS`; STUDENT: a folder under runs/carry holding a candidate's dit /
+# dit_int8 files, else the release's; SEED: `--seed`; plus the environment's EVAL_ARGS. Its JSON
+# $OUT/[<STUDENT>_]<CONFIG>_start<START>[_b<BLOCKS>][_seed<SEED>].json.
+eval_job() {
+  local cfg start blocks student seed name args=()
+  IFS=: read -r cfg start blocks student seed <<< "$1"
+  name=${student:+${student//\//_}_}${cfg}_start$start
+  if [ -n "$blocks" ]; then name=${name}_b$blocks args+=(--sla-blocks "$blocks"); fi
+  if [ -n "$seed" ]; then name=${name}_seed$seed args+=(--seed "$seed"); fi
+  STUDENT=${student:+runs/carry/$student} eval_row "$name" fused "$cfg" "$start" "${args[@]}" ${EVAL_ARGS:-}
+}
+# `pack NAME`: every JSON in $OUT into one archive, $OUT/NAME.tar (the device returns at most 8 files a command).
+pack() { (cd "$OUT" && tar cf "$1.tar" ./*.json && rm ./*.json); }
 # `turbo_eval NAME START`: `turbovid eval` of the full stack of the release in turbovid/assets on held-out prompts
 # START..START+255, JSON to $OUT/NAME.json, the table row, labelled, to $OUT/evals.log.
 turbo_eval() {

@@ -20,17 +20,10 @@
 # ship_to, and row into prelude's eval_row); r with
 # the three students' INT8 files (runs/carry/s30q/NAME, shipped on the CPU) on 3000 and 4000 at 128x64; t with
 # JOBS="teacher:6000 turbo:6000" (the table cut at 590 s), t alone, r with JOBS="teacher:7000 turbo:7000".
+# Its `job` function has since moved into prelude as `eval_job`.
 source "$(dirname "$0")/prelude.sh" "$1"
-job() {   # job CONFIG:START[:BLOCKS[:STUDENT[:SEED]]]
-  local cfg start blocks student seed name args=()
-  IFS=: read -r cfg start blocks student seed <<< "$1"
-  name=${student:+${student//\//_}_}${cfg}_start$start
-  if [ -n "$blocks" ]; then name=${name}_b$blocks args+=(--sla-blocks "$blocks"); fi
-  if [ -n "$seed" ]; then name=${name}_seed$seed args+=(--seed "$seed"); fi
-  STUDENT=${student:+runs/carry/$student} eval_row "$name" fused "$cfg" "$start" "${args[@]}" ${EVAL_ARGS:-}
-}
 case "$1" in
-r) for j in $JOBS; do job "$j" & done
+r) for j in $JOBS; do eval_job "$j" & done
    wait
    cat "$OUT/evals.log" ;;
 d) for v in $VARIANTS; do
@@ -50,7 +43,7 @@ d) for v in $VARIANTS; do
    done
    cat "$OUT"/s30_*.log > "$OUT/d_stdout.log" && rm "$OUT"/s30_*.log ;;
 t) release_eval_gpu > /dev/null &
-   for j in $JOBS; do job "$j" & done
+   for j in $JOBS; do eval_job "$j" & done
    wait
    cat "$OUT/eval.log" "$OUT/evals.log" ;;
 *) echo "usage: session30.sh r | d | t"

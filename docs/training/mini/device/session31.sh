@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Session 31's device script. One GPU; the files as committed (turbovid/assets/mini = session 28's release, run at its
+# tuned SLA blocks 128 x 64).
+#   d: the release's DMD round (recipe.mini's dmd_round: DMD alone, SLA student at top-k 0.75, the teacher's CFG 2, the
+#      anchor at weight 10 times 0 / 1 / 3 per caption size, lr 2e-5) from ode round 3's student (INIT, default
+#      runs/carry/s29/ode3_start.safetensors) with the pool's clips oversampled (`--oversample`, new), one run per
+#      NAME=VALUE:K[,VALUE:K] in VARIANTS side by side, fitted to the command minus FIT s (default 200); each EMA student
+#      shipped on this machine into runs/carry/s31/NAME (prelude's ship_to) and, in bf16, to $OUT with its log.
+#   r: `turbovid eval` rows side by side, one prelude eval_job per CONFIG:START[:BLOCKS[:STUDENT[:SEED]]] in JOBS; the
+#      JSON packed into $OUT/evals.tar, the rows in $OUT/evals.log.
+#   t: the README's table (prelude's release_eval_gpu: every row, 128 held-out prompts, one invocation) beside `r`'s JOBS.
+source "$(dirname "$0")/prelude.sh" "$1"
+case "$1" in
+d) for v in $VARIANTS; do
+     n=${v%%=*}
+     fresh "runs/s31_$n"
+     beside "$OUT/s31_$n.log" rcm --run-dir "runs/s31_$n" --init "${INIT:-runs/carry/s29/ode3_start.safetensors}" \
+       --sla-student --topk 0.75 --no-scm --guidance 2 --anchor-weight 10 --anchor-size-scale 0,1,3 \
+       --tangent-warmup 200 --lr 2e-5 --oversample "${v#*=}" --steps 100000 \
+       --fit-minutes "$(minutes_left "${FIT:-200}")" --max-minutes "$(minutes_left 60)"
+   done
+   wait
+   for v in $VARIANTS; do
+     n=${v%%=*}
+     tail -2 "$OUT/s31_$n.log"
+     export_rcm "runs/s31_$n" "s31_$n" || { echo "$n: no final weights"; continue; }
+     ship_to "runs/s31_${n}_bf16.safetensors" "runs/carry/s31/$n"
+   done
+   cat "$OUT"/s31_*.log > "$OUT/d_stdout.log" && rm "$OUT"/s31_*.log ;;
+r) for j in $JOBS; do eval_job "$j" & done
+   wait
+   cat "$OUT/evals.log"
+   pack evals ;;
+t) release_eval_gpu > /dev/null &
+   for j in $JOBS; do eval_job "$j" & done
+   wait
+   cat "$OUT/eval.log" "$OUT/evals.log"
+   pack evals ;;
+*) echo "usage: session31.sh d | r | t"
+   exit 2 ;;
+esac
