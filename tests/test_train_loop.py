@@ -607,6 +607,47 @@ def test_teacher_guidance_per_object_size(run, tmp_path):
         cmd_train(parser.parse_args(["train", "sla", "--guidance-size-scale", "2,1,1", "--run-dir", str(tmp_path)]))
 
 
+def test_dmd_times_at_their_own_shift(run, tmp_path, monkeypatch):
+    # RCMStage.dmd_shift: the DMD term's and the critic's t_D are drawn at that shift; the backward simulation's
+    # re-noising keeps shift_d. dmd_shift equal to shift_d is the plain run.
+    import turbovid.train.distill as distill
+    run_dir, inputs = run
+    teacher = load_weights(run_dir / "teacher" / "final.safetensors")
+    recipe = _stage(TINY, "rcm", steps=6, ckpt_every=6)
+    alone = dataclasses.replace(recipe, rcm=dataclasses.replace(recipe.rcm, scm=False, tangent_warmup=2))
+    real, shifts = distill.sample_p_d, []
+
+    def recorded(n, g, shift, device="cpu"):
+        shifts.append(shift)
+        return real(n, g, shift, device)
+    monkeypatch.setattr(distill, "sample_p_d", recorded)
+
+    def run_with(**rcm):
+        shifts.clear()
+        r = dataclasses.replace(alone, rcm=dataclasses.replace(alone.rcm, **rcm))
+        trainer = RCMTrainer(r, run_dir, ENV, teacher, inputs=inputs)
+        out = list(drive(trainer, tmp_path / str(len(list(tmp_path.iterdir()))), ENV, quiet=True))
+        return out, list(shifts)
+    plain, plain_shifts = run_with()
+    assert set(plain_shifts) == {5.0}
+    same, _ = run_with(dmd_shift=5.0)
+    assert [r.get("loss_dmd", r.get("loss_fake")) for r in same] == [r.get("loss_dmd", r.get("loss_fake")) for r in plain]
+    low, low_shifts = run_with(dmd_shift=1.0)
+    assert len(low_shifts) == len(plain_shifts) and set(low_shifts) == {1.0, 5.0}
+    # one t_D per critic step and per student step, each drawn after that step's simulation
+    assert low_shifts.count(1.0) == len(low)
+    assert all(math.isfinite(r.get("loss_dmd", r.get("loss_fake", 0.0))) for r in low)
+    assert low[0]["loss_fake"] != pytest.approx(plain[0]["loss_fake"], rel=1e-6)
+    with pytest.raises(ValueError, match="dmd_shift must be >= 0"):
+        dataclasses.replace(alone.rcm, dmd_shift=-1.0)
+    with pytest.raises(ValueError, match="needs dmd on"):
+        dataclasses.replace(recipe.rcm, dmd=False, dmd_shift=1.0)
+    from turbovid.train.cli import _recipe
+    assert _recipe(_parser().parse_args(["train", "dmd", "--dmd-shift", "1"])).dmd_round.dmd_shift == 1.0
+    with pytest.raises(ValueError, match="--dmd-shift must be > 0"):
+        _recipe(_parser().parse_args(["train", "dmd", "--dmd-shift", "0"]))
+
+
 def test_rcm_on_the_teachers_samples(run, tmp_path):
     # RCMStage.teacher_data: x0 are the frozen teacher's own samples of the pooled training captions (its eval
     # sampler, seeded per chunk), generated once and cached beside the stage's checkpoints; the captions of a batch

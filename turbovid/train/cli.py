@@ -88,6 +88,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="rcm / dmd: the teacher's CFG scale (--guidance) times S, M or L for a sample whose caption "
                         "states a small, medium or large object (recipe.RCMStage.guidance_size_scale; 1,1,1 by "
                         "default)")
+    p.add_argument("--dmd-shift", type=float, metavar="S",
+                   help="rcm / dmd: the DMD term's and the fake score's noise times at UniformShift(S) instead of the "
+                        "backward simulation's shift 5 (recipe.RCMStage.dmd_shift; 1: uniform)")
     p.add_argument("--oversample", metavar="VALUE:K[,...]",
                    help="rcm / dmd: clips whose attributes include VALUE (a colour, shape, direction, speed, size or "
                         "background word, e.g. small or slow) come K times per pass of the latent pool, the factors of "
@@ -266,6 +269,10 @@ def _recipe(args, world: int = 1):
     if args.guidance_size_scale is not None:
         rcm["guidance_size_scale"] = parse_floats(args.guidance_size_scale, "--guidance-size-scale", 3,
                                                     example="2,1,1")
+    if args.dmd_shift is not None:
+        if not args.dmd_shift > 0:
+            raise ValueError(f"--dmd-shift must be > 0, got {args.dmd_shift}")
+        rcm["dmd_shift"] = args.dmd_shift
     if args.oversample is not None:
         rcm["oversample"] = _parse_oversample(args.oversample)
     if args.teacher_data is not None:
@@ -338,6 +345,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 ("--anchor-pool", args.anchor_pool, ("rcm", "dmd", "reproduce")),
                                 ("--anchor-size-scale", args.anchor_size_scale, ("rcm", "dmd", "reproduce")),
                                 ("--guidance-size-scale", args.guidance_size_scale, ("rcm", "dmd", "reproduce")),
+                                ("--dmd-shift", args.dmd_shift, ("rcm", "dmd", "reproduce")),
                                 ("--oversample", args.oversample, ("rcm", "dmd", "reproduce")),
                                 ("--teacher-data", args.teacher_data, ("rcm", "reproduce")),
                                 ("--guidance", args.guidance, ("rcm", "dmd", "eval", "reproduce"))):

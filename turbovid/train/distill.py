@@ -18,7 +18,8 @@ only the distance's k x k spatial block averages count (`losses.anchor_distance`
 (after DMD2) the student's sample also gets a discriminator's generator loss (train/adversarial.py: heads on the
 frozen teacher's features, trained at every critic step on the batch's data latents, the captions' own clips, against
 the student's samples); with `RCMStage.oversample` the clips with the attribute values it names (their captions and
-latents) come that many times per pass of the latent pool. `run_dmd` runs a recipe's `dmd_round` (such a stage) from the ode stage's student, the mini
+latents) come that many times per pass of the latent pool; with `RCMStage.dmd_shift` the DMD term's and the critic's
+t_D are drawn at that shift instead of shift_d (the simulation's re-noising keeps shift_d). `run_dmd` runs a recipe's `dmd_round` (such a stage) from the ode stage's student, the mini
 release's last stage.
 
 Student step, batch of data latents x0 with captions (with `RCMStage.teacher_data`, as in rCM: latents the
@@ -172,7 +173,7 @@ class RCMTrainer(TrainedNetworks):
         """Per-sample DMD loss of the student's sample G_x0 (with grad) at x_D = cos t_D G_x0 + sin t_D eps,
         t_D ~ p_D, from the fake score and the guided teacher."""
         cfg = self.cfg
-        t_D = sample_p_d(G_x0.shape[0], g, cfg.shift_d, G_x0.device)
+        t_D = sample_p_d(G_x0.shape[0], g, cfg.dmd_shift or cfg.shift_d, G_x0.device)
         x_D = _renoise(G_x0.float(), t_D, g)
         with torch.no_grad(), self.env.autocast():
             x0_fake = denoise(self.fake, x_D.detach(), t_D, context)
@@ -255,7 +256,7 @@ class RCMTrainer(TrainedNetworks):
         G_x, G_t = self._simulate(x0, context, n_fake % cfg.max_simulation_steps, g)
         with torch.no_grad(), self.env.autocast():
             G_x0 = denoise(self.student, G_x, G_t, context).float()
-        t_D = sample_p_d(B, g, cfg.shift_d, dev)
+        t_D = sample_p_d(B, g, cfg.dmd_shift or cfg.shift_d, dev)
         x_D = _renoise(G_x0, t_D, g)
         with self.env.autocast():
             x0_fake = denoise(self.fake_ddp, x_D, t_D, context)

@@ -129,6 +129,9 @@ class RCMStage:
     p_mean: float = 0.7          # p_G: sigma ~ LogNormal(p_mean, p_std) * sqrt(latent frames), t = atan(sigma) (TD)
     p_std: float = 1.6
     shift_d: float = 5.0         # p_D: UniformShift(5)  (TD)
+    dmd_shift: float = 0.0       # > 0 (ours): the DMD term's and the critic's t_D at UniformShift(dmd_shift), the
+                                 # backward simulation's re-noising still at shift_d (1: uniform in s, as DMD2; below 1
+                                 # more low-noise draws, where small objects' outlines are decided)
     guidance: float = 6.0        # teacher CFG in the v_u + g (v_c - v_u) form; rCM's `teacher_guidance=5`
                                  # means v_c + 5 (v_c - v_u), i.e. g = 6
     tangent_warmup: int = 1000   # (TD)
@@ -186,6 +189,10 @@ class RCMStage:
     def __post_init__(self):
         check_object_weighting(0.0, self.fg_share)
         check_oversample(self.oversample)
+        if self.dmd_shift < 0:
+            raise ValueError(f"rcm.dmd_shift must be >= 0 (0: shift_d), got {self.dmd_shift}")
+        if self.dmd_shift and not self.dmd:
+            raise ValueError("rcm.dmd_shift draws the DMD term's times: it needs dmd on")
         if not (self.scm or self.dmd):
             raise ValueError("rcm needs sCM or DMD: scm and dmd are both off")
         if self.anchor_weight < 0:

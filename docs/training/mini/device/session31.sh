@@ -3,8 +3,9 @@
 # tuned SLA blocks 128 x 64).
 #   d: the release's DMD round (recipe.mini's dmd_round: DMD alone, SLA student at top-k 0.75, the teacher's CFG 2, the
 #      anchor at weight 10 times 0 / 1 / 3 per caption size, lr 2e-5) from ode round 3's student (INIT, default
-#      runs/carry/s29/ode3_start.safetensors) with the pool's clips oversampled (`--oversample`, new), one run per
-#      NAME=VALUE:K[,VALUE:K] in VARIANTS side by side, fitted to the command minus FIT s (default 200); each EMA student
+#      runs/carry/s29/ode3_start.safetensors) plus each variant's own flags, one run per NAME=FLAGS in VARIANTS side by
+#      side (FLAGS: --flag=value settings joined by +, e.g. --oversample=small:2+--dmd-shift=1), STEPS steps (the
+#      release's round: 1455) or, without STEPS, fitted to the command minus FIT s (default 200); each EMA student
 #      shipped on this machine into runs/carry/s31/NAME (prelude's ship_to) and, in bf16, to $OUT with its log.
 #   r: `turbovid eval` rows side by side, one prelude eval_job per CONFIG:START[:BLOCKS[:STUDENT[:SEED]]] in JOBS; the
 #      JSON packed into $OUT/evals.tar, the rows in $OUT/evals.log.
@@ -12,12 +13,14 @@
 source "$(dirname "$0")/prelude.sh" "$1"
 case "$1" in
 d) for v in $VARIANTS; do
-     n=${v%%=*}
+     n=${v%%=*} flags=${v#*=}
+     if [ -n "${STEPS:-}" ]; then length=(--steps "$STEPS")
+     else length=(--steps 100000 --fit-minutes "$(minutes_left "${FIT:-200}")"); fi
      fresh "runs/s31_$n"
+     # shellcheck disable=SC2086  # FLAGS split into its settings
      beside "$OUT/s31_$n.log" rcm --run-dir "runs/s31_$n" --init "${INIT:-runs/carry/s29/ode3_start.safetensors}" \
        --sla-student --topk 0.75 --no-scm --guidance 2 --anchor-weight 10 --anchor-size-scale 0,1,3 \
-       --tangent-warmup 200 --lr 2e-5 --oversample "${v#*=}" --steps 100000 \
-       --fit-minutes "$(minutes_left "${FIT:-200}")" --max-minutes "$(minutes_left 60)"
+       --tangent-warmup 200 --lr 2e-5 ${flags//+/ } "${length[@]}" --max-minutes "$(minutes_left 60)"
    done
    wait
    for v in $VARIANTS; do
