@@ -19,8 +19,8 @@ only the distance's k x k spatial block averages count (`losses.anchor_distance`
 frozen teacher's features, trained at every critic step on the batch's data latents, the captions' own clips, against
 the student's samples); with `RCMStage.oversample` the clips with the attribute values it names (their captions and
 latents) come that many times per pass of the latent pool; with `RCMStage.dmd_shift` the DMD term's and the critic's
-t_D are drawn at that shift instead of shift_d (the simulation's re-noising keeps shift_d). `run_dmd` runs a recipe's `dmd_round` (such a stage) from the ode stage's student, the mini
-release's last stage.
+t_D are drawn at that shift instead of shift_d (the simulation's re-noising keeps shift_d). `run_dmd` runs a recipe's
+`dmd_round` (such a stage) from the ode stage's student, the mini release's last stage.
 
 Student step, batch of data latents x0 with captions (with `RCMStage.teacher_data`, as in rCM: latents the
 teacher sampled for those captions, `TeacherSamples`):

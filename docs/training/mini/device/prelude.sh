@@ -126,8 +126,8 @@ eval_row() {
     --configs "$cfg" --start "$start" --count 256 --out "$OUT/$name.json" "$@" 2> "/tmp/progress_$name.log" \
     | sed -n 2p | sed "s|^|$name: |" >> "$OUT/evals.log"
 }
-# `eval_job CONFIG:START[:BLOCKS[:STUDENT[:SEED]]]`: eval_row of CONFIG (one of turbovid.eval.CONFIGS) on START..START+255
-# with the fused kernels; BLOCKS: `--sla-blocks BLOCKS`; STUDENT: a folder under runs/carry holding a candidate's dit /
+# `eval_job CONFIG:START[:BLOCKS[:STUDENT[:SEED]]]`: eval_row of CONFIG (one of turbovid.eval.CONFIGS) on
+# START..START+255 with the fused kernels; BLOCKS: `--sla-blocks BLOCKS`; STUDENT: a folder under runs/carry holding a candidate's dit /
 # dit_int8 files, else the release's; SEED: `--seed`; plus the environment's EVAL_ARGS. Its JSON
 # $OUT/[<STUDENT>_]<CONFIG>_start<START>[_b<BLOCKS>][_seed<SEED>].json.
 eval_job() {

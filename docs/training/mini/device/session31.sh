@@ -9,7 +9,12 @@
 #      shipped on this machine into runs/carry/s31/NAME (prelude's ship_to) and, in bf16, to $OUT with its log.
 #   r: `turbovid eval` rows side by side, one prelude eval_job per CONFIG:START[:BLOCKS[:STUDENT[:SEED]]] in JOBS; the
 #      JSON packed into $OUT/evals.tar, the rows in $OUT/evals.log.
-#   t: the README's table (prelude's release_eval_gpu: every row, 128 held-out prompts, one invocation) beside `r`'s JOBS.
+# As run: d with VARIANTS="a=small:2 b=slow:2 c=small:2,slow:2" (then the --oversample value alone; now
+# a=--oversample=small:2 ...), fitted; r with JOBS="turbo:1000::s31/a turbo:3000::s31/a turbo:4000::s31/a" and the same
+# for b and c on the still-warm machine; r on a fresh machine with a's INT8 file (runs/carry/s31q/a, shipped on the CPU)
+# carried, JOBS="teacher:8000 turbo:8000" plus turbo:START::s31q/a for START 0 2000 5000 6000 7000 8000; r with
+# JOBS="teacher:9000 turbo:9000 teacher:10000 turbo:10000 teacher:11000 turbo:11000"; d on a fresh machine with
+# VARIANTS="e=--dmd-shift=2.5 f=--dmd-shift=1" STEPS=1455; r with e and f on 1000, 3000, 4000.
 source "$(dirname "$0")/prelude.sh" "$1"
 case "$1" in
 d) for v in $VARIANTS; do
@@ -34,11 +39,6 @@ r) for j in $JOBS; do eval_job "$j" & done
    wait
    cat "$OUT/evals.log"
    pack evals ;;
-t) release_eval_gpu > /dev/null &
-   for j in $JOBS; do eval_job "$j" & done
-   wait
-   cat "$OUT/eval.log" "$OUT/evals.log"
-   pack evals ;;
-*) echo "usage: session31.sh d | r | t"
+*) echo "usage: session31.sh d | r"
    exit 2 ;;
 esac
