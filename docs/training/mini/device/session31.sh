@@ -4,7 +4,7 @@
 #   d: the release's DMD round (recipe.mini's dmd_round: DMD alone, SLA student at top-k 0.75, the teacher's CFG 2, the
 #      anchor at weight 10 times 0 / 1 / 3 per caption size, lr 2e-5) from ode round 3's student (INIT, default
 #      runs/carry/s29/ode3_start.safetensors) plus each variant's own flags, one run per NAME=FLAGS in VARIANTS side by
-#      side (FLAGS: --flag=value settings joined by +, e.g. --oversample=small:2+--dmd-shift=1), STEPS steps (the
+#      side (FLAGS: settings joined by +, e.g. --oversample=small:2+--dmd-shift=1), STEPS steps (the
 #      release's round: 1455) or, without STEPS, fitted to the command minus FIT s (default 200); each EMA student
 #      shipped on this machine into runs/carry/s31/NAME (prelude's ship_to) and, in bf16, to $OUT with its log.
 #   r: `turbovid eval` rows side by side, one prelude eval_job per CONFIG:START[:BLOCKS[:STUDENT[:SEED]]] in JOBS; the
