@@ -167,13 +167,17 @@ class RCMTrainer(TrainedNetworks):
         with torch.no_grad(), self.env.autocast():
             return guided_denoise(self.teacher, x_t, t, context, self.inputs.negative, guidance)
 
+    def _t_D(self, B: int, g: torch.Generator, device) -> torch.Tensor:
+        """The DMD term's and the critic's noise angles: p_D at dmd_shift when set, else at shift_d."""
+        return sample_p_d(B, g, self.cfg.dmd_shift or self.cfg.shift_d, device)
+
     # -- steps -------------------------------------------------------------------------------------
 
     def _dmd_term(self, G_x0: torch.Tensor, context: torch.Tensor, g: torch.Generator, clips) -> torch.Tensor:
         """Per-sample DMD loss of the student's sample G_x0 (with grad) at x_D = cos t_D G_x0 + sin t_D eps,
         t_D ~ p_D, from the fake score and the guided teacher."""
         cfg = self.cfg
-        t_D = sample_p_d(G_x0.shape[0], g, cfg.dmd_shift or cfg.shift_d, G_x0.device)
+        t_D = self._t_D(G_x0.shape[0], g, G_x0.device)
         x_D = _renoise(G_x0.float(), t_D, g)
         with torch.no_grad(), self.env.autocast():
             x0_fake = denoise(self.fake, x_D.detach(), t_D, context)
@@ -256,7 +260,7 @@ class RCMTrainer(TrainedNetworks):
         G_x, G_t = self._simulate(x0, context, n_fake % cfg.max_simulation_steps, g)
         with torch.no_grad(), self.env.autocast():
             G_x0 = denoise(self.student, G_x, G_t, context).float()
-        t_D = sample_p_d(B, g, cfg.dmd_shift or cfg.shift_d, dev)
+        t_D = self._t_D(B, g, dev)
         x_D = _renoise(G_x0, t_D, g)
         with self.env.autocast():
             x0_fake = denoise(self.fake_ddp, x_D, t_D, context)

@@ -32,7 +32,6 @@ import shutil
 from pathlib import Path
 
 from turbovid.attention.sla import SLA_BLOCKS
-
 from turbovid.train.distill import run_dmd, run_rcm
 from turbovid.train.evaluate import evaluate
 from turbovid.train.inputs import build_text_encoder, trained_vae_file

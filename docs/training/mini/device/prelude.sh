@@ -77,6 +77,28 @@ export_rcm() {
   export_weights "$1/rcm/final.safetensors" "runs/$2_bf16.safetensors" 1 "$1/rcm/final.safetensors" &&
     cp "runs/$2_bf16.safetensors" "$OUT/" && { cp "$1/rcm/log.jsonl" "$OUT/$2_log.jsonl" || true; }
 }
+# `release_dmd RUN ARGS...`: the release's DMD round (recipe.mini's dmd_round: DMD alone, SLA student at top-k 0.75, the
+# teacher's CFG 2, the anchor at weight 10 times 0 / 1 / 3 per caption size, lr 2e-5) in a fresh runs/RUN from INIT
+# (default ode round 3's student, runs/carry/s29/ode3_start.safetensors) plus ARGS (its length among them), `beside`,
+# its output to $OUT/RUN.log.
+release_dmd() {
+  local run=$1; shift
+  fresh "runs/$run"
+  beside "$OUT/$run.log" rcm --run-dir "runs/$run" --init "${INIT:-runs/carry/s29/ode3_start.safetensors}" \
+    --sla-student --topk 0.75 --no-scm --guidance 2 --anchor-weight 10 --anchor-size-scale 0,1,3 \
+    --tangent-warmup 200 --lr 2e-5 "$@"
+}
+# `ship_runs PREFIX NAME...`: after release_dmd runs PREFIX_NAME, each EMA student exported (export_rcm) and shipped on
+# this machine into runs/carry/PREFIX/NAME (ship_to); their stdout joined into $OUT/d_stdout.log.
+ship_runs() {
+  local prefix=$1 n; shift
+  for n in "$@"; do
+    tail -2 "$OUT/${prefix}_$n.log"
+    export_rcm "runs/${prefix}_$n" "${prefix}_$n" || { echo "$n: no final weights"; continue; }
+    ship_to "runs/${prefix}_${n}_bf16.safetensors" "runs/carry/$prefix/$n"
+  done
+  cat "$OUT/${prefix}"_*.log > "$OUT/d_stdout.log" && rm "$OUT/${prefix}"_*.log
+}
 # `kept NAME FROM EVERY ARGS...`: `train NAME --run-dir $S ARGS` run EVERY steps at a time (each run resumes from the
 # last checkpoint) until the stage is done or the command's time ends, stopped and checkpointed 40 s before its end.
 # After each run the EMA student goes to $OUT/<NAME>_<step>.safetensors and $S/kept/ with the weights history the
@@ -127,8 +149,8 @@ eval_row() {
     | sed -n 2p | sed "s|^|$name: |" >> "$OUT/evals.log"
 }
 # `eval_job CONFIG:START[:BLOCKS[:STUDENT[:SEED]]]`: eval_row of CONFIG (one of turbovid.eval.CONFIGS) on
-# START..START+255 with the fused kernels; BLOCKS: `--sla-blocks BLOCKS`; STUDENT: a folder under runs/carry holding a candidate's dit /
-# dit_int8 files, else the release's; SEED: `--seed`; plus the environment's EVAL_ARGS. Its JSON
+# START..START+255 with the fused kernels; BLOCKS: `--sla-blocks BLOCKS`; STUDENT: a folder under runs/carry holding
+# a candidate's dit / dit_int8 files, else the release's; SEED: `--seed`; plus the environment's EVAL_ARGS. Its JSON
 # $OUT/[<STUDENT>_]<CONFIG>_start<START>[_b<BLOCKS>][_seed<SEED>].json.
 eval_job() {
   local cfg start blocks student seed name args=()

@@ -5,12 +5,10 @@
 #      a folder under runs/carry holding a candidate's dit / dit_int8 files, else the release's; SEED: `--seed`),
 #      each with the environment's EVAL_ARGS; JSON $OUT/[<STUDENT>_]<CONFIG>_start<START>[_b<BLOCKS>][_seed<SEED>].json,
 #      the rows to $OUT/evals.log.
-#   d: the release's DMD round (recipe.mini's dmd_round: DMD alone, SLA student at top-k 0.75, the teacher's CFG 2, the
-#      anchor at weight 10 times 0 / 1 / 3 per caption size, lr 2e-5) from ode round 3's student (INIT, default
-#      runs/carry/s29/ode3_start.safetensors) plus the adversarial term (`--adv-weight`, new for DMD), one run per
-#      NAME:ADV[:ADV_LR] in VARIANTS side by side, fitted to the command minus FIT s (default 200); each EMA student
-#      shipped on this machine into runs/carry/s30/NAME (prelude's ship_to) and, in bf16, to
-#      $OUT with its log.
+#   d: the release's DMD round (prelude's release_dmd: recipe.mini's dmd_round) from ode round 3's student (INIT,
+#      default runs/carry/s29/ode3_start.safetensors) plus the adversarial term (`--adv-weight`, new for DMD), one run
+#      per NAME:ADV[:ADV_LR] in VARIANTS side by side, fitted to the command minus FIT s (default 200); each EMA student
+#      shipped on this machine into runs/carry/s30/NAME and, in bf16, to $OUT with its log (prelude's ship_runs).
 #   t: the README's table (prelude's release_eval_gpu: every row, 128 held-out prompts, one invocation) beside `r`'s JOBS.
 # As run: r with JOBS="student_sla:0 student_sla:1000 student_sla:3000 student_sagesla:0 student_sagesla:1000
 # student_sagesla:3000 student_dense:1000" (the last is no config: no row); r with JOBS="turbo:0:128x64 turbo:1000:128x64
@@ -20,7 +18,8 @@
 # ship_to, and row into prelude's eval_row); r with
 # the three students' INT8 files (runs/carry/s30q/NAME, shipped on the CPU) on 3000 and 4000 at 128x64; t with
 # JOBS="teacher:6000 turbo:6000" (the table cut at 590 s), t alone, r with JOBS="teacher:7000 turbo:7000".
-# Its `job` function has since moved into prelude as `eval_job`.
+# Its `job` function has since moved into prelude as `eval_job`, d's launch and ship loop into `release_dmd` and
+# `ship_runs`.
 source "$(dirname "$0")/prelude.sh" "$1"
 case "$1" in
 r) for j in $JOBS; do eval_job "$j" & done
@@ -28,20 +27,11 @@ r) for j in $JOBS; do eval_job "$j" & done
    cat "$OUT/evals.log" ;;
 d) for v in $VARIANTS; do
      IFS=: read -r n adv advlr <<< "$v"
-     fresh "runs/s30_$n"
-     beside "$OUT/s30_$n.log" rcm --run-dir "runs/s30_$n" --init "${INIT:-runs/carry/s29/ode3_start.safetensors}" \
-       --sla-student --topk 0.75 --no-scm --guidance 2 --anchor-weight 10 --anchor-size-scale 0,1,3 \
-       --tangent-warmup 200 --lr 2e-5 --adv-weight "$adv" ${advlr:+--adv-lr "$advlr"} --steps 100000 \
+     release_dmd "s30_$n" --adv-weight "$adv" ${advlr:+--adv-lr "$advlr"} --steps 100000 \
        --fit-minutes "$(minutes_left "${FIT:-200}")" --max-minutes "$(minutes_left 60)"
    done
    wait
-   for v in $VARIANTS; do
-     n=${v%%:*}
-     tail -2 "$OUT/s30_$n.log"
-     export_rcm "runs/s30_$n" "s30_$n" || { echo "$n: no final weights"; continue; }
-     ship_to "runs/s30_${n}_bf16.safetensors" "runs/carry/s30/$n"
-   done
-   cat "$OUT"/s30_*.log > "$OUT/d_stdout.log" && rm "$OUT"/s30_*.log ;;
+   ship_runs s30 $(for v in $VARIANTS; do echo "${v%%:*}"; done) ;;
 t) release_eval_gpu > /dev/null &
    for j in $JOBS; do eval_job "$j" & done
    wait

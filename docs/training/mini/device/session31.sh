@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # Session 31's device script. One GPU; the files as committed (turbovid/assets/mini = session 28's release, run at its
 # tuned SLA blocks 128 x 64).
-#   d: the release's DMD round (recipe.mini's dmd_round: DMD alone, SLA student at top-k 0.75, the teacher's CFG 2, the
-#      anchor at weight 10 times 0 / 1 / 3 per caption size, lr 2e-5) from ode round 3's student (INIT, default
-#      runs/carry/s29/ode3_start.safetensors) plus each variant's own flags, one run per NAME=FLAGS in VARIANTS side by
-#      side (FLAGS: settings joined by +, e.g. --oversample=small:2+--dmd-shift=1), STEPS steps (the
-#      release's round: 1455) or, without STEPS, fitted to the command minus FIT s (default 200); each EMA student
-#      shipped on this machine into runs/carry/s31/NAME (prelude's ship_to) and, in bf16, to $OUT with its log.
+#   d: the release's DMD round (prelude's release_dmd) from ode round 3's student (INIT) plus each variant's own flags,
+#      one run per NAME=FLAGS in VARIANTS side by side (FLAGS: settings joined by +, e.g.
+#      --oversample=small:2+--dmd-shift=1), STEPS steps (the release's round: 1455) or, without STEPS, fitted to the
+#      command minus FIT s (default 200); each EMA student shipped on this machine into runs/carry/s31/NAME and, in
+#      bf16, to $OUT with its log (prelude's ship_runs).
 #   r: `turbovid eval` rows side by side, one prelude eval_job per CONFIG:START[:BLOCKS[:STUDENT[:SEED]]] in JOBS; the
 #      JSON packed into $OUT/evals.tar, the rows in $OUT/evals.log.
 # As run: d with VARIANTS="a=small:2 b=slow:2 c=small:2,slow:2" (then the --oversample value alone; now
@@ -21,20 +20,11 @@ d) for v in $VARIANTS; do
      n=${v%%=*} flags=${v#*=}
      if [ -n "${STEPS:-}" ]; then length=(--steps "$STEPS")
      else length=(--steps 100000 --fit-minutes "$(minutes_left "${FIT:-200}")"); fi
-     fresh "runs/s31_$n"
      # shellcheck disable=SC2086  # FLAGS split into its settings
-     beside "$OUT/s31_$n.log" rcm --run-dir "runs/s31_$n" --init "${INIT:-runs/carry/s29/ode3_start.safetensors}" \
-       --sla-student --topk 0.75 --no-scm --guidance 2 --anchor-weight 10 --anchor-size-scale 0,1,3 \
-       --tangent-warmup 200 --lr 2e-5 ${flags//+/ } "${length[@]}" --max-minutes "$(minutes_left 60)"
+     release_dmd "s31_$n" ${flags//+/ } "${length[@]}" --max-minutes "$(minutes_left 60)"
    done
    wait
-   for v in $VARIANTS; do
-     n=${v%%=*}
-     tail -2 "$OUT/s31_$n.log"
-     export_rcm "runs/s31_$n" "s31_$n" || { echo "$n: no final weights"; continue; }
-     ship_to "runs/s31_${n}_bf16.safetensors" "runs/carry/s31/$n"
-   done
-   cat "$OUT"/s31_*.log > "$OUT/d_stdout.log" && rm "$OUT"/s31_*.log ;;
+   ship_runs s31 $(for v in $VARIANTS; do echo "${v%%=*}"; done) ;;
 r) for j in $JOBS; do eval_job "$j" & done
    wait
    cat "$OUT/evals.log"
