@@ -126,6 +126,32 @@ def test_missing_dependency_is_one_line(tmp_path, capsys, monkeypatch):
     assert not out.exists() and not any(p.name.startswith(".partial-") for p in tmp_path.glob("*"))
 
 
+def _without_module(monkeypatch, missing):
+    """importlib.util.find_spec as on a machine where the module `missing` is not installed."""
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None if name == missing else real(name, *a, **k))
+
+
+def test_missing_mp4_encoder_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    # Without imageio-ffmpeg (a bare machine, or an install without the package's dependencies) `generate` stops
+    # before it loads a model, with how to install the encoder, instead of failing after the generation with a traceback.
+    import turbovid.pipeline
+    _without_module(monkeypatch, "imageio_ffmpeg")
+    loaded = []
+    monkeypatch.setattr(turbovid.pipeline.Pipeline, "load", classmethod(lambda cls, *a, **k: loaded.append(1)))
+    out = tmp_path / "out.mp4"
+    code, _, err = run_cli(capsys, "generate", "--model", "tiny", "--prompt", "a cat", "--output", str(out))
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("turbovid: error:"), err
+    assert "imageio[ffmpeg]" in lines[0] and "Traceback" not in err
+    assert not loaded and not out.exists() and not any(p.name.startswith(".partial-") for p in tmp_path.glob("*"))
+    # The server refuses to start the same way (every job writes an mp4).
+    code, _, err = run_cli(capsys, "serve", "--model", "tiny", "--output-dir", str(tmp_path / "served"))
+    assert code == 1 and err.startswith("turbovid: error:") and "imageio[ffmpeg]" in err and len(err.splitlines()) == 1
+    assert not loaded
+
+
 def test_wrong_checkpoint_is_one_line(tmp_path, capsys):
     # A VAE-like state dict given as the DiT.
     bogus = tmp_path / "vae_as_dit.pth"

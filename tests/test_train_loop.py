@@ -855,7 +855,7 @@ def test_object_centred_vae_crops_hold_the_object():
     assert centred.mean() > 1.5 * uniform.mean()
 
 
-def test_reproduce_runs_the_whole_tiny_recipe_and_skips_finished_stages(tmp_path, monkeypatch):
+def test_reproduce_runs_the_whole_tiny_recipe_and_skips_finished_stages(tmp_path, monkeypatch, capsys):
     # `turbovid train reproduce` as one piece: tokenizer, text encoder, VAE, VAE decoder, teacher, rCM, SLA, merge,
     # the evaluations and the export; run again, every finished stage is skipped (its weights stay byte-identical).
     monkeypatch.setenv("TURBOVID_KERNELS", "ref")
@@ -884,8 +884,20 @@ def test_reproduce_runs_the_whole_tiny_recipe_and_skips_finished_stages(tmp_path
     assert [e["stage"] for e in weights_history(export / "vae.safetensors")] == ["vae", "vae_decoder"]
     finals = sorted(run_dir.glob("*/final.safetensors"))
     assert [p.parent.name for p in finals] == ["rcm", "sla", "teacher", "vae", "vae_decoder"]
+    assert sorted(p.name for p in (run_dir / "eval").glob("*.mp4")) == [
+        "merged_sla.mp4", "rcm.mp4", "teacher.mp4", "teacher_4step.mp4"]
     before = {p: p.read_bytes() for p in finals}
     assert _cli("reproduce", *common, "--no-eval") == 0
+    assert {p: p.read_bytes() for p in finals} == before
+    # Without an mp4 encoder the run says so before its first stage and its evaluations write scores, no videos.
+    import turbovid.train.reproduce
+    monkeypatch.setattr(turbovid.train.reproduce, "available_backend", lambda: None)
+    shutil.rmtree(run_dir / "eval")
+    capsys.readouterr()
+    assert _cli("reproduce", *common) == 0
+    assert capsys.readouterr().out.startswith("note: no mp4 encoder is installed")
+    assert sorted(p.name for p in (run_dir / "eval").iterdir()) == [
+        "merged_sla.json", "rcm.json", "teacher.json", "teacher_4step.json"]
     assert {p: p.read_bytes() for p in finals} == before
 
 

@@ -69,6 +69,26 @@ def test_bad_frames_and_empty_videos_are_one_line_errors(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_backends_are_checked_before_any_file(tmp_path, monkeypatch):
+    import importlib.util
+
+    from turbovid.video import available_backend, require_backend
+    real = importlib.util.find_spec
+    missing = set()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None if name in missing else real(name, *a, **k))
+    assert require_backend("ffmpeg") == "ffmpeg" and available_backend() == "ffmpeg"
+    missing.add("imageio_ffmpeg")
+    with pytest.raises(ModuleNotFoundError, match=r"imageio\[ffmpeg\]") as e:
+        VideoWriter(tmp_path / "v.mp4")
+    assert e.value.name == "imageio_ffmpeg"
+    assert available_backend() == ("opencv" if real("cv2") is not None else None)
+    missing.add("cv2")
+    assert available_backend() is None
+    with pytest.raises(ModuleNotFoundError, match="opencv-python-headless"):
+        write_video(tmp_path / "v.mp4", _frames(), backend="opencv")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_x264_preset_is_applied_and_checked(tmp_path, monkeypatch):
     """The preset reaches ffmpeg's command line and both presets keep the pictures; an unknown preset is a
     one-line error before any file exists."""

@@ -113,7 +113,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from turbovid.pipeline import MAX_RCM_STEPS, Pipeline, check_prompt, check_sample
     from turbovid.sampling import parse_mid_angles
-    from turbovid.video import VideoWriter, check_preset, read_image
+    from turbovid.video import VideoWriter, check_preset, read_image, require_backend
 
     out = _check_output(args.output)
     check_preset(args.preset, "--preset")   # before any model loads
@@ -142,6 +142,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda asked for, but no CUDA GPU is visible")
 
+    require_backend("ffmpeg")   # before the model loads: the mp4 is the last thing written
     pipe = Pipeline.load(args.model, dit=args.dit, dit_low=args.dit_low, vae=args.vae,
                          text_encoder=args.text_encoder, tokenizer=args.tokenizer, attention=args.attention,
                          topk=args.topk, sla_blocks=sla_blocks_arg(args), quant=args.quant,

@@ -39,6 +39,32 @@ def check_preset(preset: str, what: str = "x264 preset") -> str:
     return preset
 
 
+# The package each mp4 backend needs, and how to install it.
+BACKEND_PACKAGES = {"ffmpeg": ("imageio_ffmpeg", "pip install 'imageio[ffmpeg]'"),
+                    "opencv": ("cv2", "pip install opencv-python-headless")}
+
+
+def require_backend(backend: str) -> str:
+    """`backend` if its encoder package is installed, else a one-line ModuleNotFoundError saying how to install it
+    (raised before any work, not after a generation when the first frames reach the encoder)."""
+    import importlib.util
+
+    if backend not in BACKEND_PACKAGES:
+        raise ValueError(f"unknown video backend {backend!r}; choose {' or '.join(BACKEND_PACKAGES)}")
+    module, hint = BACKEND_PACKAGES[backend]
+    if importlib.util.find_spec(module) is None:
+        raise ModuleNotFoundError(f"writing mp4 with the {backend} backend needs {module}: {hint}", name=module)
+    return backend
+
+
+def available_backend() -> str | None:
+    """The first mp4 backend whose package is installed (ffmpeg, then opencv), or None."""
+    import importlib.util
+
+    return next((b for b, (module, _) in BACKEND_PACKAGES.items() if importlib.util.find_spec(module) is not None),
+                None)
+
+
 class VideoWriter:
     """An mp4 written while frames are still being made: `append` hands uint8 [F, H, W, 3] chunks to an encoder
     thread (a queue of `depth` chunks) and returns at once, so encoding overlaps the GPU work that makes the next
@@ -55,8 +81,7 @@ class VideoWriter:
         import queue
         import threading
 
-        if backend not in ("ffmpeg", "opencv"):
-            raise ValueError(f"unknown video backend {backend!r}; choose ffmpeg or opencv")
+        require_backend(backend)
         self.path, self.fps, self.backend, self.preset = Path(path), fps, backend, check_preset(preset)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Created like any new file (mode 0666 minus the umask; mkstemp would make it 0600), exclusively.

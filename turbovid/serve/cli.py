@@ -39,6 +39,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from turbovid.cli import sla_blocks_arg
     from turbovid.pipeline import Pipeline, check_sample
     from turbovid.serve.jobs import explicit_sample
+    from turbovid.video import require_backend
 
     if args.model not in MODELS:
         raise ValueError(f"unknown model {args.model!r}; choose one of {', '.join(MODELS)}")
@@ -59,6 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_sample(spec, defaults, has_image=spec.task == "i2v")
     if args.steps > 4 and not args.allow_teacher:
         raise ValueError("--steps above 4 needs --allow-teacher")
+    require_backend("ffmpeg")   # every job writes an mp4: refuse to start, not fail each job
 
     print(f"loading {spec.name} ...", file=sys.stderr, flush=True)
     pipe = Pipeline.load(args.model, dit=args.dit, dit_low=args.dit_low, vae=args.vae,

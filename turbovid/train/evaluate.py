@@ -67,10 +67,11 @@ def generate_latents(net, context: torch.Tensor, negative: torch.Tensor, shape: 
 
 def evaluate(recipe: Recipe, run_dir: Path, env: Env, dit: str | Path, *, attention: str = "dense",
              sampler: str = "rcm", steps: int = 4, count: int | None = None, split: str = "heldout",
-             out: str | Path | None = None, videos: str | Path | None = None, seed: int = 0,
-             guidance: float = SampleConfig.guidance, shift: float = SampleConfig.shift) -> dict:
+             out: str | Path | None = None, videos: str | Path | None = None, video_backend: str = "ffmpeg",
+             seed: int = 0, guidance: float = SampleConfig.guidance, shift: float = SampleConfig.shift) -> dict:
     """Generate `count` clips with the DiT weights at `dit`, grade them; write the scores to `out` (JSON) and
-    the first 8 clips side by side to `videos` (mp4) when given. `guidance`/`shift`: the teacher sampler's."""
+    the first 8 clips side by side to `videos` (mp4, turbovid.video's `video_backend`) when given.
+    `guidance`/`shift`: the teacher sampler's."""
     count = recipe.eval_clips if count is None else count
     data_seed = recipe.data_seed if split == "heldout" else recipe.data_seed + 1
     clips = [sample_clip(data_seed, split, i) for i in range(count)]
@@ -100,5 +101,5 @@ def evaluate(recipe: Recipe, run_dir: Path, env: Env, dit: str | Path, *, attent
         Path(out).write_text(json.dumps(result, indent=1))
     if videos is not None:
         from turbovid.video import tile_samples, to_uint8_frames, write_video
-        write_video(videos, to_uint8_frames(tile_samples(video[:8])))
+        write_video(videos, to_uint8_frames(tile_samples(video[:8])), backend=video_backend)
     return result

@@ -41,6 +41,7 @@ from turbovid.train.recipe import Recipe
 from turbovid.train.teacher import run_qat, run_sla, run_teacher, teacher_dirs
 from turbovid.train.trajectory import ode_dirs, run_ode
 from turbovid.train.vae import run_vae
+from turbovid.video import available_backend
 
 
 def run_merge(recipe: Recipe, run_dir: Path, env: Env) -> Path:
@@ -58,8 +59,9 @@ def run_merge(recipe: Recipe, run_dir: Path, env: Env) -> Path:
     return out
 
 
-def _evaluate_all(recipe: Recipe, run_dir: Path, env: Env) -> dict:
-    """The three models the release compares, on the held-out prompts (rank 0 only)."""
+def _evaluate_all(recipe: Recipe, run_dir: Path, env: Env, video_backend: str | None = "ffmpeg") -> dict:
+    """The models the release compares, on the held-out prompts (rank 0 only); each one's first 8 clips to an mp4
+    unless `video_backend` is None."""
     ev = run_dir / "eval"
     jobs = {
         "teacher": (run_dir / "teacher" / "final.safetensors", "dense", "teacher", recipe.eval_teacher_steps),
@@ -78,7 +80,8 @@ def _evaluate_all(recipe: Recipe, run_dir: Path, env: Env) -> dict:
         local = Env(env.device)   # rank 0 alone: no collective calls may happen in here
         for name, (dit, attention, sampler, steps) in jobs.items():
             result = evaluate(recipe, run_dir, local, dit, attention=attention, sampler=sampler, steps=steps,
-                              out=ev / f"{name}.json", videos=ev / f"{name}.mp4")
+                              out=ev / f"{name}.json", videos=video_backend and ev / f"{name}.mp4",
+                              video_backend=video_backend or "ffmpeg")
             summary[name] = {k: result[k] for k in ("all", "color", "shape", "direction", "speed", "size", "steps")}
             print(f"[eval] {name}: adherence {result['all']:.3f} (colour {result['color']:.2f}, shape "
                   f"{result['shape']:.2f}, direction {result['direction']:.2f})", flush=True)
@@ -89,6 +92,11 @@ def _evaluate_all(recipe: Recipe, run_dir: Path, env: Env) -> dict:
 def reproduce(recipe: Recipe, run_dir: Path, env: Env, evaluate_models: bool = True) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # Checked before the first stage, not hours later: the evaluations' sample videos need an mp4 encoder.
+    video_backend = available_backend() if evaluate_models else None
+    if evaluate_models and video_backend is None and env.main:
+        print("note: no mp4 encoder is installed (pip install 'imageio[ffmpeg]'): the evaluations will write their "
+              "scores but no sample videos", flush=True)
     if env.main:
         (run_dir / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=1, default=str))
     build_text_encoder(recipe, run_dir, env)   # writes spiece.model and the frozen text encoder once
@@ -104,7 +112,7 @@ def reproduce(recipe: Recipe, run_dir: Path, env: Env, evaluate_models: bool = T
             return run_dir / name / "final.safetensors"
     if recipe.merges:
         run_merge(recipe, run_dir, env)
-    summary = _evaluate_all(recipe, run_dir, env) if evaluate_models else {}
+    summary = _evaluate_all(recipe, run_dir, env, video_backend) if evaluate_models else {}
     out = run_dir / "export"
     if env.main:
         ship(recipe, run_dir, out, summary)
