@@ -8,7 +8,7 @@
 #      60 s before the command's end (`--max-minutes`); run p again on the still-warm machine to resume. stdout with a
 #      timestamp per line to $OUT/replay.log, GPU memory every 2 s to $OUT/replay_gpu_memory.csv, the export's
 #      config.json and a 4-step full-stack generation from the exported files (bf16, then W8A8) to $OUT.
-#   g: `make test-gpu`'s tests (pytest and its dependencies from the carried .whl) to $OUT/gpu_tests.log, headed by
+#   g: `make test-gpu`'s tests in the files that hold them (pytest and its dependencies from the carried .whl) to $OUT/gpu_tests.log, headed by
 #      COMMIT (the commit the working tree is at).
 source "$(dirname "$0")/prelude.sh" "$1"
 case "$1" in
@@ -33,7 +33,9 @@ for quant in (False, True):
 g) python3 -m pip install --no-deps -q .whl/pytest-*.whl .whl/pluggy-*.whl .whl/iniconfig-*.whl \
      .whl/packaging-*.whl .whl/pygments-*.whl
    echo "# make test-gpu on the device over the working tree of commit ${COMMIT:-unknown}" > "$OUT/gpu_tests.log"
-   python3 -m pytest -q -m gpu -o addopts="" 2>&1 | tail -30 | tee -a "$OUT/gpu_tests.log" ;;
+   # the files with GPU tests (the others import the server's or diffusers' packages, which the device lacks)
+   python3 -m pytest -q -m gpu -o addopts="" $(grep -l "mark.gpu" tests/test_*.py) 2>&1 | tail -30 |
+     tee -a "$OUT/gpu_tests.log" ;;
 *) echo "usage: session32.sh p | g"
    exit 2 ;;
 esac
