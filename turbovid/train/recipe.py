@@ -187,7 +187,8 @@ class RCMStage:
                                  # (colour, shape, direction, speed, size or background) comes k times per pass of the
                                  # pool (inputs.LatentBatches), its caption and latent with it. Session 31, the mini
                                  # DMD round with small:2 / slow:2 / both: 682 / 673 / 677 of 768 on three sets, the
-                                 # release's 678; small:2 on eight sets 1829 against 1831 (not shipped)
+                                 # release's 678; small:2 on eight sets 1829 against 1831 (not shipped); session 32,
+                                 # small:2 with guidance_size_scale (2, 1, 1): 2505 against 2517 on eleven sets
 
     def __post_init__(self):
         check_object_weighting(0.0, self.fg_share)

@@ -10,6 +10,10 @@
 #      config.json and a 4-step full-stack generation from the exported files (bf16, then W8A8) to $OUT.
 #   g: `make test-gpu`'s tests in the files that hold them (pytest and its dependencies from the carried .whl) to $OUT/gpu_tests.log, headed by
 #      COMMIT (the commit the working tree is at).
+# As run: p (its first try died writing a preview mp4 after every stage had trained; the fix is in reproduce), g (its
+# first try collected every test file), then session31.sh d with VARIANTS="g=--guidance-size-scale=2,1,1+--oversample=small:2
+# h=--guidance-size-scale=2,1,1+--dmd-shift=1" STEPS=1455, and session31.sh r with g and h on 1000, 3000, 4000, then
+# g on 0, 2000, 5000, ..., 11000.
 source "$(dirname "$0")/prelude.sh" "$1"
 case "$1" in
 p) nvidia-smi --query-gpu=timestamp,memory.used --format=csv -l 2 >> "$OUT/replay_gpu_memory.csv" &
