@@ -80,7 +80,7 @@ def _evaluate_all(recipe: Recipe, run_dir: Path, env: Env, video_backend: str | 
         local = Env(env.device)   # rank 0 alone: no collective calls may happen in here
         for name, (dit, attention, sampler, steps) in jobs.items():
             result = evaluate(recipe, run_dir, local, dit, attention=attention, sampler=sampler, steps=steps,
-                              out=ev / f"{name}.json", videos=video_backend and ev / f"{name}.mp4",
+                              out=ev / f"{name}.json", videos=ev / f"{name}.mp4" if video_backend else None,
                               video_backend=video_backend or "ffmpeg")
             summary[name] = {k: result[k] for k in ("all", "color", "shape", "direction", "speed", "size", "steps")}
             print(f"[eval] {name}: adherence {result['all']:.3f} (colour {result['color']:.2f}, shape "
