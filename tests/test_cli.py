@@ -126,18 +126,11 @@ def test_missing_dependency_is_one_line(tmp_path, capsys, monkeypatch):
     assert not out.exists() and not any(p.name.startswith(".partial-") for p in tmp_path.glob("*"))
 
 
-def _without_module(monkeypatch, missing):
-    """importlib.util.find_spec as on a machine where the module `missing` is not installed."""
-    import importlib.util
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None if name == missing else real(name, *a, **k))
-
-
-def test_missing_mp4_encoder_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+def test_missing_mp4_encoder_is_one_line_before_any_work(tmp_path, capsys, monkeypatch, missing_modules):
     # Without imageio-ffmpeg (a bare machine, or an install without the package's dependencies) `generate` stops
     # before it loads a model, with how to install the encoder, instead of failing after the generation with a traceback.
     import turbovid.pipeline
-    _without_module(monkeypatch, "imageio_ffmpeg")
+    missing_modules.add("imageio_ffmpeg")
     loaded = []
     monkeypatch.setattr(turbovid.pipeline.Pipeline, "load", classmethod(lambda cls, *a, **k: loaded.append(1)))
     out = tmp_path / "out.mp4"

@@ -1,4 +1,6 @@
 """turbovid.video: atomic mp4 writing, one shot and streamed through the encoder thread (VideoWriter)."""
+import importlib.util
+
 import numpy as np
 import pytest
 
@@ -69,19 +71,16 @@ def test_bad_frames_and_empty_videos_are_one_line_errors(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_backends_are_checked_before_any_file(tmp_path, monkeypatch):
-    import importlib.util
-
+def test_backends_are_checked_before_any_file(tmp_path, missing_modules):
     from turbovid.video import available_backend, require_backend
-    real = importlib.util.find_spec
-    missing = set()
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None if name in missing else real(name, *a, **k))
+    missing = missing_modules
+    cv2_installed = importlib.util.find_spec("cv2") is not None   # before "cv2" is made missing
     assert require_backend("ffmpeg") == "ffmpeg" and available_backend() == "ffmpeg"
     missing.add("imageio_ffmpeg")
     with pytest.raises(ModuleNotFoundError, match=r"imageio\[ffmpeg\]") as e:
         VideoWriter(tmp_path / "v.mp4")
     assert e.value.name == "imageio_ffmpeg"
-    assert available_backend() == ("opencv" if real("cv2") is not None else None)
+    assert available_backend() == ("opencv" if cv2_installed else None)
     missing.add("cv2")
     assert available_backend() is None
     with pytest.raises(ModuleNotFoundError, match="opencv-python-headless"):

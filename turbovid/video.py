@@ -5,6 +5,7 @@ error or Ctrl-C never leaves a half-written video behind.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import secrets
 from pathlib import Path
@@ -44,25 +45,24 @@ BACKEND_PACKAGES = {"ffmpeg": ("imageio_ffmpeg", "pip install 'imageio[ffmpeg]'"
                     "opencv": ("cv2", "pip install opencv-python-headless")}
 
 
+def _installed(backend: str) -> bool:
+    return importlib.util.find_spec(BACKEND_PACKAGES[backend][0]) is not None
+
+
 def require_backend(backend: str) -> str:
     """`backend` if its encoder package is installed, else a one-line ModuleNotFoundError saying how to install it
     (raised before any work, not after a generation when the first frames reach the encoder)."""
-    import importlib.util
-
     if backend not in BACKEND_PACKAGES:
         raise ValueError(f"unknown video backend {backend!r}; choose {' or '.join(BACKEND_PACKAGES)}")
-    module, hint = BACKEND_PACKAGES[backend]
-    if importlib.util.find_spec(module) is None:
+    if not _installed(backend):
+        module, hint = BACKEND_PACKAGES[backend]
         raise ModuleNotFoundError(f"writing mp4 with the {backend} backend needs {module}: {hint}", name=module)
     return backend
 
 
 def available_backend() -> str | None:
     """The first mp4 backend whose package is installed (ffmpeg, then opencv), or None."""
-    import importlib.util
-
-    return next((b for b, (module, _) in BACKEND_PACKAGES.items() if importlib.util.find_spec(module) is not None),
-                None)
+    return next((backend for backend in BACKEND_PACKAGES if _installed(backend)), None)
 
 
 class VideoWriter:

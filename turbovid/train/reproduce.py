@@ -59,7 +59,7 @@ def run_merge(recipe: Recipe, run_dir: Path, env: Env) -> Path:
     return out
 
 
-def _evaluate_all(recipe: Recipe, run_dir: Path, env: Env, video_backend: str | None = "ffmpeg") -> dict:
+def _evaluate_all(recipe: Recipe, run_dir: Path, env: Env, video_backend: str | None) -> dict:
     """The models the release compares, on the held-out prompts (rank 0 only); each one's first 8 clips to an mp4
     unless `video_backend` is None."""
     ev = run_dir / "eval"

@@ -21,9 +21,9 @@ HERE = Path(__file__).resolve().parent
 def stages(recipe):
     """(name, steps, global batch) of each drive()n stage in the order `reproduce` runs them."""
     run = [("vae", recipe.vae_stage.run)]
-    run += [(f"teacher round {i + 1}", t.run) for i, t in enumerate((recipe.teacher, *recipe.teacher_rounds))]
+    run += [(f"teacher round {i + 1}", t.run) for i, t in enumerate(recipe.teacher_stages)]
     run += [("rcm", recipe.rcm.run), ("sla", recipe.sla.run)]
-    run += [(f"ode round {i + 1}", o.run) for i, o in enumerate((recipe.ode, *recipe.ode_rounds))]
+    run += [(f"ode round {i + 1}", o.run) for i, o in enumerate(recipe.ode_stages)]
     run += [("dmd", recipe.dmd_round.run)]
     return [(name, s.steps, s.batch * s.gpus) for name, s in run]
 
